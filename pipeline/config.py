@@ -1,0 +1,156 @@
+"""One typed schema for params.yaml, validated once at the edge; every stage reads its own section.
+
+Unknown keys are refused (a typo in params.yaml must not silently fall back to a default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
+
+# Where each stage writes; dvc.yaml declares the same paths as the stage graph's outs.
+SNAPSHOT_DIR = Path("data/snapshot")
+VALIDATION_REPORT = Path("data/validation/report.json")
+TEACHER_DIR = Path("data/teacher")
+BASE_MODEL_DIR = Path("models/base")
+STUDENT_DIR = Path("models/student")
+EVAL_METRICS = Path("metrics/eval.json")
+TRAIN_LOSS = Path("metrics/train_loss.csv")
+CARD_DIR = Path("build/card")
+PUSH_DIR = Path("build/push")
+RECORDS_DIR = Path("records")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(Section):
+    """Size and difficulty of the quickstart's generated world (see pipeline.synthetic)."""
+
+    seed: int = 13
+    topics: PositiveInt = 50
+    terms_per_topic: PositiveInt = 6
+    terms_per_doc: PositiveInt = 4
+    docs_per_topic: PositiveInt = 4
+    filler_words: PositiveInt = 300
+    filler_per_doc: int = Field(6, ge=0)
+    train_queries_per_topic: PositiveInt = 24
+    eval_queries_per_topic: PositiveInt = 2
+    terms_per_query: PositiveInt = 3
+    synonym_rate: float = Field(0.8, ge=0, le=1)
+    filler_per_query: int = Field(2, ge=0)
+    negatives_per_query: PositiveInt = 2
+
+
+class SnapshotConfig(Section):
+    # "synthetic", or a local triplets file (.jsonl / .parquet / .tsv) with query, positive, negative
+    train_source: str = "synthetic"
+    # "synthetic", or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
+    eval_source: str = "synthetic"
+    eval_split: str = "test"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ValidateConfig(Section):
+    min_rows: PositiveInt = 10
+    max_chars: PositiveInt = 20_000
+
+
+class TeacherConfig(Section):
+    # lexicon-bm25: BM25 over the training documents with queries expanded through the synthetic
+    # lexicon (the quickstart's teacher); cross-encoder: any CrossEncoder folder or Hub id.
+    kind: Literal["lexicon-bm25", "cross-encoder"] = "lexicon-bm25"
+    model: str | None = None
+    revision: str | None = None
+    batch_size: PositiveInt = 64
+
+
+class StudentConfig(Section):
+    """Shape of the BertForMaskedLM built from config when train.base_model is "synthetic"."""
+
+    vocab_size: PositiveInt = 3000
+    hidden_size: PositiveInt = 128
+    layers: PositiveInt = 2
+    heads: PositiveInt = 2
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    # "synthetic" (a tiny student built from config) or a *ForMaskedLM folder / Hub id
+    base_model: str = "synthetic"
+    student: StudentConfig = StudentConfig()
+    max_seq_length: PositiveInt = 32
+    epochs: PositiveFloat = 8
+    batch_size: PositiveInt = 32
+    learning_rate: PositiveFloat = 3e-4
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    query_regularizer_weight: float = Field(5e-4, ge=0)
+    document_regularizer_weight: float = Field(3e-4, ge=0)
+    logging_steps: PositiveInt = 1
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    batch_size: PositiveInt = 64
+
+
+class CardConfig(Section):
+    model_name: str = "SPLADE quickstart (synthetic)"
+    language: str = "en"
+    license: str = "apache-2.0"
+
+
+class PushConfig(Section):
+    repo_id: str = "your-username/splade-quickstart"
+    dry_run: bool = True
+    private: bool = True
+    revision: str = "main"
+
+
+class TrackingConfig(Section):
+    experiment: str = "sparse-encoder"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlruns"
+    country_iso_code: str = Field("USA", min_length=3, max_length=3)
+
+
+class Params(Section):
+    snapshot: SnapshotConfig = SnapshotConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    teacher: TeacherConfig = TeacherConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    card: CardConfig = CardConfig()
+    push: PushConfig = PushConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate a params file; errors name the file and each offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"])
+            got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+            problems.append(f"  {key}: {err['msg']}{got}")
+        raise ParamsError(f"{path}: invalid params\n" + "\n".join(problems)) from None

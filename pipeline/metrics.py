@@ -1,0 +1,22 @@
+"""Ranking metrics computed by sentence-transformers' own IR evaluator code, so every number here
+means exactly what it means on a sentence-transformers model card."""
+
+from __future__ import annotations
+
+from pipeline.sources import RetrievalSet
+
+
+def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
+                    prefix: str = "dot_") -> dict[str, float]:
+    """Metrics of a ranking given as {query id: {doc id: score}}, named like dot_ndcg@10."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    relevant = {qid: set(docs) for qid, docs in data.qrels.items() if qid in data.queries}
+    evaluator = InformationRetrievalEvaluator(
+        {qid: data.queries[qid] for qid in relevant}, data.corpus, relevant, write_csv=False)
+    results = [[{"corpus_id": doc_id, "score": float(score)}
+                for doc_id, score in scores.get(qid, {}).items()]
+               for qid in evaluator.queries_ids]
+    grouped = evaluator.compute_metrics(results)
+    return {f"{prefix}{name.replace('@k', '')}@{k}": float(value)
+            for name, per_k in grouped.items() for k, value in per_k.items()}

@@ -1,0 +1,42 @@
+"""Stage 8: one MLflow run for this pipeline execution.
+
+Gathers every stage's record (params, metrics, time, energy), the training loss curve at step
+resolution, and the card, metrics, validation report, manifest and push plan as artifacts. Writes the
+run id to records/mlflow_run.json.
+"""
+
+from __future__ import annotations
+
+from pipeline import push, snapshot
+from pipeline.cli import stage_main
+from pipeline.config import (CARD_DIR, EVAL_METRICS, RECORDS_DIR, SNAPSHOT_DIR, TRAIN_LOSS,
+                             VALIDATION_REPORT, Params)
+from pipeline.tracking import load_records, log_pipeline_run, write_json
+
+STAGES = ["snapshot", "validate", "teacher", "train", "evaluate", "card", "push"]
+RUN_FILE = RECORDS_DIR / "mlflow_run.json"
+
+
+def run(params: Params) -> dict:
+    records = load_records(STAGES)
+    artifacts = [CARD_DIR / "README.md", EVAL_METRICS, TRAIN_LOSS, VALIDATION_REPORT,
+                 SNAPSHOT_DIR / snapshot.MANIFEST_FILE, push.PLAN_FILE]
+    tags = {"git_revision": push.git_revision(), "model_name": params.card.model_name,
+            "mlflow.runName": f"{params.card.model_name} @ {push.git_revision()}"}
+    run_id = log_pipeline_run(records, records["train"]["facts"]["loss_curve"], artifacts,
+                              params.tracking, tags)
+    out = {"run_id": run_id, "experiment": params.tracking.experiment,
+           "tracking_uri": params.tracking.tracking_uri}
+    write_json(RUN_FILE, out)
+    print(f"MLflow run {run_id} in experiment {params.tracking.experiment!r} "
+          f"({params.tracking.tracking_uri}); see it with: mlflow ui --backend-store-uri "
+          f"{params.tracking.tracking_uri}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

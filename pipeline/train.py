@@ -1,0 +1,132 @@
+"""Stage 4: distil the teacher's margins into a SPLADE sparse encoder.
+
+sentence-transformers' SparseEncoderTrainer with SpladeLoss(SparseMarginMSELoss) and FLOPS
+regularisation. The initial model is saved to models/base (the baseline the evaluation compares
+against) and the trained one to models/student; both are ordinary SparseEncoder folders.
+With train.base_model "synthetic", the student is a BertForMaskedLM built from config with a
+WordPiece tokenizer trained on the snapshot's text.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import teacher
+from pipeline.cli import stage_main
+from pipeline.config import (BASE_MODEL_DIR, STUDENT_DIR, TEACHER_DIR, TRAIN_LOSS, Params,
+                             StudentConfig, TrainConfig)
+from pipeline.tracking import stage_record
+
+
+def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
+    """A randomly initialised BertForMaskedLM with a WordPiece vocabulary learnt from `texts`."""
+    import torch
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=1,
+                                  show_progress=False)
+    wordpiece.save_model(str(out))
+    tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"), model_max_length=max_seq_length)
+    torch.manual_seed(cfg.seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                        intermediate_size=4 * cfg.hidden_size,
+                        max_position_embeddings=max(64, max_seq_length))
+    BertForMaskedLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def splade_encoder(mlm_path: str, max_seq_length: int):
+    """SPLADE = MLM logits, log1p(relu), max over tokens."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
+
+    transformer = Transformer(mlm_path, transformer_task="fill-mask", max_seq_length=max_seq_length)
+    vocab_size = transformer.auto_model.config.vocab_size
+    # without the dimension SpladePooling reports the hidden size until saved and reloaded
+    return SparseEncoder(modules=[transformer, SpladePooling("max", embedding_dimension=vocab_size)])
+
+
+def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
+    if cfg.base_model != "synthetic":
+        return splade_encoder(cfg.base_model, cfg.max_seq_length)
+    texts = list(dict.fromkeys(train["query"].tolist() + train["positive"].tolist()
+                               + train["negative"].tolist()))
+    build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
+    return splade_encoder(str(scratch), cfg.max_seq_length)
+
+
+def write_loss_curve(log_history: list[dict], path: Path) -> list[dict]:
+    curve = [{"step": e["step"], "loss": float(e["loss"])} for e in log_history if "loss" in e]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "loss"])
+        writer.writeheader()
+        writer.writerows(curve)
+    return curve
+
+
+def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SparseEncoderTrainer, SparseEncoderTrainingArguments
+    from sentence_transformers.sparse_encoder.losses import SparseMarginMSELoss, SpladeLoss
+
+    cfg = params.train
+    with stage_record("train", cfg, params.tracking) as record, \
+            tempfile.TemporaryDirectory() as scratch:
+        scored = pd.read_parquet(teacher_dir / teacher.SCORED_FILE)
+        model = initial_model(cfg, scored, Path(scratch) / "mlm")
+        for folder in (BASE_MODEL_DIR, STUDENT_DIR):
+            shutil.rmtree(folder, ignore_errors=True)
+        model.save_pretrained(str(BASE_MODEL_DIR))
+
+        dataset = Dataset.from_pandas(scored[["query", "positive", "negative", "label"]],
+                                      preserve_index=False)
+        loss = SpladeLoss(model, loss=SparseMarginMSELoss(model),
+                          query_regularizer_weight=cfg.query_regularizer_weight,
+                          document_regularizer_weight=cfg.document_regularizer_weight)
+        args = SparseEncoderTrainingArguments(
+            output_dir=str(Path(scratch) / "checkpoints"),
+            num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio in transformers 5
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=torch.cuda.is_available(),
+            report_to=[],  # the track stage writes MLflow; no online codecarbon probes
+        )
+        trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        result = trainer.train()
+        model.save_pretrained(str(STUDENT_DIR))
+
+        curve = write_loss_curve(trainer.state.log_history, TRAIN_LOSS)
+        record["metrics"] = {
+            "steps": trainer.state.global_step,
+            "train_loss": float(result.training_loss),
+            "final_loss": curve[-1]["loss"] if curve else float("nan"),
+            "samples_per_second": float(result.metrics["train_samples_per_second"]),
+            "runtime_seconds": float(result.metrics["train_runtime"]),
+        }
+        record["facts"] = {"loss_curve": curve, "log_history": trainer.state.log_history,
+                           "device": str(model.device), "training_rows": len(dataset)}
+    return record["metrics"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
