@@ -29,10 +29,10 @@ class SyntheticWorld:
 
 def _made_up_words(rng: random.Random, count: int) -> list[str]:
     syllables = [c + v for c in CONSONANTS for v in VOWELS]
-    words: set[str] = set()
+    words: dict[str, None] = {}  # insertion-ordered: a set's order would change with PYTHONHASHSEED
     while len(words) < count:
-        words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 3)))))
-    return sorted(words, key=lambda w: rng.random())
+        words["".join(rng.choice(syllables) for _ in range(rng.choice((2, 3))))] = None
+    return list(words)
 
 
 def _render_query(rng: random.Random, terms: list[str], lexicon_back: dict[str, str],

@@ -49,7 +49,7 @@ def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
     emissions_dir.mkdir(parents=True, exist_ok=True)  # codecarbon silently records nothing without it
     tracker = OfflineEmissionsTracker(
         project_name=stage, country_iso_code=tracking.country_iso_code,
-        output_dir=str(emissions_dir), save_to_file=False, log_level="error",
+        output_dir=str(emissions_dir), output_methods=[], log_level="error",
         allow_multiple_runs=True,
     )
     record: dict[str, Any] = {

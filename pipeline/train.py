@@ -23,17 +23,41 @@ from pipeline.config import (BASE_MODEL_DIR, STUDENT_DIR, TEACHER_DIR, TRAIN_LOS
 from pipeline.tracking import stage_record
 
 
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_vocabulary(texts: list[str], size: int) -> list[str]:
+    """A WordPiece vocabulary learnt from `texts`: every character (as a word start and as a ##
+    continuation) so that any word can be spelt, then the most frequent whole words.
+
+    Deterministic by construction (ties go alphabetically); the `tokenizers` WordPiece trainer
+    breaks ties in hash-map order, which gave a different vocabulary on every run."""
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({c for word in counts for c in word})
+    vocabulary = SPECIAL_TOKENS + characters + [f"##{c}" for c in characters]
+    known = set(vocabulary)
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocabulary) >= size:
+            break
+        if word not in known:
+            vocabulary.append(word)
+    return vocabulary
+
+
 def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
     """A randomly initialised BertForMaskedLM with a WordPiece vocabulary learnt from `texts`."""
     import torch
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=1,
-                                  show_progress=False)
-    wordpiece.save_model(str(out))
+    (out / "vocab.txt").write_text("\n".join(wordpiece_vocabulary(texts, cfg.vocab_size)) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"), model_max_length=max_seq_length)
     torch.manual_seed(cfg.seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,

@@ -82,7 +82,7 @@ def check_eval_set(folder: Path, split: str, train_queries: set[str]) -> list[di
     fail("qrels_reference_existing_queries", [q for q in data.qrels if q not in data.queries],
          "qrels naming a query missing from queries.jsonl")
     fail("eval_queries_not_in_training",
-         [q for q, text in data.queries.items() if text in train_queries],
+         [{"query_id": q, "text": text} for q, text in data.queries.items() if text in train_queries],
          "evaluation queries that also occur as training queries (leak)")
     return failures
 

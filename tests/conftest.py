@@ -1,0 +1,71 @@
+"""Shared fixtures: an offline, quiet environment; the real assets in ../shared; shrunken params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                    "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(name, value)
+
+from pipeline.config import Params, load_params  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
+# What a fresh clone holds that the pipeline needs to run (no data, models or MLflow store).
+PROJECT_FILES = ["pipeline", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+                 ".gitignore", "pyproject.toml"]
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared assets not found at {SHARED} (set SPLADE_SHARED)")
+    return SHARED
+
+
+def shrink(params: Params, **train_overrides) -> Params:
+    """The quickstart params made tiny: a smaller world, a few training steps."""
+    data = params.model_dump(by_alias=True)
+    data["snapshot"]["synthetic"].update(topics=8, train_queries_per_topic=6, docs_per_topic=3)
+    data["train"].update(epochs=1, batch_size=16, **train_overrides)
+    data["train"]["student"].update(vocab_size=500, hidden_size=32)
+    return Params.model_validate(data)
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return shrink(load_params(PROJECT / "params.yaml"))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Stages write relative to the working directory: give each test its own."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def make_project_copy(dest: Path) -> Path:
+    """A fresh clone of the project in `dest`: a git repo with only the committed pipeline files."""
+    for name in PROJECT_FILES:
+        source = PROJECT / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    (dest / "mlruns").mkdir()
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest

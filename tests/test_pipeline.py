@@ -1,0 +1,69 @@
+"""All stages in-process on the shrunken quickstart, then the MLflow run they leave behind."""
+
+import json
+
+import mlflow
+import pytest
+
+from pipeline import card, evaluate, push, snapshot, teacher, track, train, validate
+from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, RECORDS_DIR, STUDENT_DIR
+
+
+@pytest.fixture
+def finished_run(workdir, tiny_params):
+    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+        stage.run(tiny_params)
+    return track.run(tiny_params)
+
+
+def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
+    mlflow.set_tracking_uri(tiny_params.tracking.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[tiny_params.tracking.experiment], output_format="list")
+    assert [r.info.run_id for r in runs] == [finished_run["run_id"]]
+    run = runs[0]
+
+    # params of every stage
+    for key in ("snapshot.synthetic.topics", "validate.min_rows", "teacher.kind", "train.learning_rate",
+                "evaluate.batch_size", "card.model_name", "push.dry_run"):
+        assert key in run.data.params, key
+    assert float(run.data.params["train.learning_rate"]) == tiny_params.train.learning_rate
+
+    # the loss curve at step resolution
+    steps = json.loads((RECORDS_DIR / "train.json").read_text())["metrics"]["steps"]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, steps + 1))
+
+    # eval metrics, named without '@', equal to the metrics file
+    expected = json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"]
+    assert run.data.metrics["evaluate.dot_ndcg_at_10"] == pytest.approx(expected)
+    assert not any("@" in name for name in run.data.metrics)
+
+    # emissions, per stage and in total
+    assert run.data.metrics["emissions_kg_co2eq"] > 0
+    assert run.data.metrics["energy_kwh"] > 0
+    assert run.data.metrics["train.energy_kwh"] > 0
+
+    # card and metrics JSON as artifacts
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"README.md", "eval.json", "push_plan.json", "manifest.json"} <= artifacts
+
+
+def test_card_and_push_folder(finished_run, tiny_params):
+    from huggingface_hub import ModelCard
+
+    text = (CARD_DIR / "README.md").read_text()
+    parsed = ModelCard(text)
+    assert parsed.data.library_name == "sentence-transformers"
+    assert parsed.data.co2_eq_emissions["energy_consumed"] > 0
+    index = parsed.data.eval_results
+    ndcg = next(r for r in index if r.metric_type == "dot_ndcg@10")
+    assert ndcg.metric_value == pytest.approx(json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"], abs=1e-6)
+    assert tiny_params.push.repo_id in text and "{{" not in text
+
+    plan = json.loads(push.PLAN_FILE.read_text())
+    assert plan["dry_run"] is True and plan["commit"] is None
+    uploaded = {f["path"] for f in plan["files"]}
+    assert {"README.md", "model.safetensors", "modules.json", "config_sentence_transformers.json"} <= uploaded
+    assert (PUSH_DIR / "README.md").read_text() == text
+    model_files = {p.relative_to(STUDENT_DIR).as_posix() for p in STUDENT_DIR.rglob("*") if p.is_file()}
+    assert model_files - {"README.md"} <= uploaded
