@@ -7,6 +7,7 @@ templates/model_card.md.j2 into build/card/README.md.
 from __future__ import annotations
 
 import json
+import platform
 from importlib import metadata
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def card_facts(params: Params) -> dict:
 
     records = load_records(UPSTREAM_STAGES)
     evaluation = json.loads(EVAL_METRICS.read_text())
-    student = {k: v for k, v in evaluation["student"].items() if k.startswith(("dot_", "query_", "corpus_"))}
+    student = {k: v for k, v in evaluation["student"].items()
+               if k.startswith(("dot_", "query_", "corpus_"))}
     model = SparseEncoder(str(STUDENT_DIR))
     train_cfg = params.train
     manifest = records["snapshot"]["facts"]["manifest"]
@@ -37,12 +39,15 @@ def card_facts(params: Params) -> dict:
         "card": params.card,
         "repo_id": params.push.repo_id,
         "base_model_id": None if train_cfg.base_model == "synthetic" else train_cfg.base_model,
-        "base_model_label": ("BertForMaskedLM built from config (randomly initialised), WordPiece "
-                             "vocabulary trained on the training text") if train_cfg.base_model == "synthetic"
-                            else f"[{train_cfg.base_model}](https://huggingface.co/{train_cfg.base_model})",
-        "train_source_label": "the pipeline's synthetic quickstart set" if synthetic else params.snapshot.train_source,
-        "teacher_label": ("BM25 with the synthetic lexicon (knows the synonyms)" if teacher.kind == "lexicon-bm25"
-                          else f"cross-encoder {teacher.model}" + (f"@{teacher.revision}" if teacher.revision else "")),
+        "base_model_label": (
+            "BertForMaskedLM built from config (randomly initialised), WordPiece vocabulary learnt "
+            "from the training text" if train_cfg.base_model == "synthetic"
+            else f"[{train_cfg.base_model}](https://huggingface.co/{train_cfg.base_model})"),
+        "train_source_label": (
+            "the pipeline's synthetic quickstart set" if synthetic else params.snapshot.train_source),
+        "teacher_label": (
+            "BM25 with the synthetic lexicon (knows the synonyms)" if teacher.kind == "lexicon-bm25"
+            else f"cross-encoder {teacher.model}" + (f"@{teacher.revision}" if teacher.revision else "")),
         "train_rows": manifest["train"]["rows"],
         "eval_name": "synthetic-eval" if params.snapshot.eval_source == "synthetic"
                      else Path(params.snapshot.eval_source).name,
@@ -65,7 +70,7 @@ def card_facts(params: Params) -> dict:
         "emissions_g": 1000 * sum(r["emissions_kg_co2eq"] for r in records.values()),
         "hours": sum(r["seconds"] for r in records.values()) / 3600,
         "hardware": records["train"]["hardware"],
-        "versions": {"python": __import__("platform").python_version(),
+        "versions": {"python": platform.python_version(),
                      **{name: metadata.version(name) for name in LIBRARIES}},
     }
 

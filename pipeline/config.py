@@ -97,6 +97,8 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: PositiveInt = 64
+    # training triplets checked for "positive ranked above negative" (the first N; all if fewer)
+    max_train_triplets: PositiveInt = 5000
 
 
 class CardConfig(Section):

@@ -1,6 +1,7 @@
 """Stage 5: score the trained student, and the untrained model it started from, on the held-out
 evaluation set, with sentence-transformers' SparseInformationRetrievalEvaluator (the metrics of a
-sentence-transformers model card), plus the fraction of training triplets ranked the right way.
+sentence-transformers model card), plus the fraction of training triplets (the first
+evaluate.max_train_triplets) whose positive the model ranks above the negative.
 
 Writes metrics/eval.json (a DVC metrics file): {"student": {...}, "base": {...}, "gain": {...}}.
 """
@@ -42,7 +43,7 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     cfg = params.evaluate
     with stage_record("evaluate", cfg, params.tracking) as record:
         data = read_beir(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval_split)
-        train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE)
+        train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE).head(cfg.max_train_triplets)
         student = evaluate_model(STUDENT_DIR, data, train, cfg.batch_size)
         base = evaluate_model(BASE_MODEL_DIR, data, train, cfg.batch_size)
         result = {"student": student, "base": base,

@@ -63,7 +63,6 @@ def make_project_copy(dest: Path) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, target)
-    (dest / "mlruns").mkdir()
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)

@@ -27,7 +27,7 @@ def test_world_is_built_as_described():
     for text in world.corpus.values():
         assert sum(word in doc_terms for word in text.split()) == cfg.terms_per_doc
     # every eval query is judged relevant to exactly its topic's documents
-    for qid, docs in world.eval_qrels.items():
+    for docs in world.eval_qrels.values():
         assert len({world.doc_topic[d] for d in docs}) == 1
         assert len(docs) == cfg.docs_per_topic
     # each triplet's positive shares the query's topic, its negative does not
