@@ -112,6 +112,7 @@ def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts
                      tracking: TrackingConfig, tags: dict[str, str]) -> str:
     """One MLflow run holding every stage's params, metrics, emissions and the given artifacts."""
     import mlflow
+    from mlflow.entities import Metric
 
     experiment_id = configure_mlflow(tracking)
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
@@ -131,8 +132,11 @@ def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts
         metrics["energy_kwh"] = sum(r["energy_kwh"] for r in records.values())
         mlflow.log_metrics(metrics)
 
-        for point in loss_curve:
-            mlflow.log_metric("train_loss", point["loss"], step=point["step"])
+        # one request per 1000 points (MLflow's batch limit), not one per training step
+        now = int(time.time() * 1000)
+        points = [Metric("train_loss", p["loss"], now, p["step"]) for p in loss_curve]
+        for start in range(0, len(points), 1000):
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=points[start:start + 1000])
 
         for path in artifacts:
             if path.is_dir():
