@@ -45,12 +45,12 @@ def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
     """Measure a stage; the caller fills record["metrics"] (numbers) and record["facts"] (anything)."""
     from codecarbon import OfflineEmissionsTracker
 
+    logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up notices come before log_level
     emissions_dir = records_dir / "emissions"
     emissions_dir.mkdir(parents=True, exist_ok=True)  # codecarbon silently records nothing without it
     tracker = OfflineEmissionsTracker(
         project_name=stage, country_iso_code=tracking.country_iso_code,
         output_dir=str(emissions_dir), output_methods=[], log_level="error",
-        allow_multiple_runs=True,
     )
     record: dict[str, Any] = {
         "stage": stage,
