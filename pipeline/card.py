@@ -33,7 +33,7 @@ def card_facts(params: Params) -> dict:
     train_cfg = params.train
     manifest = records["snapshot"]["facts"]["manifest"]
     sample = manifest["train"]["samples"][0]
-    synthetic = params.snapshot.train_source == "synthetic"
+    synthetic = params.snapshot.train.source == "synthetic"
     teacher = params.teacher
     return {
         "card": params.card,
@@ -44,14 +44,14 @@ def card_facts(params: Params) -> dict:
             "from the training text" if train_cfg.base_model == "synthetic"
             else f"[{train_cfg.base_model}](https://huggingface.co/{train_cfg.base_model})"),
         "train_source_label": (
-            "the pipeline's synthetic quickstart set" if synthetic else params.snapshot.train_source),
+            "the pipeline's synthetic quickstart set" if synthetic else params.snapshot.train.source),
         "teacher_label": (
             "BM25 with the synthetic lexicon (knows the synonyms)" if teacher.kind == "lexicon-bm25"
             else f"cross-encoder {teacher.model}" + (f"@{teacher.revision}" if teacher.revision else "")),
         "train_rows": manifest["train"]["rows"],
-        "eval_name": "synthetic-eval" if params.snapshot.eval_source == "synthetic"
-                     else Path(params.snapshot.eval_source).name,
-        "eval_queries": manifest["eval"]["queries"],
+        "eval_name": "synthetic-eval" if params.snapshot.eval.source == "synthetic"
+                     else Path(params.snapshot.eval.source).name,
+        "eval_queries": manifest["eval"]["judged_queries"],
         "eval_docs": manifest["eval"]["docs"],
         "max_seq_length": model.max_seq_length,
         "dimensions": model.get_embedding_dimension(),

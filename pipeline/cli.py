@@ -21,13 +21,18 @@ class StageError(RuntimeError):
     """A failure the user can fix (bad input, failed check): printed without a traceback."""
 
 
+def run_stage(run: Callable[[Params], dict], params_file: str) -> None:
+    """Run a stage on a params file; a user-fixable failure prints its message and exits 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        run(load_params(params_file))
+    except (ParamsError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 def stage_main(run: Callable[[Params], dict], description: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        run(load_params(args.params))
-    except (ParamsError, StageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_stage(run, args.params)

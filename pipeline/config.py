@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -47,18 +48,60 @@ class SyntheticConfig(Section):
     negatives_per_query: PositiveInt = 2
 
 
+class TrainDataConfig(Section):
+    """Where the training rows come from, and what they are."""
+
+    # "synthetic", a file (.jsonl .parquet .tsv .csv), a BEIR or NanoBEIR folder (its qrels split
+    # becomes (query, positive) pairs), or a Hugging Face dataset id (pin `revision`)
+    source: str = "synthetic"
+    format: Literal["auto", "jsonl", "parquet", "tsv", "csv", "beir", "nanobeir", "hf"] = "auto"
+    kind: Literal["pairs", "triplets", "scored"] = "triplets"
+    columns: list[str] | None = None  # column names of a header-less tsv/csv, in order
+    rename: dict[str, str] = {}  # source column -> pipeline column, e.g. {anchor: query}
+    split: str = "train"  # Hugging Face split, or the BEIR/NanoBEIR qrels split
+    config: str | None = None  # Hugging Face dataset config
+    revision: str | None = None  # Hugging Face commit / tag; required for Hub ids
+    # id-based rows (query_id, positive_id, negative_id...) are joined against these (tsv or jsonl)
+    corpus: str | None = None
+    queries: str | None = None
+
+
+class EvalDataConfig(Section):
+    source: str = "synthetic"  # "synthetic", or a BEIR / NanoBEIR folder
+    split: str = "test"
+
+
 class SnapshotConfig(Section):
-    # "synthetic", or a local triplets file (.jsonl / .parquet / .tsv) with query, positive, negative
-    train_source: str = "synthetic"
-    # "synthetic", or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
-    eval_source: str = "synthetic"
-    eval_split: str = "test"
+    train: TrainDataConfig = TrainDataConfig()
+    eval: EvalDataConfig = EvalDataConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+
+
+CHECKS = ("row_count", "not_null", "not_empty", "length", "duplicates",
+          "query_is_positive", "positive_is_negative", "finite_scores", "mojibake",
+          "qrels_missing_ids", "eval_leak")
+DEFAULT_SEVERITY = {check: "warning" if check == "mojibake" else "error" for check in CHECKS}
 
 
 class ValidateConfig(Section):
     min_rows: PositiveInt = 10
     max_chars: PositiveInt = 20_000
+    # what a failed check does: error stops the pipeline, warning is reported, off skips it
+    severity: dict[str, Literal["error", "warning", "off"]] = DEFAULT_SEVERITY
+
+    @field_validator("severity", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: dict) -> dict:
+        # YAML reads a bare `off` as false
+        return {k: "off" if v is False else v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(CHECKS))
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; known: {list(CHECKS)}")
+        return {**DEFAULT_SEVERITY, **value}
 
 
 class TeacherConfig(Section):

@@ -15,7 +15,7 @@ import pandas as pd
 from pipeline import snapshot
 from pipeline.cli import stage_main
 from pipeline.config import BASE_MODEL_DIR, EVAL_METRICS, SNAPSHOT_DIR, STUDENT_DIR, Params
-from pipeline.sources import RetrievalSet, read_beir
+from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
 HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1"]
@@ -42,7 +42,7 @@ def evaluate_model(model_dir: Path, data: RetrievalSet, train: pd.DataFrame,
 def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     cfg = params.evaluate
     with stage_record("evaluate", cfg, params.tracking) as record:
-        data = read_beir(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval_split)
+        data = read_retrieval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval.split)
         train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE).head(cfg.max_train_triplets)
         student = evaluate_model(STUDENT_DIR, data, train, cfg.batch_size)
         base = evaluate_model(BASE_MODEL_DIR, data, train, cfg.batch_size)

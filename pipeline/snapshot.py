@@ -1,7 +1,9 @@
 """Stage 1: freeze the training and evaluation data as files with a manifest.
 
-Training triplets become data/snapshot/train.parquet; the evaluation set is written in BEIR layout
-under data/snapshot/eval/. The manifest records source, content hash, row counts, schema and samples.
+Training rows become data/snapshot/train.parquet (columns of the data's kind); the evaluation set is
+written in BEIR layout under data/snapshot/eval/. The manifest records source, revision, content
+hash, row counts, schema, length statistics and sample rows. The content hash depends on the rows
+only, so the same source always gives the same hash.
 """
 
 from __future__ import annotations
@@ -10,65 +12,92 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline import synthetic
 from pipeline.cli import stage_main
 from pipeline.config import SNAPSHOT_DIR, Params
-from pipeline.sources import RetrievalSet, read_beir, read_triplets, write_beir
+from pipeline.sources import RetrievalSet, load_training, read_retrieval_set, write_beir
 from pipeline.tracking import stage_record, write_json
 
 TRAIN_FILE = "train.parquet"
 EVAL_DIR = "eval"
 LEXICON_FILE = "lexicon.json"
 MANIFEST_FILE = "manifest.json"
+TEXT_COLUMNS = ("query", "positive", "negative")
 
 
-def content_hash(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes, in a fixed order."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
+def row_hashes(frame: pd.DataFrame, chunk_rows: int = 100_000) -> np.ndarray:
+    """One 64-bit hash per row (pandas' hash_pandas_object), computed a chunk at a time: hashing
+    converts strings to Python objects, which for a million rows would double the memory."""
+    hashable = frame.copy(deep=False)
+    for column in frame.columns:  # list cells (several negatives' scores) hash by their repr
+        if len(frame) and isinstance(frame[column].iloc[0], (list, tuple, np.ndarray)):
+            hashable[column] = frame[column].map(lambda cell: repr(list(cell)))
+    parts = [pd.util.hash_pandas_object(hashable.iloc[start:start + chunk_rows], index=False).to_numpy()
+             for start in range(0, len(frame), chunk_rows)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """sha256 of the rows' values (and column names), independent of how they were stored."""
+    digest = hashlib.sha256("\x1f".join(frame.columns).encode())
+    digest.update(row_hashes(frame).tobytes())
     return digest.hexdigest()
+
+
+def length_stats(frame: pd.DataFrame, rows: int = 1000) -> dict[str, dict[str, float]]:
+    """min / mean / max words per text column over the first `rows` rows, as the reference model
+    cards' dataset tables do (they count tokens; whitespace words need no tokenizer here)."""
+    head = frame.head(rows)
+    stats = {}
+    for column in head.columns:
+        if column.startswith(TEXT_COLUMNS) and pd.api.types.is_string_dtype(head[column]):
+            words = head[column].fillna("").astype(str).str.split().str.len()
+            stats[column] = {"min_words": int(words.min()), "mean_words": round(float(words.mean()), 2),
+                             "max_words": int(words.max()), "rows": len(head)}
+    return stats
 
 
 def run(params: Params, out_dir: Path = SNAPSHOT_DIR) -> dict:
     cfg = params.snapshot
     with stage_record("snapshot", cfg, params.tracking) as record:
         world = None
-        if "synthetic" in (cfg.train_source, cfg.eval_source):
+        if "synthetic" in (cfg.train.source, cfg.eval.source):
             world = synthetic.generate(cfg.synthetic)
-
-        if cfg.train_source == "synthetic":
+        # read everything before touching the previous snapshot: a bad source leaves it intact
+        if cfg.train.source == "synthetic":
             train = pd.DataFrame(world.triplets, columns=["query", "positive", "negative"])
         else:
-            train = read_triplets(Path(cfg.train_source))
-        if cfg.eval_source == "synthetic":
+            train = load_training(cfg.train)
+        if cfg.eval.source == "synthetic":
             evaluation = RetrievalSet(world.corpus, world.eval_queries, world.eval_qrels)
         else:
-            evaluation = read_beir(Path(cfg.eval_source), cfg.eval_split)
+            evaluation = read_retrieval_set(Path(cfg.eval.source), cfg.eval.split)
 
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         train.to_parquet(out_dir / TRAIN_FILE, index=False)
-        write_beir(evaluation, out_dir / EVAL_DIR, cfg.eval_split)
-        if cfg.train_source == "synthetic":
+        write_beir(evaluation, out_dir / EVAL_DIR, cfg.eval.split)
+        if cfg.train.source == "synthetic":
             write_json(out_dir / LEXICON_FILE, world.lexicon)
 
         manifest = {
-            "train": {"source": cfg.train_source, "rows": len(train),
+            "train": {"source": cfg.train.source, "format": cfg.train.format, "kind": cfg.train.kind,
+                      "split": cfg.train.split, "revision": cfg.train.revision,
+                      "rows": len(train), "sha256": frame_digest(train),
                       "schema": {c: str(t) for c, t in train.dtypes.items()},
+                      "lengths": length_stats(train),
                       "samples": train.head(3).to_dict(orient="records")},
-            "eval": {"source": cfg.eval_source, "split": cfg.eval_split,
+            "eval": {"source": cfg.eval.source, "split": cfg.eval.split,
                      "docs": len(evaluation.corpus), "queries": len(evaluation.queries),
+                     "judged_queries": len(evaluation.qrels),
                      "qrels": sum(len(d) for d in evaluation.qrels.values())},
-            "content_sha256": content_hash(out_dir),
         }
         write_json(out_dir / MANIFEST_FILE, manifest)
         record["metrics"] = {"train_rows": len(train), "eval_docs": len(evaluation.corpus),
-                             "eval_queries": len(evaluation.queries)}
+                             "eval_queries": len(evaluation.qrels)}
         record["facts"]["manifest"] = manifest
     return manifest
 

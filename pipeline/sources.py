@@ -1,6 +1,12 @@
-"""Readers for the data users bring: triplet files (jsonl / parquet / tsv) and BEIR folders.
+"""Readers for the data users bring, normalised to the pipeline's columns.
 
-Errors name the file and the row, because a user with a 10-million-row file cannot guess."""
+Training rows: files (jsonl, parquet, tsv, csv), BEIR and NanoBEIR folders (a qrels split becomes
+(query, positive) pairs) and Hugging Face datasets at a pinned revision; id-based rows
+(query_id, positive_id, negative_id...) are joined against a corpus and queries file.
+Evaluation sets: BEIR and NanoBEIR folders.
+
+A problem is raised as a SourceError naming the file, the check that failed and an example row,
+because a user with a 10-million-row file cannot guess."""
 
 from __future__ import annotations
 
@@ -12,12 +18,22 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cli import StageError
+from pipeline.config import TrainDataConfig
 
-TRIPLET_COLUMNS = ["query", "positive", "negative"]
+# The columns each kind of training data has once loaded (triplets may carry negative_2, ...).
+KIND_COLUMNS = {"pairs": ["query", "positive"], "triplets": ["query", "positive", "negative"],
+                "scored": ["query", "positive", "negative", "score"]}
+FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".tsv": "tsv",
+                ".csv": "csv"}
 
 
 class SourceError(StageError):
-    pass
+    def __init__(self, path: Path | str, check: str, detail: str, example: object = None):
+        self.path, self.check, self.detail, self.example = str(path), check, detail, example
+        message = f"{path}: {check} failed: {detail}"
+        if example is not None:
+            message += f"\n    example: {json.dumps(example, default=str, ensure_ascii=False)[:300]}"
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -27,79 +43,196 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
-def read_triplets(path: Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise SourceError(f"{path}: training file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif suffix in {".jsonl", ".json"}:
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-        frame = pd.DataFrame(rows)
-    elif suffix == ".tsv":
-        # MS MARCO style: no header, query \t positive \t negative
-        frame = pd.read_csv(path, sep="\t", header=None, names=TRIPLET_COLUMNS, dtype=str,
-                            quoting=csv.QUOTE_NONE, keep_default_na=False)
-    else:
-        raise SourceError(f"{path}: unsupported training file type {suffix!r} "
-                          "(use .jsonl, .parquet or .tsv)")
-    missing = [c for c in TRIPLET_COLUMNS if c not in frame.columns]
-    if missing:
-        raise SourceError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    return frame[TRIPLET_COLUMNS].reset_index(drop=True)
+def detect_format(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        if (path / "corpus.jsonl").exists():
+            return "beir"
+        if (path / "corpus").is_dir():
+            return "nanobeir"
+        raise SourceError(path, "known_layout", "a folder must be BEIR (corpus.jsonl, queries.jsonl, "
+                          "qrels/<split>.tsv) or NanoBEIR (corpus/, queries/, qrels/ of parquet files)")
+    if path.exists():
+        if path.suffix.lower() not in FILE_FORMATS:
+            raise SourceError(path, "known_format", f"unsupported file type {path.suffix!r} "
+                              f"(use {', '.join(FILE_FORMATS)})")
+        return FILE_FORMATS[path.suffix.lower()]
+    if "/" in source and not source.startswith((".", "/")):
+        return "hf"
+    raise SourceError(path, "source_exists", "no such file or folder (nor a Hugging Face id)")
 
 
-def _read_jsonl_texts(path: Path, with_title: bool) -> dict[str, str]:
-    texts: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def _utf8_lines(path: Path):
+    """(line number, text) of a text file, failing on the first line that is not UTF-8."""
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-                key = str(row["_id"])
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise SourceError(f"{path}:{line_no}: expected a JSON object with '_id' ({exc})") from None
-            text = row.get("text", "")
-            if with_title and row.get("title"):
-                text = f"{row['title']} {text}"
-            texts[key] = text.strip()
-    return texts
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SourceError(path, "utf8_encoding", f"line {line_no} is not UTF-8 ({exc.reason} "
+                                  f"at byte {exc.start})", raw[:200].decode("utf-8", "replace")) from None
 
 
-def read_beir(folder: Path, split: str) -> RetrievalSet:
-    folder = Path(folder)
+def read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    for line_no, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(path, "valid_jsonl", f"line {line_no} is not valid JSON ({exc.msg})",
+                              line.strip()[:200]) from None
+        if not isinstance(row, dict):
+            raise SourceError(path, "valid_jsonl", f"line {line_no} is not a JSON object", row)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFrame:
+    for _ in _utf8_lines(path):  # a clear error naming the line beats pandas' codec message
+        pass
+    if columns:  # header-less, e.g. MS MARCO's triples.tsv
+        return pd.read_csv(path, sep=sep, header=None, names=columns, dtype=str,
+                           quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+                           keep_default_na=False, on_bad_lines="error")
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                       quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+
+
+def _read_id_texts(path: Path) -> dict[str, str]:
+    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id \\t text)."""
+    if path.suffix.lower() in {".jsonl", ".json"}:
+        frame = read_jsonl(path)
+        if "_id" not in frame or "text" not in frame:
+            raise SourceError(path, "required_columns", "expected '_id' and 'text' fields",
+                              frame.iloc[0].to_dict() if len(frame) else None)
+        text = frame["text"].fillna("").astype(str)
+        if "title" in frame:
+            text = (frame["title"].fillna("").astype(str) + " " + text).str.strip()
+        return dict(zip(frame["_id"].astype(str), text))
+    frame = read_delimited(path, "\t", ["_id", "text"])
+    return dict(zip(frame["_id"].astype(str), frame["text"]))
+
+
+def join_ids(frame: pd.DataFrame, cfg: TrainDataConfig, path: Path) -> pd.DataFrame:
+    """Replace query_id / positive_id / negative_id... columns by the texts they name."""
+    if not (cfg.corpus and cfg.queries):
+        raise SourceError(path, "id_columns_resolvable", "rows hold ids (query_id, ...) but "
+                          "snapshot.train.corpus and snapshot.train.queries are not set",
+                          frame.iloc[0].to_dict())
+    corpus, queries = _read_id_texts(Path(cfg.corpus)), _read_id_texts(Path(cfg.queries))
+    for column in [c for c in frame.columns if c.endswith("_id")]:
+        lookup = queries if column == "query_id" else corpus
+        ids = frame[column].astype(str)
+        texts = ids.map(lookup)
+        missing = texts.isna()
+        if missing.any():
+            row = int(missing.idxmax())
+            raise SourceError(path, "ids_resolve", f"{int(missing.sum())} {column} value(s) not found in "
+                              f"{cfg.queries if column == 'query_id' else cfg.corpus}",
+                              {"row": row, column: ids[row]})
+        frame[column.removesuffix("_id")] = texts
+        frame = frame.drop(columns=column)
+    return frame
+
+
+def retrieval_pairs(data: RetrievalSet) -> pd.DataFrame:
+    """A BEIR-style split as training pairs: (query text, relevant document text)."""
+    rows = [(data.queries[q], data.corpus[d]) for q, docs in data.qrels.items()
+            if q in data.queries for d in docs if d in data.corpus]
+    return pd.DataFrame(rows, columns=["query", "positive"])
+
+
+def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
+    """Read `cfg.source` and return the columns of `cfg.kind` (plus extra negatives)."""
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+    path = Path(cfg.source)
+    if fmt in {"beir", "nanobeir"}:
+        frame = retrieval_pairs(read_retrieval_set(path, cfg.split))
+    elif fmt == "hf":
+        frame = read_hf(cfg)
+    elif fmt == "jsonl":
+        frame = read_jsonl(path)
+    elif fmt == "parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = read_delimited(path, "\t" if fmt == "tsv" else ",", cfg.columns)
+    if frame.empty:
+        raise SourceError(path, "not_empty", "no rows")
+    frame = frame.rename(columns=cfg.rename)
+    if any(c.endswith("_id") for c in frame.columns) and "query" not in frame.columns:
+        frame = join_ids(frame, cfg, path)
+    if cfg.kind == "scored" and "scores" in frame.columns and "score" not in frame.columns:
+        frame = frame.rename(columns={"scores": "score"})
+    required = KIND_COLUMNS[cfg.kind]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        hint = " (a header-less file needs snapshot.train.columns)" if fmt in {"tsv", "csv"} else ""
+        raise SourceError(path, "required_columns", f"missing column(s) {missing} for kind "
+                          f"{cfg.kind!r}; found {list(frame.columns)}{hint}", frame.iloc[0].to_dict())
+    extra_negatives = sorted(c for c in frame.columns if c.startswith("negative_")) \
+        if cfg.kind != "pairs" else []
+    return frame[required + extra_negatives].reset_index(drop=True)
+
+
+def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
+    """A Hugging Face dataset split; a Hub id must be pinned to a revision (a local folder need not)."""
+    from datasets import load_dataset
+
+    if cfg.revision is None and not Path(cfg.source).exists():
+        raise SourceError(cfg.source, "pinned_revision", "set snapshot.train.revision to a commit "
+                          "or tag: an unpinned Hub dataset can change under the same name")
+    dataset = load_dataset(cfg.source, name=cfg.config, split=cfg.split, revision=cfg.revision)
+    return dataset.to_pandas()
+
+
+def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path]:
     qrels_path = folder / "qrels" / f"{split}.tsv"
     for needed in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
         if not needed.exists():
-            raise SourceError(f"{folder}: not a BEIR folder, {needed.relative_to(folder)} is missing")
-    corpus = _read_jsonl_texts(folder / "corpus.jsonl", with_title=True)
-    all_queries = _read_jsonl_texts(folder / "queries.jsonl", with_title=False)
-    qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        next(reader, None)  # header row
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                query_id, doc_id, score = row[0], row[1], int(row[2].strip())
-            except (IndexError, ValueError):
-                raise SourceError(f"{qrels_path}:{line_no}: expected query-id, corpus-id, score; "
-                                  f"got {row!r}") from None
-            if score > 0:
-                qrels.setdefault(query_id, {})[doc_id] = score
-    queries = {qid: all_queries[qid] for qid in qrels if qid in all_queries}
-    return RetrievalSet(corpus, queries, qrels)
+            raise SourceError(folder, "beir_layout", f"{needed.relative_to(folder)} is missing")
+    corpus = _read_id_texts(folder / "corpus.jsonl")
+    queries = _read_id_texts(folder / "queries.jsonl")
+    qrels = pd.read_csv(qrels_path, sep="\t", dtype=str, keep_default_na=False)
+    return corpus, queries, qrels, qrels_path
+
+
+def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:
+    parts = {}
+    for part in ("corpus", "queries", "qrels"):
+        files = sorted((folder / part).glob("*.parquet"))
+        if not files:
+            raise SourceError(folder, "nanobeir_layout", f"no parquet file in {part}/")
+        parts[part] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    texts = {}
+    for part in ("corpus", "queries"):
+        frame = parts[part]
+        texts[part] = dict(zip(frame["_id"].astype(str), frame["text"]))
+    return texts["corpus"], texts["queries"], parts["qrels"].astype(str), folder / "qrels"
+
+
+def read_retrieval_set(folder: Path, split: str) -> RetrievalSet:
+    """A BEIR or NanoBEIR folder; qrels with score > 0 count as relevant (score 1 if absent)."""
+    folder = Path(folder)
+    if (folder / "corpus").is_dir():
+        corpus, queries, qrels, qrels_path = _read_nanobeir(folder)
+    else:
+        corpus, queries, qrels, qrels_path = _read_beir(folder, split)
+    if not {"query-id", "corpus-id"} <= set(qrels.columns):
+        raise SourceError(qrels_path, "qrels_columns", "expected columns query-id, corpus-id[, score]",
+                          qrels.iloc[0].to_dict() if len(qrels) else None)
+    scores = qrels["score"].str.strip() if "score" in qrels else pd.Series("1", index=qrels.index)
+    judged: dict[str, dict[str, int]] = {}
+    for row, (query_id, doc_id, score) in enumerate(zip(qrels["query-id"], qrels["corpus-id"], scores)):
+        try:
+            value = int(float(score))
+        except ValueError:
+            raise SourceError(qrels_path, "qrels_scores", f"row {row + 2}: score {score!r} is not a number",
+                              {"query-id": query_id, "corpus-id": doc_id, "score": score}) from None
+        if value > 0:
+            judged.setdefault(query_id.strip(), {})[doc_id.strip()] = value
+    return RetrievalSet(corpus, queries, judged)
 
 
 def write_beir(data: RetrievalSet, folder: Path, split: str) -> None:

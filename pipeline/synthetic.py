@@ -97,12 +97,13 @@ def generate(cfg) -> SyntheticWorld:
     all_doc_ids = list(corpus)
     triplets = []
     for text, topic in train_queries:
-        for _ in range(cfg.negatives_per_query):
+        chosen: set[tuple[str, str]] = set()  # no duplicate triplet for a query
+        while len(chosen) < cfg.negatives_per_query:
             positive = rng.choice(docs_by_topic[topic])
             negative = rng.choice(all_doc_ids)
-            while doc_topic[negative] == topic:
-                negative = rng.choice(all_doc_ids)
-            triplets.append((text, corpus[positive], corpus[negative]))
+            if doc_topic[negative] != topic and (positive, negative) not in chosen:
+                chosen.add((positive, negative))
+                triplets.append((text, corpus[positive], corpus[negative]))
 
     return SyntheticWorld(corpus, doc_topic, train_queries, eval_queries, eval_qrels, triplets,
                           lexicon)

@@ -23,7 +23,7 @@ from pipeline import snapshot
 from pipeline.cli import StageError, stage_main
 from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, Params, TeacherConfig
 from pipeline.metrics import ranking_metrics
-from pipeline.sources import read_beir
+from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record
 
 SCORED_FILE = "train_scored.parquet"
@@ -102,7 +102,7 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
             "margin_positive_fraction": float((train["label"] > 0).mean()),
         }
         if cfg.kind == "lexicon-bm25":  # cheap enough to rank the whole eval corpus
-            evaluation = read_beir(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval_split)
+            evaluation = read_retrieval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval.split)
             doc_ids = list(evaluation.corpus)
             ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
             ranking = {qid: dict(zip(doc_ids, ranker.scores(text)))

@@ -7,6 +7,9 @@ run id to records/mlflow_run.json.
 
 from __future__ import annotations
 
+import json
+import warnings
+
 from pipeline import push, snapshot
 from pipeline.cli import stage_main
 from pipeline.config import (CARD_DIR, EVAL_METRICS, RECORDS_DIR, SNAPSHOT_DIR, TRAIN_LOSS,
@@ -17,6 +20,21 @@ STAGES = ["snapshot", "validate", "teacher", "train", "evaluate", "card", "push"
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
 
 
+def training_dataset(params: Params):
+    """The snapshot as an mlflow.data dataset, named by its source and carrying its content hash."""
+    import mlflow.data
+    import pandas as pd
+
+    manifest = json.loads((SNAPSHOT_DIR / snapshot.MANIFEST_FILE).read_text())["train"]
+    frame = pd.read_parquet(SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+    source = manifest["source"] + (f"@{manifest['revision']}" if manifest["revision"] else "")
+    with warnings.catch_warnings():  # "synthetic" or a Hub id reads as several source types
+        warnings.simplefilter("ignore", UserWarning)
+        # MLflow keeps at most 36 characters of a digest
+        return mlflow.data.from_pandas(frame, source=source, name=f"train ({manifest['kind']})",
+                                       digest=manifest["sha256"][:36])
+
+
 def run(params: Params) -> dict:
     records = load_records(STAGES)
     artifacts = [CARD_DIR / "README.md", EVAL_METRICS, TRAIN_LOSS, VALIDATION_REPORT,
@@ -24,7 +42,7 @@ def run(params: Params) -> dict:
     tags = {"git_revision": push.git_revision(), "model_name": params.card.model_name,
             "mlflow.runName": f"{params.card.model_name} @ {push.git_revision()}"}
     run_id = log_pipeline_run(records, records["train"]["facts"]["loss_curve"], artifacts,
-                              params.tracking, tags)
+                              params.tracking, tags, [(training_dataset(params), "training")])
     out = {"run_id": run_id, "experiment": params.tracking.experiment,
            "tracking_uri": params.tracking.tracking_uri}
     write_json(RUN_FILE, out)

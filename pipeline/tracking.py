@@ -109,8 +109,10 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
 
 
 def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts: list[Path],
-                     tracking: TrackingConfig, tags: dict[str, str]) -> str:
-    """One MLflow run holding every stage's params, metrics, emissions and the given artifacts."""
+                     tracking: TrackingConfig, tags: dict[str, str],
+                     datasets: list[tuple[Any, str]] = ()) -> str:
+    """One MLflow run holding every stage's params, metrics, emissions and the given artifacts;
+    `datasets` are (mlflow.data dataset, context) pairs logged as the run's inputs."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -137,6 +139,9 @@ def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts
         points = [Metric("train_loss", p["loss"], now, p["step"]) for p in loss_curve]
         for start in range(0, len(points), 1000):
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=points[start:start + 1000])
+
+        for dataset, context in datasets:
+            mlflow.log_input(dataset, context=context)
 
         for path in artifacts:
             if path.is_dir():

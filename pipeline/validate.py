@@ -1,101 +1,195 @@
 """Stage 2: check the snapshot before any compute is spent on it.
 
-Training triplets go through a great-expectations suite; the evaluation set is checked for qrels that
-point at missing documents or queries and for evaluation queries that leak into training. Any failure
-stops the pipeline with the file, the check, the failing count and example rows.
+Training rows go through a great-expectations suite for their kind (pairs, triplets, scored); the
+evaluation set is checked for qrels naming missing documents or queries, and for evaluation queries
+that leak into training. Each check is an error (stops the pipeline), a warning or off, as
+validate.severity in params.yaml says. Failures name the file, the expectation, the failing count
+and up to 5 example rows; the whole report is written to data/validation/report.json.
+
+Also a standalone checker: python -m pipeline.validate SOURCE --kind {pairs,triplets,scored,beir}
+exits 0 on valid data and 1 on invalid data.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline import snapshot
-from pipeline.cli import StageError, stage_main
-from pipeline.config import SNAPSHOT_DIR, VALIDATION_REPORT, Params, ValidateConfig
-from pipeline.sources import TRIPLET_COLUMNS, read_beir
+from pipeline.cli import StageError, run_stage
+from pipeline.config import (PARAMS_FILE, SNAPSHOT_DIR, VALIDATION_REPORT, Params, TrainDataConfig,
+                             ValidateConfig, load_params)
+from pipeline.sources import RetrievalSet, SourceError, load_training, read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
+log = logging.getLogger(__name__)
 EXAMPLES = 5
+CHUNK_ROWS = 200_000
+# UTF-8 text decoded as Latin-1/cp1252 once too often: "donât", "Ã©", "Â£"
+MOJIBAKE = r"[ÃÂâ][\x80-\xbf]|â€|Ã[©¨ª«¢£¤¥§±³¶¼½¾]"
 
 
-def triplet_expectations(cfg: ValidateConfig) -> list:
+def text_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith(snapshot.TEXT_COLUMNS)]
+
+
+def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Row-level facts GX has no built-in expectation for, as columns it can check."""
+    derived = frame.copy(deep=False)
+    negatives = [c for c in frame.columns if c.startswith("negative")]
+    if {"query", "positive"} <= set(frame.columns):
+        derived["check_query_equals_positive"] = frame["query"] == frame["positive"]
+    if negatives and "positive" in frame:
+        derived["check_positive_equals_a_negative"] = np.logical_or.reduce(
+            [frame["positive"] == frame[n] for n in negatives])
+    if "score" in frame:
+        derived["check_score_is_finite"] = frame["score"].map(
+            lambda s: s is not None and bool(np.all(np.isfinite(np.asarray(s, dtype=float)))))
+    # duplicates are found on one 64-bit hash per row, so the check sees all rows at once cheaply
+    derived["check_row_hash"] = snapshot.row_hashes(frame[text_columns(frame)])
+    return derived
+
+
+def expectations(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[list, list]:
+    """(per-row expectations, whole-table expectations) for this frame; meta names the check."""
     import great_expectations as gx
 
-    expectations = [gx.expectations.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows)]
-    for column in TRIPLET_COLUMNS:
-        expectations += [
-            gx.expectations.ExpectColumnValuesToNotBeNull(column=column),
-            gx.expectations.ExpectColumnValuesToMatchRegex(column=column, regex=r"\S"),
-            gx.expectations.ExpectColumnValueLengthsToBeBetween(column=column, max_value=cfg.max_chars),
+    ex = gx.expectations
+    texts = text_columns(frame)
+    per_row = []
+    for column in texts + (["score"] if "score" in frame else []):
+        per_row.append(("not_null", ex.ExpectColumnValuesToNotBeNull(column=column)))
+    for column in texts:
+        per_row += [
+            ("not_empty", ex.ExpectColumnValuesToMatchRegex(column=column, regex=r"\S")),
+            ("length", ex.ExpectColumnValueLengthsToBeBetween(column=column, max_value=cfg.max_chars)),
+            ("mojibake", ex.ExpectColumnValuesToNotMatchRegex(column=column, regex=MOJIBAKE)),
         ]
-    return expectations
+    for check, column, value in [("query_is_positive", "check_query_equals_positive", False),
+                                 ("positive_is_negative", "check_positive_equals_a_negative", False),
+                                 ("finite_scores", "check_score_is_finite", True)]:
+        if column in frame:
+            per_row.append((check, ex.ExpectColumnValuesToBeInSet(column=column, value_set=[value])))
+    whole_table = [("row_count", ex.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows)),
+                   ("duplicates", ex.ExpectColumnValuesToBeUnique(column="check_row_hash"))]
+
+    def enabled(planned: list) -> list:
+        chosen = []
+        for check, expectation in planned:
+            if cfg.severity[check] != "off":
+                expectation.meta = {"check": check}
+                chosen.append(expectation)
+        return chosen
+
+    return enabled(per_row), enabled(whole_table)
 
 
-def check_triplets(frame: pd.DataFrame, source: Path, cfg: ValidateConfig) -> list[dict]:
-    """Run the suite; return one failure dict per failed expectation."""
+def check_rows(frame: pd.DataFrame, source: str, cfg: ValidateConfig) -> list[dict]:
+    """Run the great-expectations suites; one finding per failed expectation.
+
+    Per-row expectations run over chunks of CHUNK_ROWS rows (GX holds a Python copy of what it
+    checks), whole-table ones over the row hashes alone; counts and examples are merged."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    derived = with_derived_columns(frame)
+    per_row, whole_table = expectations(derived, cfg)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = context.data_sources.add_pandas("snapshot").add_dataframe_asset("triplets") \
-        .add_batch_definition_whole_dataframe("all")
-    suite = context.suites.add(gx.ExpectationSuite(name="triplets"))
-    for expectation in triplet_expectations(cfg):
-        suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="triplets", data=batch, suite=suite))
-    result = definition.run(batch_parameters={"dataframe": frame}, result_format="SUMMARY")
-    failures = []
-    for outcome in result.results:
-        if outcome.success:
-            continue
-        kwargs = {k: v for k, v in outcome.expectation_config.kwargs.items() if k != "batch_id"}
-        rows = (outcome.result.get("partial_unexpected_index_list") or [])[:EXAMPLES]
-        failures.append({
-            "file": str(source),
-            "expectation": outcome.expectation_config.type,
-            "kwargs": kwargs,
-            "failing_count": outcome.result.get("unexpected_count"),
-            "observed_value": outcome.result.get("observed_value"),
-            "example_rows": {int(i): frame.loc[i].to_dict() for i in rows},
-        })
-    return failures
+
+    def suite_of(name: str, planned: list):
+        batch = context.data_sources.add_pandas(name).add_dataframe_asset(name) \
+            .add_batch_definition_whole_dataframe(name)
+        suite = context.suites.add(gx.ExpectationSuite(name=name))
+        for expectation in planned:
+            suite.add_expectation(expectation)
+        return context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+
+    failed: dict[str, dict] = {}
+
+    def collect(part: pd.DataFrame, definition) -> None:
+        for outcome in definition.run(batch_parameters={"dataframe": part}, result_format="SUMMARY").results:
+            if outcome.success:
+                continue
+            config = outcome.expectation_config
+            kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+            entry = failed.setdefault(f"{config.type}{sorted(kwargs.items())}", {
+                "check": config.meta["check"], "expectation": config.type, "kwargs": kwargs,
+                "count": None, "observed": None, "rows": []})
+            if outcome.result.get("unexpected_count") is not None:
+                entry["count"] = (entry["count"] or 0) + outcome.result["unexpected_count"]
+            entry["observed"] = outcome.result.get("observed_value")
+            entry["rows"] += outcome.result.get("partial_unexpected_index_list") or []
+
+    if per_row:
+        definition = suite_of("rows", per_row)
+        for start in range(0, max(len(derived), 1), CHUNK_ROWS):
+            collect(derived.iloc[start:start + CHUNK_ROWS], definition)
+    if whole_table:
+        collect(derived[["check_row_hash"]], suite_of("table", whole_table))
+    return [finding(e["check"], cfg, source, e["expectation"], e["kwargs"], e["count"], e["observed"],
+                    {int(i): frame.loc[i].to_dict() for i in e["rows"][:EXAMPLES]})
+            for e in failed.values()]
 
 
-def check_eval_set(folder: Path, split: str, train_queries: set[str]) -> list[dict]:
-    data = read_beir(folder, split)
-    failures = []
-
-    def fail(check: str, offenders: list, what: str) -> None:
-        if offenders:
-            failures.append({"file": str(folder), "expectation": check, "kwargs": {},
-                             "failing_count": len(offenders), "observed_value": what,
-                             "example_rows": offenders[:EXAMPLES]})
-
-    fail("qrels_reference_existing_docs",
-         [(q, d) for q, docs in data.qrels.items() for d in docs if d not in data.corpus],
-         "qrels naming a document missing from corpus.jsonl")
-    fail("qrels_reference_existing_queries", [q for q in data.qrels if q not in data.queries],
-         "qrels naming a query missing from queries.jsonl")
-    fail("eval_queries_not_in_training",
-         [{"query_id": q, "text": text} for q, text in data.queries.items() if text in train_queries],
-         "evaluation queries that also occur as training queries (leak)")
-    return failures
+def finding(check: str, cfg: ValidateConfig, source: str, expectation: str, kwargs: dict,
+            count: int | None, observed: object, examples: dict) -> dict:
+    return {"check": check, "severity": cfg.severity[check], "file": str(source),
+            "expectation": expectation, "kwargs": kwargs, "failing_count": count,
+            "observed_value": observed, "example_rows": examples}
 
 
-def describe(failures: list[dict]) -> str:
-    lines = [f"{len(failures)} validation check(s) failed:"]
-    for f in failures:
-        lines.append(f"- {f['file']}: {f['expectation']} {f['kwargs'] or ''} failed for "
-                     f"{f['failing_count']} row(s) (observed: {f['observed_value']})")
-        examples = f["example_rows"]
-        for example in (examples.items() if isinstance(examples, dict) else enumerate(examples)):
-            lines.append(f"    row {example[0]}: {json.dumps(example[1], default=str)[:300]}")
+def check_eval_set(data: RetrievalSet, source: str, cfg: ValidateConfig,
+                   train_queries: set[str]) -> list[dict]:
+    findings = []
+
+    def check(name: str, expectation: str, offenders: list, what: str) -> None:
+        if offenders and cfg.severity[name] != "off":
+            findings.append(finding(name, cfg, source, expectation, {}, len(offenders), what,
+                                    dict(enumerate(offenders[:EXAMPLES]))))
+
+    check("qrels_missing_ids", "qrels_reference_existing_docs",
+          [{"query-id": q, "corpus-id": d} for q, docs in data.qrels.items() for d in docs
+           if d not in data.corpus], "qrels naming a document missing from the corpus")
+    check("qrels_missing_ids", "qrels_reference_existing_queries",
+          [{"query-id": q} for q in data.qrels if q not in data.queries],
+          "qrels naming a query missing from the queries")
+    judged = {q: data.queries[q] for q in data.qrels if q in data.queries}
+    check("eval_leak", "eval_queries_not_in_training",
+          [{"query-id": q, "text": t} for q, t in judged.items() if t in train_queries],
+          "evaluation queries that also occur as training queries")
+    return findings
+
+
+def describe(findings: list[dict]) -> str:
+    lines = []
+    for f in findings:
+        lines.append(f"- [{f['severity']}] {f['file']}: {f['expectation']} {f['kwargs'] or ''} failed "
+                     f"for {f['failing_count']} row(s) (observed: {f['observed_value']})")
+        for row, example in f["example_rows"].items():
+            lines.append(f"    row {row}: {json.dumps(example, default=str, ensure_ascii=False)[:300]}")
     return "\n".join(lines)
+
+
+def report(findings: list[dict], rows: int) -> dict:
+    errors = [f for f in findings if f["severity"] == "error"]
+    return {"success": not errors, "rows_checked": rows, "errors": len(errors),
+            "warnings": len(findings) - len(errors), "findings": findings}
+
+
+def raise_on_errors(result: dict) -> None:
+    errors = [f for f in result["findings"] if f["severity"] == "error"]
+    warnings = [f for f in result["findings"] if f["severity"] == "warning"]
+    if warnings:
+        log.warning("%d validation warning(s):\n%s", len(warnings), describe(warnings))
+    if errors:
+        raise StageError(f"{len(errors)} validation check(s) failed:\n{describe(errors)}")
 
 
 def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
@@ -103,19 +197,58 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     with stage_record("validate", cfg, params.tracking) as record:
         train_path = snapshot_dir / snapshot.TRAIN_FILE
         frame = pd.read_parquet(train_path)
-        failures = check_triplets(frame, train_path, cfg)
-        failures += check_eval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval_split,
+        evaluation = read_retrieval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval.split)
+        # name the user's files in the findings, not the snapshot's copies
+        findings = check_rows(frame, params.snapshot.train.source, cfg)
+        findings += check_eval_set(evaluation, params.snapshot.eval.source, cfg,
                                    set(frame["query"].dropna()))
-        report = {"success": not failures, "rows_checked": len(frame), "failures": failures}
-        write_json(VALIDATION_REPORT, report)
-        if failures:
-            raise StageError(describe(failures) + f"\nfull report: {VALIDATION_REPORT}")
-        record["metrics"] = {"rows_checked": len(frame), "failed_checks": 0}
-    return report
+        result = report(findings, len(frame))
+        write_json(VALIDATION_REPORT, result)
+        try:
+            raise_on_errors(result)
+        except StageError as exc:
+            raise StageError(f"{exc}\nfull report: {VALIDATION_REPORT}") from None
+        record["metrics"] = {"rows_checked": len(frame), "warnings": result["warnings"],
+                             **{f"{f['check']}_rows": f["failing_count"] or 0 for f in findings}}
+    return result
+
+
+def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
+                    columns: list[str] | None) -> dict:
+    """Check a file or folder as it is, without snapshotting it (the standalone contract)."""
+    if kind == "beir":
+        data = read_retrieval_set(Path(source), split)
+        corpus = pd.DataFrame({"positive": list(data.corpus.values())})
+        findings = check_rows(corpus, f"{source}/corpus", cfg.model_copy(update={"min_rows": 1}))
+        return report(findings + check_eval_set(data, source, cfg, set()), len(corpus))
+    frame = load_training(TrainDataConfig(source=source, kind=kind, columns=columns, split=split))
+    return report(check_rows(frame, source, cfg), len(frame))
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(run, __doc__, argv)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?",
+                        help="a file, or a folder for --kind beir; omitted: validate the snapshot")
+    parser.add_argument("--kind", choices=["pairs", "triplets", "scored", "beir"], default="triplets")
+    parser.add_argument("--split", help="qrels split (default: test for beir, train otherwise)")
+    parser.add_argument("--columns", nargs="+", help="column names of a header-less tsv/csv")
+    parser.add_argument("--params", default=str(PARAMS_FILE),
+                        help="params file: its validate section sets severities and bounds")
+    args = parser.parse_args(argv)
+    if args.source is None:
+        return run_stage(run, args.params)
+    cfg = load_params(args.params).validate_ if Path(args.params).exists() else ValidateConfig()
+    split = args.split or ("test" if args.kind == "beir" else "train")
+    try:
+        result = validate_source(args.source, args.kind, cfg, split, args.columns)
+    except SourceError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({k: v for k, v in result.items() if k != "findings"}))
+    if result["findings"]:
+        print(describe(result["findings"]), file=sys.stderr)
+    sys.exit(0 if result["success"] else 1)
 
 
 if __name__ == "__main__":

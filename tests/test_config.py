@@ -9,7 +9,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def test_shipped_params_are_the_quickstart_profile():
     params = load_params(PROJECT / "params.yaml")
-    assert params.snapshot.train_source == "synthetic"
+    assert params.snapshot.train.source == "synthetic"
     assert params.teacher.kind == "lexicon-bm25"
     assert params.push.dry_run is True
     # params.yaml spells out every default, so reading it gives the schema's defaults
@@ -42,3 +42,15 @@ def test_missing_file_and_broken_yaml(tmp_path):
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_unknown_validation_check_is_refused(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("validate:\n  severity:\n    mojibak: warning\n")
+    with pytest.raises(ParamsError, match="unknown check"):
+        load_params(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("validate:\n  severity:\n    mojibake: error\n    duplicates: off\n")
+    severity = load_params(good).validate_.severity
+    assert severity["mojibake"] == "error" and severity["duplicates"] == "off"
+    assert severity["not_null"] == "error"

@@ -45,7 +45,7 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
 
     # card and metrics JSON as artifacts
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"README.md", "eval.json", "push_plan.json", "manifest.json"} <= artifacts
+    assert {"README.md", "eval.json", "push_plan.json", "manifest.json", "report.json"} <= artifacts
 
 
 def test_card_and_push_folder(finished_run, tiny_params):
@@ -67,3 +67,13 @@ def test_card_and_push_folder(finished_run, tiny_params):
     assert (PUSH_DIR / "README.md").read_text() == text
     model_files = {p.relative_to(STUDENT_DIR).as_posix() for p in STUDENT_DIR.rglob("*") if p.is_file()}
     assert model_files - {"README.md"} <= uploaded
+
+
+def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):
+    mlflow.set_tracking_uri(tiny_params.tracking.tracking_uri)
+    run = mlflow.get_run(finished_run["run_id"])
+    (dataset_input,) = run.inputs.dataset_inputs
+    manifest = json.loads((snapshot.SNAPSHOT_DIR / snapshot.MANIFEST_FILE).read_text())["train"]
+    assert dataset_input.dataset.digest == manifest["sha256"][:36]
+    assert dataset_input.tags[0].value == "training"
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == manifest["rows"]

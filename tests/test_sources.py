@@ -1,35 +1,112 @@
+"""Every input users have, read into the pipeline's columns (acceptance 1 of the snapshot issue)."""
+
+import json
+
+import pandas as pd
 import pytest
 
-from pipeline.sources import SourceError, read_beir, read_triplets
+from pipeline import snapshot
+from pipeline.config import Params, TrainDataConfig
+from pipeline.sources import SourceError, load_training, read_retrieval_set
+
+TRIPLET_COLUMNS = ["query", "positive", "negative"]
 
 
-def test_msmarco_toy_triplets_tsv(shared):
-    frame = read_triplets(shared / "data/msmarco-toy-triplets/triplets.tsv")
-    assert list(frame.columns) == ["query", "positive", "negative"]
-    assert len(frame) == 100
-    assert frame["query"].str.strip().str.len().min() > 0
+def snapshot_of(workdir, tiny_params, **train) -> dict:
+    data = tiny_params.model_dump(by_alias=True)
+    data["snapshot"]["train"].update(train)
+    return snapshot.run(Params.model_validate(data))
 
 
-def test_beir_scifact_with_crlf_qrels(shared):
-    data = read_beir(shared / "data/beir/scifact", "test")
-    assert len(data.corpus) == 5183
-    assert len(data.queries) == 300
-    assert all(doc in data.corpus for docs in data.qrels.values() for doc in docs)
-    assert all(not qid.endswith("\r") for qid in data.qrels)
+def test_msmarco_triplets_tsv_snapshot(workdir, tiny_params, shared):
+    manifest = snapshot_of(workdir, tiny_params,
+                           source=str(shared / "data/msmarco-toy-triplets/triplets.tsv"),
+                           columns=TRIPLET_COLUMNS)
+    train = manifest["train"]
+    assert train["rows"] == 100 and train["format"] == "auto"
+    assert set(train["lengths"]) == set(TRIPLET_COLUMNS)
+    assert 1 <= train["lengths"]["query"]["min_words"] < train["lengths"]["query"]["mean_words"] \
+        < train["lengths"]["positive"]["mean_words"]
+    assert len(train["samples"]) == 3 and len(train["sha256"]) == 64
+    frame = pd.read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+    assert list(frame.columns) == TRIPLET_COLUMNS and len(frame) == 100
+    # same source, same hash
+    again = snapshot_of(workdir, tiny_params, source=str(shared / "data/msmarco-toy-triplets/triplets.tsv"),
+                        columns=TRIPLET_COLUMNS)
+    assert again["train"]["sha256"] == train["sha256"]
 
 
-def test_bad_jsonl_row_names_file_and_line(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"query": "a", "positive": "b", "negative": "c"}\n{"query": "a", broken\n')
-    with pytest.raises(SourceError, match=r"train\.jsonl:2: not valid JSON"):
-        read_triplets(path)
+def test_scifact_train_qrels_become_pairs(workdir, tiny_params, shared):
+    manifest = snapshot_of(workdir, tiny_params, source=str(shared / "data/beir/scifact"), kind="pairs",
+                           split="train")
+    qrels = pd.read_csv(shared / "data/beir/scifact/qrels/train.tsv", sep="\t")
+    assert manifest["train"]["rows"] == int((qrels["score"] > 0).sum())
+    frame = pd.read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+    assert list(frame.columns) == ["query", "positive"]
 
 
-def test_missing_column_and_missing_beir_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text('{"query": "a", "positive": "b"}\n')
-    with pytest.raises(SourceError, match=r"missing column\(s\) \['negative'\]"):
-        read_triplets(path)
-    (tmp_path / "beir").mkdir()
-    with pytest.raises(SourceError, match="corpus.jsonl is missing"):
-        read_beir(tmp_path / "beir", "test")
+def test_local_parquet_of_pairs_with_renamed_columns(workdir, tiny_params):
+    path = workdir / "pairs.parquet"
+    pd.DataFrame({"anchor": [f"question {i}" for i in range(20)],
+                  "answer": [f"answer number {i}" for i in range(20)]}).to_parquet(path)
+    manifest = snapshot_of(workdir, tiny_params, source=str(path), kind="pairs",
+                           rename={"anchor": "query", "answer": "positive"})
+    assert manifest["train"]["rows"] == 20
+    assert manifest["train"]["samples"][0] == {"query": "question 0", "positive": "answer number 0"}
+
+
+def write_nanobeir(folder, corpus, queries, qrels):
+    for part, frame in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+        (folder / part).mkdir(parents=True)
+        pd.DataFrame(frame).to_parquet(folder / part / "train-00000-of-00001.parquet")
+
+
+def test_local_nanobeir_folder_as_eval_and_as_training(workdir, tiny_params, shared):
+    beir = read_retrieval_set(shared / "data/beir/dbpedia-subset", "test")
+    folder = workdir / "NanoDBPedia"
+    write_nanobeir(folder, {"_id": list(beir.corpus), "text": list(beir.corpus.values())},
+                   {"_id": list(beir.queries), "text": list(beir.queries.values())},
+                   {"query-id": [q for q, d in beir.qrels.items() for _ in d],
+                    "corpus-id": [doc for d in beir.qrels.values() for doc in d]})
+    nano = read_retrieval_set(folder, "test")
+    assert nano.corpus == beir.corpus and set(nano.qrels) == set(beir.qrels)
+    assert {q: set(d) for q, d in nano.qrels.items()} == {q: set(d) for q, d in beir.qrels.items()}
+
+    data = tiny_params.model_dump(by_alias=True)
+    data["snapshot"]["eval"].update(source=str(folder), split="test")
+    data["snapshot"]["train"].update(source=str(folder), kind="pairs")
+    manifest = snapshot.run(Params.model_validate(data))
+    assert manifest["eval"]["judged_queries"] == len(beir.qrels) == 40
+    assert manifest["train"]["rows"] == sum(len(d) for d in beir.qrels.values())
+
+
+def test_id_based_scored_rows_join_corpus_and_queries(workdir, shared):
+    collection = shared / "data/msmarco-toy-triplets/collection.tsv"
+    queries = workdir / "queries.tsv"
+    queries.write_text("q1\twhat is the manhattan project\nq2\twho built the bomb\n")
+    rows = workdir / "margins.jsonl"
+    rows.write_text(json.dumps({"query_id": "q1", "positive_id": "0", "negative_id": "5", "score": 3.5}) + "\n"
+                    + json.dumps({"query_id": "q2", "positive_id": "1", "negative_id": "2", "score": -1.0}) + "\n")
+    frame = load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
+                                          queries=str(queries)))
+    passages = dict(line.split("\t", 1) for line in collection.read_text().splitlines())
+    assert frame.loc[0, "query"] == "what is the manhattan project"
+    assert frame.loc[0, "positive"] == passages["0"] and frame.loc[1, "negative"] == passages["2"]
+    assert frame["score"].tolist() == [3.5, -1.0]
+
+    rows.write_text(json.dumps({"query_id": "q1", "positive_id": "0", "negative_id": "nope", "score": 1}) + "\n")
+    with pytest.raises(SourceError, match=r"ids_resolve failed: 1 negative_id value\(s\) not found") as err:
+        load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
+                                      queries=str(queries)))
+    assert '"negative_id": "nope"' in str(err.value)
+
+
+def test_hugging_face_path_loads_a_local_dataset_and_refuses_unpinned_hub_ids(tmp_path):
+    folder = tmp_path / "my-dataset" / "data"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"query": ["a b", "c d"], "positive": ["x y", "z w"]}).to_parquet(folder / "train.parquet")
+    frame = load_training(TrainDataConfig(source=str(tmp_path / "my-dataset"), format="hf", kind="pairs",
+                                          split="train"))
+    assert frame.to_dict(orient="list") == {"query": ["a b", "c d"], "positive": ["x y", "z w"]}
+    with pytest.raises(SourceError, match="pinned_revision"):
+        load_training(TrainDataConfig(source="sentence-transformers/gooaq", kind="pairs"))

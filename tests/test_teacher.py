@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline import snapshot, teacher, validate
-from pipeline.config import TeacherConfig
-from pipeline.sources import read_triplets
+from pipeline.config import TeacherConfig, TrainDataConfig
+from pipeline.sources import load_training
 
 
 def test_lexicon_teacher_knows_synonyms_that_bm25_misses():
@@ -46,7 +46,8 @@ def tiny_cross_encoder(tmp_path, shared):
 def test_cross_encoder_scores_are_raw_logits_of_the_library(tiny_cross_encoder, shared):
     from sentence_transformers import CrossEncoder
 
-    frame = read_triplets(shared / "data/msmarco-toy-triplets/triplets.tsv").head(20)
+    frame = load_training(TrainDataConfig(source=str(shared / "data/msmarco-toy-triplets/triplets.tsv"),
+                                          columns=["query", "positive", "negative"])).head(20)
     pairs = list(zip(frame["query"], frame["positive"])) + list(zip(frame["query"], frame["negative"]))
     ours = teacher.cross_encoder_scores(TeacherConfig(kind="cross-encoder", model=str(tiny_cross_encoder)),
                                         pairs)

@@ -1,39 +1,173 @@
+"""Bad data stops the run before the teacher, with a message naming file, check and example row."""
+
 import json
+import math
 
 import pandas as pd
 import pytest
 
 from pipeline import snapshot, validate
 from pipeline.cli import StageError
-from pipeline.config import VALIDATION_REPORT
+from pipeline.config import TEACHER_DIR, VALIDATION_REPORT, Params
+
+GOOD = [{"query": f"query number {i}", "positive": f"relevant passage {i} text",
+         "negative": f"other passage {i} text"} for i in range(12)]
+
+
+def params_for(tiny_params, source=None, eval_source=None, **train) -> Params:
+    data = tiny_params.model_dump(by_alias=True)
+    data["validate"]["min_rows"] = 1
+    if source is not None:
+        data["snapshot"]["train"].update(source=str(source), **train)
+    if eval_source is not None:
+        data["snapshot"]["eval"].update(source=str(eval_source))
+    return Params.model_validate(data)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def snapshot_then_validate(params):
+    snapshot.run(params)
+    return validate.run(params)
 
 
 def test_quickstart_snapshot_passes(workdir, tiny_params):
-    snapshot.run(tiny_params)
-    report = validate.run(tiny_params)
-    assert report["success"] and report["failures"] == []
-    assert report["rows_checked"] == tiny_params.snapshot.synthetic.topics * 6 * 2
+    result = snapshot_then_validate(tiny_params)
+    assert result["success"] and result["errors"] == 0 and result["warnings"] == 0
+    assert result["rows_checked"] == tiny_params.snapshot.synthetic.topics * 6 * 2
 
 
-def test_bad_rows_and_leaks_stop_the_run_with_a_clear_report(workdir, tiny_params):
-    snapshot.run(tiny_params)
-    train_path = snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE
-    frame = pd.read_parquet(train_path)
-    frame.loc[3, "query"] = "   "  # empty after stripping
-    frame.loc[5, "positive"] = None
-    leaked = json.loads((snapshot.SNAPSHOT_DIR / "eval/queries.jsonl").read_text().splitlines()[0])["text"]
-    frame.loc[7, "query"] = leaked  # an evaluation query used for training
-    frame.to_parquet(train_path, index=False)
+def test_msmarco_mojibake_is_a_warning_with_its_count(workdir, tiny_params, shared):
+    params = params_for(tiny_params, shared / "data/msmarco-toy-triplets/triplets.tsv",
+                        columns=["query", "positive", "negative"])
+    result = snapshot_then_validate(params)
+    assert result["success"] and result["errors"] == 0
+    mojibake = {f["kwargs"]["column"]: f["failing_count"] for f in result["findings"] if f["check"] == "mojibake"}
+    assert mojibake["positive"] > 0 and sum(mojibake.values()) >= 20
+    assert all(f["severity"] == "warning" for f in result["findings"])
+    print(f"\nmojibake rows per column in the MS MARCO toy triplets: {mojibake}")
 
+
+def bad_cases(tmp):
+    """(name, params kwargs, text the failure must show) for each malformed input."""
+    cases = []
+
+    def jsonl(name, rows, **kw):
+        cases.append((name, {"source": write_jsonl(tmp / f"{name}.jsonl", rows), **kw}))
+
+    jsonl("missing_column", [{"query": r["query"], "positive": r["positive"]} for r in GOOD])
+    jsonl("empty_text", GOOD[:3] + [{**GOOD[3], "query": "   "}] + GOOD[4:])
+    jsonl("null_text", GOOD[:3] + [{**GOOD[3], "positive": None}] + GOOD[4:])
+    jsonl("duplicate_rows", GOOD + [GOOD[2]])
+    jsonl("positive_is_negative", GOOD[:5] + [{**GOOD[5], "negative": GOOD[5]["positive"]}] + GOOD[6:])
+    jsonl("query_is_positive", GOOD[:5] + [{**GOOD[5], "positive": GOOD[5]["query"]}] + GOOD[6:])
+    jsonl("too_long", GOOD[:5] + [{**GOOD[5], "positive": "word " * 5000}] + GOOD[6:])
+    for name, bad_score in (("nan_score", math.nan), ("inf_score", math.inf)):
+        frame = pd.DataFrame(GOOD).assign(score=[1.0] * 6 + [bad_score] + [2.0] * 5)
+        frame.to_parquet(tmp / f"{name}.parquet")
+        cases.append((name, {"source": tmp / f"{name}.parquet", "kind": "scored"}))
+    truncated = tmp / "truncated.jsonl"
+    truncated.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1])[:25] + "\n")
+    cases.append(("truncated_jsonl", {"source": truncated}))
+    latin1 = tmp / "latin1.tsv"
+    latin1.write_bytes("query\tpositive\tnegative\n".encode() + "caf\xe9 au lait\tcoffee\ttea\n".encode("latin-1"))
+    cases.append(("non_utf8", {"source": latin1}))
+    headerless = tmp / "headerless.tsv"
+    headerless.write_text("".join(f"{r['query']}\t{r['positive']}\t{r['negative']}\n" for r in GOOD))
+    cases.append(("headerless_tsv", {"source": headerless}))
+    return cases
+
+
+EXPECTED = {  # the check each malformed input must fail, and text from the offending row
+    "missing_column": ("required_columns", "query number 0"),
+    "empty_text": ("expect_column_values_to_match_regex", "row 3"),
+    "null_text": ("expect_column_values_to_not_be_null", "row 3"),
+    "duplicate_rows": ("expect_column_values_to_be_unique", "query number 2"),
+    "positive_is_negative": ("check_positive_equals_a_negative", "relevant passage 5 text"),
+    "query_is_positive": ("check_query_equals_positive", "query number 5"),
+    "too_long": ("expect_column_value_lengths_to_be_between", "row 5"),
+    "nan_score": ("expect_column_values_to_not_be_null", "row 6"),
+    "inf_score": ("check_score_is_finite", "row 6"),
+    "truncated_jsonl": ("valid_jsonl", "line 2"),
+    "non_utf8": ("utf8_encoding", "caf"),
+    "headerless_tsv": ("required_columns", "header-less"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_each_bad_training_input_stops_before_the_teacher(case, workdir, tiny_params):
+    snapshot.run(tiny_params)  # a good earlier snapshot, which a bad source must leave as it is
+    before = {p: p.read_bytes() for p in snapshot.SNAPSHOT_DIR.rglob("*") if p.is_file()}
+    kwargs = dict(bad_cases(workdir))[case]
+    params = params_for(tiny_params, **kwargs)
     with pytest.raises(StageError) as err:
-        validate.run(tiny_params)
+        snapshot_then_validate(params)
     message = str(err.value)
-    assert "3 validation check(s) failed" in message
-    assert f"{train_path}: expect_column_values_to_match_regex" in message
-    assert "expect_column_values_to_not_be_null" in message and "row 5" in message
-    assert "eval_queries_not_in_training" in message and leaked in message
+    expectation, example = EXPECTED[case]
+    assert kwargs["source"].name in message
+    assert expectation in message and example in message, message
+    assert not TEACHER_DIR.exists()
+    if not VALIDATION_REPORT.exists():  # failed while reading: the old snapshot is untouched
+        assert before == {p: p.read_bytes() for p in snapshot.SNAPSHOT_DIR.rglob("*") if p.is_file()}
+
+
+def write_beir(folder, corpus, queries, qrels):
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in corpus.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
+    if qrels is not None:
+        (folder / "qrels" / "test.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels))
+
+
+@pytest.mark.parametrize("case", ["qrels_missing_doc", "beir_without_qrels", "leak"])
+def test_bad_evaluation_sets_stop_before_the_teacher(case, workdir, tiny_params):
+    train = write_jsonl(workdir / "train.jsonl", GOOD)
+    folder = workdir / case
+    corpus = {"d1": "relevant passage 1 text", "d2": "another passage"}
+    queries = {"e1": "a held out question", "e2": GOOD[4]["query"] if case == "leak" else "second question"}
+    qrels = {"qrels_missing_doc": [("e1", "d1"), ("e2", "d404")], "beir_without_qrels": None,
+             "leak": [("e1", "d1"), ("e2", "d2")]}[case]
+    write_beir(folder, corpus, queries, qrels)
+    with pytest.raises(StageError) as err:
+        snapshot_then_validate(params_for(tiny_params, train, eval_source=folder))
+    message = str(err.value)
+    expectation, example = {"qrels_missing_doc": ("qrels_reference_existing_docs", "d404"),
+                            "beir_without_qrels": ("beir_layout", "qrels/test.tsv is missing"),
+                            "leak": ("eval_queries_not_in_training", GOOD[4]["query"])}[case]
+    assert str(folder) in message and expectation in message and example in message, message
+    assert not TEACHER_DIR.exists()
+
+
+def test_report_and_severity_from_params(workdir, tiny_params):
+    source = write_jsonl(workdir / "dupes.jsonl", GOOD + [GOOD[0]])
+    params = params_for(tiny_params, source)
+    with pytest.raises(StageError):
+        snapshot_then_validate(params)
     report = json.loads(VALIDATION_REPORT.read_text())
-    assert report["success"] is False
-    failing = {f["expectation"]: f for f in report["failures"]}
-    assert failing["expect_column_values_to_match_regex"]["failing_count"] == 1
-    assert list(failing["expect_column_values_to_match_regex"]["example_rows"]) == ["3"]
+    assert report["success"] is False and report["errors"] == 1
+    (finding,) = report["findings"]
+    assert finding["failing_count"] == 2 and finding["file"] == str(source)
+    data = params.model_dump(by_alias=True)
+    data["validate"]["severity"] = {"duplicates": "warning"}
+    assert validate.run(Params.model_validate(data))["warnings"] == 1  # a warning lets the run go on
+
+
+def test_standalone_contract_exit_codes(workdir, shared, capsys):
+    good = write_jsonl(workdir / "good.jsonl", GOOD)
+    bad = write_jsonl(workdir / "bad.jsonl", GOOD[:2] + [{**GOOD[2], "query": ""}])
+    for argv, code in [([str(good), "--kind", "triplets"], 0),
+                       ([str(bad), "--kind", "triplets"], 1),
+                       ([str(good), "--kind", "pairs"], 0),
+                       ([str(shared / "data/beir/scifact"), "--kind", "beir"], 0),
+                       ([str(workdir / "missing.jsonl"), "--kind", "triplets"], 1)]:
+        with pytest.raises(SystemExit) as exit_:
+            validate.main(argv + ["--params", str(workdir / "none.yaml")])
+        assert exit_.value.code == code, argv
+    with pytest.raises(SystemExit):
+        validate.main([str(bad), "--kind", "triplets"])
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "expect_column_values_to_match_regex" in err and "row 2" in err

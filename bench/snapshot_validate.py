@@ -1,0 +1,94 @@
+"""Snapshot + validation of 1M synthetic (query, positive) pairs: wall time and peak RSS of each
+stage as the pipeline runs it (`python -m pipeline.snapshot` / `pipeline.validate`, one process
+each), beside a plain pandas parquet read + write of the same file as the floor.
+
+    python bench/snapshot_validate.py [--rows 1000000]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def make_pairs(rows: int, seed: int = 0) -> pd.DataFrame:
+    """MS MARCO-like lengths: ~6-word queries, ~55-word passages, over a 30k-word vocabulary."""
+    rng = np.random.default_rng(seed)
+    vocabulary = np.array([f"w{i}" for i in range(30_000)])
+
+    def texts(low: int, high: int, salt: int) -> list[str]:
+        lengths = rng.integers(low, high, size=rows)
+        words = vocabulary[rng.integers(0, len(vocabulary), size=int(lengths.sum()))]
+        cuts = np.cumsum(lengths)[:-1]
+        return [f"{i}-{salt} " + " ".join(chunk) for i, chunk in enumerate(np.split(words, cuts))]
+
+    return pd.DataFrame({"query": texts(3, 10, 0), "positive": texts(30, 80, 1)})
+
+
+def timed(command: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{command} failed:\n{proc.stderr.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024 ** 2  # ru_maxrss is in KiB on Linux
+
+
+def pandas_copy(source: Path, target: Path) -> None:
+    pd.read_parquet(source).to_parquet(target, index=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--step", choices=["generate", "pandas-copy"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # every measured step runs in a child process that starts small: a forked child's peak RSS
+    # would otherwise include whatever this process held
+    if args.step == "generate":
+        return make_pairs(args.rows).to_parquet(args.path, index=False)
+    if args.step == "pandas-copy":
+        return pandas_copy(args.path, args.path.with_name("copy.parquet"))
+    this = [sys.executable, str(Path(__file__).resolve())]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        source = work / "pairs.parquet"
+        timed(this + ["--step", "generate", "--rows", str(args.rows), "--path", str(source)], work)
+        params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+        params["snapshot"]["train"].update(source=str(source), kind="pairs")
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+        floor_s, floor_gb = timed(this + ["--step", "pandas-copy", "--path", str(source)], work)
+        snap_s, snap_gb = timed([sys.executable, "-m", "pipeline.snapshot"], work)
+        val_s, val_gb = timed([sys.executable, "-m", "pipeline.validate"], work)
+        report = json.loads((work / "data/validation/report.json").read_text())
+    print(json.dumps({
+        "bench": "snapshot_validate", "rows": args.rows,
+        "snapshot_seconds": round(snap_s, 2), "snapshot_peak_rss_gb": round(snap_gb, 3),
+        "validate_seconds": round(val_s, 2), "validate_peak_rss_gb": round(val_gb, 3),
+        "total_seconds": round(snap_s + val_s, 2), "peak_rss_gb": round(max(snap_gb, val_gb), 3),
+        "pandas_read_write_seconds": round(floor_s, 2), "pandas_read_write_peak_rss_gb": round(floor_gb, 3),
+        "snapshot_over_pandas_read_write": round(snap_s / floor_s, 2),
+        "validation_success": report["success"], "checks_failed": report["errors"] + report["warnings"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
