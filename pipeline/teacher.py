@@ -72,6 +72,9 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
     cfg = params.teacher
     with stage_record("teacher", cfg, params.tracking) as record:
         train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE)
+        if params.snapshot.train.kind != "triplets":
+            raise StageError(f"the teacher scores triplets (query, positive, negative); the snapshot "
+                             f"holds {params.snapshot.train.kind!r} rows (set snapshot.train.kind)")
         pairs = list(dict.fromkeys(
             [(q, p) for q, p in zip(train["query"], train["positive"])]
             + [(q, n) for q, n in zip(train["query"], train["negative"])]))

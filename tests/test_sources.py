@@ -110,3 +110,18 @@ def test_hugging_face_path_loads_a_local_dataset_and_refuses_unpinned_hub_ids(tm
     assert frame.to_dict(orient="list") == {"query": ["a b", "c d"], "positive": ["x y", "z w"]}
     with pytest.raises(SourceError, match="pinned_revision"):
         load_training(TrainDataConfig(source="sentence-transformers/gooaq", kind="pairs"))
+
+
+def test_scored_rows_with_a_list_of_scores(tmp_path):
+    from pipeline import validate
+    from pipeline.config import ValidateConfig
+
+    path = tmp_path / "kl.parquet"
+    pd.DataFrame({"query": ["q one", "q two"], "positive": ["p one", "p two"], "negative": ["n one", "n two"],
+                  "scores": [[3.0, 1.0], [2.0, float("inf")]]}).to_parquet(path)
+    frame = load_training(TrainDataConfig(source=str(path), kind="scored"))
+    assert list(frame.columns) == ["query", "positive", "negative", "score"]
+    assert snapshot.frame_digest(frame) == snapshot.frame_digest(frame.copy())
+    findings = validate.check_rows(frame, str(path), ValidateConfig(min_rows=1))
+    (finite,) = [f for f in findings if f["check"] == "finite_scores"]
+    assert finite["failing_count"] == 1 and list(finite["example_rows"]) == [1]
