@@ -28,6 +28,11 @@ MANIFEST_FILE = "manifest.json"
 TEXT_COLUMNS = ("query", "positive", "negative")
 
 
+def text_columns(frame: pd.DataFrame) -> list[str]:
+    """The text columns of a snapshot: query, positive, negative and any negative_N."""
+    return [c for c in frame.columns if c.startswith(TEXT_COLUMNS)]
+
+
 def row_hashes(frame: pd.DataFrame, chunk_rows: int = 100_000) -> np.ndarray:
     """One 64-bit hash per row (pandas' hash_pandas_object), computed a chunk at a time: hashing
     converts strings to Python objects, which for a million rows would double the memory."""
@@ -52,8 +57,8 @@ def length_stats(frame: pd.DataFrame, rows: int = 1000) -> dict[str, dict[str, f
     cards' dataset tables do (they count tokens; whitespace words need no tokenizer here)."""
     head = frame.head(rows)
     stats = {}
-    for column in head.columns:
-        if column.startswith(TEXT_COLUMNS) and pd.api.types.is_string_dtype(head[column]):
+    for column in text_columns(head):
+        if pd.api.types.is_string_dtype(head[column]):
             words = head[column].fillna("").astype(str).str.split().str.len()
             stats[column] = {"min_words": int(words.min()), "mean_words": round(float(words.mean()), 2),
                              "max_words": int(words.max()), "rows": len(head)}

@@ -39,8 +39,9 @@ def run(params: Params) -> dict:
     records = load_records(STAGES)
     artifacts = [CARD_DIR / "README.md", EVAL_METRICS, TRAIN_LOSS, VALIDATION_REPORT,
                  SNAPSHOT_DIR / snapshot.MANIFEST_FILE, push.PLAN_FILE]
-    tags = {"git_revision": push.git_revision(), "model_name": params.card.model_name,
-            "mlflow.runName": f"{params.card.model_name} @ {push.git_revision()}"}
+    revision = push.git_revision()
+    tags = {"git_revision": revision, "model_name": params.card.model_name,
+            "mlflow.runName": f"{params.card.model_name} @ {revision}"}
     run_id = log_pipeline_run(records, records["train"]["facts"]["loss_curve"], artifacts,
                               params.tracking, tags, [(training_dataset(params), "training")])
     out = {"run_id": run_id, "experiment": params.tracking.experiment,

@@ -35,10 +35,6 @@ CHUNK_ROWS = 200_000
 MOJIBAKE = r"[ÃÂâ][\x80-\xbf]|â€|Ã[©¨ª«¢£¤¥§±³¶¼½¾]"
 
 
-def text_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith(snapshot.TEXT_COLUMNS)]
-
-
 def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """Row-level facts GX has no built-in expectation for, as columns it can check."""
     derived = frame.copy(deep=False)
@@ -52,7 +48,7 @@ def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
         derived["check_score_is_finite"] = frame["score"].map(
             lambda s: s is not None and bool(np.all(np.isfinite(np.asarray(s, dtype=float)))))
     # duplicates are found on one 64-bit hash per row, so the check sees all rows at once cheaply
-    derived["check_row_hash"] = snapshot.row_hashes(frame[text_columns(frame)])
+    derived["check_row_hash"] = snapshot.row_hashes(frame[snapshot.text_columns(frame)])
     return derived
 
 
@@ -61,7 +57,7 @@ def expectations(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[list, list]:
     import great_expectations as gx
 
     ex = gx.expectations
-    texts = text_columns(frame)
+    texts = snapshot.text_columns(frame)
     per_row = []
     for column in texts + (["score"] if "score" in frame else []):
         per_row.append(("not_null", ex.ExpectColumnValuesToNotBeNull(column=column)))
@@ -183,13 +179,14 @@ def report(findings: list[dict], rows: int) -> dict:
             "warnings": len(findings) - len(errors), "findings": findings}
 
 
-def raise_on_errors(result: dict) -> None:
+def raise_on_errors(result: dict, report_path: Path | None = None) -> None:
     errors = [f for f in result["findings"] if f["severity"] == "error"]
     warnings = [f for f in result["findings"] if f["severity"] == "warning"]
     if warnings:
         log.warning("%d validation warning(s):\n%s", len(warnings), describe(warnings))
     if errors:
-        raise StageError(f"{len(errors)} validation check(s) failed:\n{describe(errors)}")
+        where = f"\nfull report: {report_path}" if report_path else ""
+        raise StageError(f"{len(errors)} validation check(s) failed:\n{describe(errors)}{where}")
 
 
 def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
@@ -204,10 +201,7 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
                                    set(frame["query"].dropna()))
         result = report(findings, len(frame))
         write_json(VALIDATION_REPORT, result)
-        try:
-            raise_on_errors(result)
-        except StageError as exc:
-            raise StageError(f"{exc}\nfull report: {VALIDATION_REPORT}") from None
+        raise_on_errors(result, VALIDATION_REPORT)
         record["metrics"] = {"rows_checked": len(frame), "warnings": result["warnings"],
                              **{f"{f['check']}_rows": f["failing_count"] or 0 for f in findings}}
     return result
