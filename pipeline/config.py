@@ -17,6 +17,7 @@ PARAMS_FILE = Path("params.yaml")
 SNAPSHOT_DIR = Path("data/snapshot")
 VALIDATION_REPORT = Path("data/validation/report.json")
 TEACHER_DIR = Path("data/teacher")
+TEACHER_SHARDS_DIR = Path("data/teacher_shards")  # kept across runs: a crashed run resumes from it
 BASE_MODEL_DIR = Path("models/base")
 STUDENT_DIR = Path("models/student")
 EVAL_METRICS = Path("metrics/eval.json")
@@ -109,8 +110,13 @@ class TeacherConfig(Section):
     # lexicon (the quickstart's teacher); cross-encoder: any CrossEncoder folder or Hub id.
     kind: Literal["lexicon-bm25", "cross-encoder"] = "lexicon-bm25"
     model: str | None = None
-    revision: str | None = None
-    batch_size: PositiveInt = 64
+    revision: str | None = None  # required for a Hub id
+    # pairs per forward pass; "auto": the largest that fits on a GPU, a measured default on CPU
+    batch_size: PositiveInt | Literal["auto"] = "auto"
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU pays off with AVX512-BF16 or AMX
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # unique (query, document) pairs per shard: the most work a crash can lose
+    shard_size: PositiveInt = 50_000
 
 
 class StudentConfig(Section):

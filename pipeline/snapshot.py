@@ -9,6 +9,7 @@ only, so the same source always gives the same hash.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -25,12 +26,12 @@ TRAIN_FILE = "train.parquet"
 EVAL_DIR = "eval"
 LEXICON_FILE = "lexicon.json"
 MANIFEST_FILE = "manifest.json"
-TEXT_COLUMNS = ("query", "positive", "negative")
+TEXT_COLUMN = re.compile(r"query|positive|negative(_\d+)?")
 
 
 def text_columns(frame: pd.DataFrame) -> list[str]:
     """The text columns of a snapshot: query, positive, negative and any negative_N."""
-    return [c for c in frame.columns if c.startswith(TEXT_COLUMNS)]
+    return [c for c in frame.columns if TEXT_COLUMN.fullmatch(c)]
 
 
 def row_hashes(frame: pd.DataFrame, chunk_rows: int = 100_000) -> np.ndarray:

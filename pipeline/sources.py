@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +172,8 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
         hint = " (a header-less file needs snapshot.train.columns)" if fmt in {"tsv", "csv"} else ""
         raise SourceError(path, "required_columns", f"missing column(s) {missing} for kind "
                           f"{cfg.kind!r}; found {list(frame.columns)}{hint}", frame.iloc[0].to_dict())
-    extra_negatives = sorted(c for c in frame.columns if c.startswith("negative_")) \
-        if cfg.kind != "pairs" else []
+    extra_negatives = sorted((c for c in frame.columns if re.fullmatch(r"negative_\d+", c)),
+                             key=lambda c: int(c.split("_")[1])) if cfg.kind != "pairs" else []
     return frame[required + extra_negatives].reset_index(drop=True)
 
 

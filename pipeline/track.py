@@ -42,6 +42,8 @@ def run(params: Params) -> dict:
     revision = push.git_revision()
     tags = {"git_revision": revision, "model_name": params.card.model_name,
             "mlflow.runName": f"{params.card.model_name} @ {revision}"}
+    # which teacher produced the labels: a folder's weights sha256 or a Hub id's revision
+    tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
     run_id = log_pipeline_run(records, records["train"]["facts"]["loss_curve"], artifacts,
                               params.tracking, tags, [(training_dataset(params), "training")])
     out = {"run_id": run_id, "experiment": params.tracking.experiment,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import teacher
+from pipeline import snapshot, teacher
 from pipeline.cli import stage_main
 from pipeline.config import (BASE_MODEL_DIR, STUDENT_DIR, TEACHER_DIR, TRAIN_LOSS, Params,
                              StudentConfig, TrainConfig)
@@ -113,7 +113,7 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
         model.save_pretrained(str(BASE_MODEL_DIR))
 
-        dataset = Dataset.from_pandas(scored[["query", "positive", "negative", "label"]],
+        dataset = Dataset.from_pandas(scored[snapshot.text_columns(scored) + ["label"]],
                                       preserve_index=False)
         loss = SpladeLoss(model, loss=SparseMarginMSELoss(model),
                           query_regularizer_weight=cfg.query_regularizer_weight,

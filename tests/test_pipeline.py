@@ -43,6 +43,13 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
     assert run.data.metrics["energy_kwh"] > 0
     assert run.data.metrics["train.energy_kwh"] > 0
 
+    # the teacher: which one, how many pairs it scored, how fast, at what energy
+    teacher_record = json.loads((RECORDS_DIR / "teacher.json").read_text())
+    assert run.data.tags["teacher.model"] == teacher_record["facts"]["teacher"]["model"]
+    assert run.data.metrics["teacher.pairs_scored"] == teacher_record["metrics"]["unique_pairs"] > 0
+    assert run.data.metrics["teacher.pairs_per_second"] > 0
+    assert run.data.metrics["teacher.energy_kwh"] > 0
+
     # card and metrics JSON as artifacts
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"README.md", "eval.json", "push_plan.json", "manifest.json", "report.json"} <= artifacts

@@ -1,11 +1,23 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pipeline import snapshot, teacher, validate
-from pipeline.config import TeacherConfig, TrainDataConfig
+from pipeline.cli import StageError
+from pipeline.config import RECORDS_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig, TrainDataConfig
 from pipeline.sources import load_training
+
+TOY_TRIPLETS = "data/msmarco-toy-triplets/triplets.tsv"
 
 
 def test_lexicon_teacher_knows_synonyms_that_bm25_misses():
@@ -26,33 +38,218 @@ def test_quickstart_labels_are_margins(workdir, tiny_params):
     # the teacher knows relevance: positives outrank negatives, and it ranks the held-out set well
     assert metrics["margin_positive_fraction"] > 0.95
     assert metrics["eval_dot_ndcg@10"] > 0.9
-    assert metrics["unique_pairs_scored"] < 2 * metrics["triplets"] + 1
+    assert metrics["unique_pairs"] < metrics["pair_occurrences"]
 
 
-@pytest.fixture
-def tiny_cross_encoder(tmp_path, shared):
+def test_unique_pairs_index_every_row_and_column():
+    frame = pd.DataFrame({"query": ["q1", "q1", "q2"], "positive": ["a", "a", "a"],
+                          "negative": ["b", "c", "b"]})
+    pairs, index = teacher.unique_pairs(frame)
+    assert list(zip(pairs["query"], pairs["document"])) == [("q1", "a"), ("q2", "a"), ("q1", "b"),
+                                                             ("q1", "c"), ("q2", "b")]
+    for row, column in [(r, c) for r in range(3) for c in range(2)]:
+        pair = pairs.iloc[index[row, column]]
+        assert (pair["query"], pair["document"]) == (frame.iloc[row]["query"],
+                                                     frame.iloc[row][["positive", "negative"][column]])
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory, shared):
+    """A cross-encoder built from config: BERT-tiny's shape with random weights, one logit."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=1)
-    path = tmp_path / "cross-encoder"
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=512, num_labels=1,
+                        initializer_range=0.2)  # wide weights: scores that differ from pair to pair
+    path = tmp_path_factory.mktemp("models") / "cross-encoder"
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def test_cross_encoder_scores_are_raw_logits_of_the_library(tiny_cross_encoder, shared):
+def toy_pairs(shared) -> pd.DataFrame:
+    frame = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                          columns=["query", "positive", "negative"]))
+    pairs, _ = teacher.unique_pairs(frame)
+    return pairs
+
+
+def test_cross_encoder_scores_are_raw_logits_of_the_library(cross_encoder, shared):
     from sentence_transformers import CrossEncoder
 
-    frame = load_training(TrainDataConfig(source=str(shared / "data/msmarco-toy-triplets/triplets.tsv"),
-                                          columns=["query", "positive", "negative"])).head(20)
-    pairs = list(zip(frame["query"], frame["positive"])) + list(zip(frame["query"], frame["negative"]))
-    ours = teacher.cross_encoder_scores(TeacherConfig(kind="cross-encoder", model=str(tiny_cross_encoder)),
-                                        pairs)
-    model = CrossEncoder(str(tiny_cross_encoder))
-    assert np.allclose(ours, model.predict(pairs, activation_fn=torch.nn.Identity()), atol=1e-5)
+    pairs = toy_pairs(shared)
+    ours = teacher.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder", model=str(cross_encoder),
+                                                     precision="fp32")).score(pairs, batch_size=16)
+    model = CrossEncoder(str(cross_encoder))
+    as_list = list(zip(pairs["query"], pairs["document"]))
+    reference = model.predict(as_list, activation_fn=torch.nn.Identity())
+    assert len(pairs) == 200 and ours.std() > 0.1  # every pair of the file, and scores that differ
+    assert np.abs(ours - reference).max() < 1e-4
+    assert np.abs(np.roll(ours, 1) - reference).max() > 1e-2  # order matters at this tolerance
     # raw logits: the library's default output is their sigmoid
-    assert np.allclose(1 / (1 + np.exp(-ours)), model.predict(pairs), atol=1e-5)
-    assert not np.allclose(ours, model.predict(pairs), atol=1e-3)
+    assert np.abs(1 / (1 + np.exp(-ours)) - model.predict(as_list)).max() < 1e-4
+
+
+def test_bf16_mode_stays_close_to_fp32(cross_encoder, shared):
+    pairs = toy_pairs(shared).head(64)
+    scores = {precision: teacher.CrossEncoderTeacher(TeacherConfig(
+        kind="cross-encoder", model=str(cross_encoder), precision=precision)).score(pairs, 16)
+        for precision in ("fp32", "bf16")}
+    deviation = np.abs(scores["bf16"] - scores["fp32"])
+    assert 0 < deviation.max() < 0.1 * scores["fp32"].std()
+
+
+def test_hub_teacher_must_be_pinned():
+    with pytest.raises(StageError, match="pin it with teacher.revision"):
+        teacher.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder",
+                                                  model="cross-encoder/ms-marco-MiniLM-L6-v2"))
+
+
+def stage_params(tiny_params: Params, source, model, shard_size: int, kind: str = "triplets") -> Params:
+    data = tiny_params.model_dump(by_alias=True)
+    data["snapshot"]["train"].update(source=str(source), kind=kind)
+    data["teacher"].update(kind="cross-encoder", model=str(model), shard_size=shard_size,
+                           precision="fp32")
+    return Params.model_validate(data)
+
+
+def write_rows(path, rows: pd.DataFrame):
+    rows.to_json(path, orient="records", lines=True, force_ascii=False)
+    return path
+
+
+def test_stage_scores_many_negatives_once_and_resumes_from_shards(workdir, tiny_params, shared,
+                                                                 cross_encoder):
+    from sentence_transformers import CrossEncoder
+
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                        columns=["query", "positive", "negative"]))
+    # two negatives per row, and each (query, positive) in two rows, as hard-negative sets have it
+    rows = pd.concat([toy.assign(negative_2=np.roll(toy["negative"], 1)),
+                      toy.assign(negative=np.roll(toy["negative"], 2),
+                                 negative_2=np.roll(toy["negative"], 3))], ignore_index=True)
+    params = stage_params(tiny_params, write_rows(workdir / "rows.jsonl", rows), cross_encoder, 64)
+    snapshot.run(params)
+    metrics = teacher.run(params)
+    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+
+    distinct = {(r["query"], r[c]) for _, r in rows.iterrows() for c in ("positive", "negative", "negative_2")}
+    assert metrics["pair_occurrences"] == 3 * len(rows) and metrics["unique_pairs"] == len(distinct)
+    assert len(distinct) < 0.8 * 3 * len(rows)
+    assert metrics["pairs_scored"] == metrics["unique_pairs"]
+    model = CrossEncoder(str(cross_encoder))
+    for column in ("positive", "negative", "negative_2"):
+        reference = model.predict(list(zip(scored["query"], scored[column])),
+                                  activation_fn=torch.nn.Identity())
+        assert np.abs(scored[f"{column}_score"] - reference).max() < 1e-4
+    labels = np.stack(scored["label"].to_numpy())
+    assert labels.shape == (len(rows), 2)
+    assert np.allclose(labels[:, 1], scored["positive_score"] - scored["negative_2_score"])
+    assert np.allclose(np.stack(scored["scores"].to_numpy())[:, 2], scored["negative_2_score"])
+    facts = json.loads((RECORDS_DIR / "teacher.json").read_text())["facts"]["teacher"]
+    weights = hashlib.sha256((cross_encoder / "model.safetensors").read_bytes()).hexdigest()
+    assert facts["model"] == str(cross_encoder) and facts["weights_sha256"] == weights
+    shards = sorted(TEACHER_SHARDS_DIR.glob("*-of-*.parquet"))
+    assert len(shards) == metrics["shards"] == -(-metrics["unique_pairs"] // 64)
+
+    again = teacher.run(params)  # nothing left to score: every shard is reused
+    assert again["pairs_scored"] == 0 and again["shards_reused"] == metrics["shards"]
+    pd.testing.assert_frame_equal(pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE), scored)
+
+    other = stage_params(tiny_params, workdir / "rows.jsonl", cross_encoder, 50)
+    assert teacher.run(other)["shards_reused"] == 0  # another shard plan is not mixed in
+    assert not set(shards) & set(TEACHER_SHARDS_DIR.iterdir())  # the stale plan's shards are gone
+
+
+def test_scored_snapshot_passes_its_labels_through(workdir, tiny_params, shared):
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                        columns=["query", "positive", "negative"]))
+    rows = toy.assign(score=np.arange(len(toy)) / 8 - 6)  # exact in JSON
+    params = stage_params(tiny_params, write_rows(workdir / "scored.jsonl", rows), "no-such-model",
+                          64, kind="scored")
+    snapshot.run(params)
+    assert teacher.run(params)["pairs_scored"] == 0
+    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    assert scored["label"].tolist() == rows["score"].tolist()
+
+
+def scifact_rows(shared, queries: int) -> pd.DataFrame:
+    """SciFact-length documents: (query, positive, negative) with a neighbouring doc as negative."""
+    corpus = [json.loads(line) for line in (shared / "data/beir/scifact/corpus.jsonl").open()]
+    texts = [f"{d['title']} {d['text']}" for d in corpus]
+    position = {d["_id"]: i for i, d in enumerate(corpus)}
+    query_text = {q["_id"]: q["text"] for q in map(json.loads, (shared / "data/beir/scifact/queries.jsonl").open())}
+    qrels = pd.read_csv(shared / "data/beir/scifact/qrels/train.tsv", sep="\t", dtype=str)
+    qrels = qrels.drop_duplicates("query-id").head(queries)
+    return pd.DataFrame({"query": [query_text[q] for q in qrels["query-id"]],
+                         "positive": [texts[position[d]] for d in qrels["corpus-id"]],
+                         "negative": [texts[(position[d] + 7) % len(texts)] for d in qrels["corpus-id"]]})
+
+
+def run_stage_process(workdir, params: Params, env: dict | None = None, torchrun: int = 0):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={torchrun}"] if torchrun else [sys.executable])
+    return subprocess.Popen(launcher + ["-m", "pipeline.teacher", "--params", "params.yaml"],
+                            cwd=workdir, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process) -> str:
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def scifact_stage(workdir, tiny_params, shared, cross_encoder):
+    rows = scifact_rows(shared, 200)
+    params = stage_params(tiny_params, write_rows(workdir / "rows.jsonl", rows), cross_encoder, 20)
+    snapshot.run(params)
+    return params
+
+
+def scores_file(workdir) -> pd.DataFrame:
+    return pd.read_parquet(workdir / teacher.TEACHER_DIR / teacher.SCORED_FILE)
+
+
+def test_kill_half_way_then_rerun_loses_at_most_one_shard(workdir, scifact_stage):
+    finished(run_stage_process(workdir, scifact_stage))
+    uninterrupted = scores_file(workdir)
+    shard_files = sorted((workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet"))
+    total = len(shard_files)
+    for path in shard_files:
+        path.unlink()
+
+    process = run_stage_process(workdir, scifact_stage)
+    while len(list((workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet"))) < total // 2:
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # kill -9
+    process.wait()
+    survivors = {p: p.stat().st_mtime_ns for p in (workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet")}
+    assert total // 2 <= len(survivors) < total
+
+    finished(run_stage_process(workdir, scifact_stage))
+    record = json.loads((workdir / "records/teacher.json").read_text())
+    assert record["metrics"]["shards_reused"] == len(survivors)
+    assert record["metrics"]["shards_scored"] == total - len(survivors)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in survivors.items())  # not redone
+    pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)  # bit for bit
+
+
+def test_two_processes_match_one(workdir, scifact_stage):
+    finished(run_stage_process(workdir, scifact_stage))
+    one_process = scores_file(workdir)
+    for path in (workdir / TEACHER_SHARDS_DIR).iterdir():
+        path.unlink()
+    (workdir / teacher.TEACHER_DIR / teacher.SCORED_FILE).unlink()
+
+    output = finished(run_stage_process(workdir, scifact_stage, torchrun=2))
+    record = json.loads((workdir / "records/teacher.json").read_text())
+    shards = record["metrics"]["shards"]
+    assert record["metrics"]["shards_scored"] == (shards + 1) // 2  # rank 0 did every other shard
+    assert "rank 1/2" in output
+    pd.testing.assert_frame_equal(scores_file(workdir), one_process)

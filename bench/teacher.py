@@ -1,0 +1,153 @@
+"""Teacher scoring of a realistic distillation set: the project's teacher stage against stock
+`CrossEncoder.predict`, on the same model and rows, in one run.
+
+The set: SciFact queries, each with its positive and 4 BM25 hard negatives, as triplet rows
+(query, positive, negative): 4 rows per query, the way MS MARCO hard-negative sets repeat each
+(query, positive). Stock scores the rows' (query, positive) and (query, negative) columns, 8 pairs a
+query; the project scores each unique pair once (5 a query) through its shards. The teacher is
+MiniLM-L6-H384 (the architecture of cross-encoder/ms-marco-MiniLM-L6-v2) with the shared
+all-MiniLM-L6-v2 weights and a fresh one-logit head, at max length 512.
+
+    python bench/teacher.py [--queries 50] [--batch-size 32] [--batch-sizes 16,32,64,128]
+
+Prints one JSON line: pairs/s of both (pairs labelled per second: rows x 2 / seconds), `speedup`,
+the largest score difference from stock (fp32), and the bf16 mode's speedup and deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
+NEGATIVES = 4
+
+
+def hard_negative_rows(queries: int) -> pd.DataFrame:
+    """Triplet rows from SciFact train: each query's first positive and its top BM25 non-positives."""
+    import bm25s
+
+    folder = SHARED / "data/beir/scifact"
+    corpus = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
+    texts = [f"{d['title']} {d['text']}" for d in corpus]
+    position = {d["_id"]: i for i, d in enumerate(corpus)}
+    query_text = {q["_id"]: q["text"] for q in map(json.loads, (folder / "queries.jsonl").open())}
+    qrels = pd.read_csv(folder / "qrels/train.tsv", sep="\t", dtype=str)
+    relevant = qrels.groupby("query-id")["corpus-id"].apply(set)
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    rows = []
+    for query_id in list(relevant.index)[:queries]:
+        query = query_text[query_id]
+        positives = sorted(relevant[query_id])
+        hits, _ = retriever.retrieve(bm25s.tokenize(query, stopwords="en", show_progress=False),
+                                     k=NEGATIVES + len(positives), show_progress=False)
+        negatives = [i for i in hits[0] if corpus[i]["_id"] not in relevant[query_id]][:NEGATIVES]
+        rows += [(query, texts[position[positives[0]]], texts[i]) for i in negatives]
+    return pd.DataFrame(rows, columns=["query", "positive", "negative"])
+
+
+def minilm_cross_encoder(folder: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    source = SHARED / "models/all-MiniLM-L6-v2"
+    model = BertForSequenceClassification.from_pretrained(source, num_labels=1)
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def project_scores(model: Path, rows: pd.DataFrame, batch_size: int, precision: str,
+                   shards: Path) -> tuple[np.ndarray, float, int]:
+    """The teacher stage's own path: unique pairs, sharded scoring, merge, back to rows."""
+    from pipeline import teacher
+    from pipeline.config import TeacherConfig
+
+    cfg = TeacherConfig(kind="cross-encoder", model=str(model), batch_size=batch_size,
+                        precision=precision, shard_size=100_000)
+    scorer = teacher.CrossEncoderTeacher(cfg)
+    scorer.score(rows.head(8).rename(columns={"positive": "document"}), 8)  # warm-up, as for stock
+    started = time.perf_counter()
+    pairs, pair_index = teacher.unique_pairs(rows)
+    plan = teacher.ShardPlan(shards, pairs, scorer)
+    teacher.score_shards(scorer, plan, rank=0, world_size=1)
+    doc_scores = plan.merged()[pair_index]
+    return doc_scores, time.perf_counter() - started, len(pairs)
+
+
+def stock_scores(model: Path, rows: pd.DataFrame, batch_size: int) -> tuple[np.ndarray, float]:
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    cross_encoder = CrossEncoder(str(model))
+    pairs = list(zip(rows["query"], rows["positive"])) + list(zip(rows["query"], rows["negative"]))
+    cross_encoder.predict(pairs[:8], batch_size=8, show_progress_bar=False)  # warm-up
+    started = time.perf_counter()
+    scores = cross_encoder.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
+                                   show_progress_bar=False)
+    return scores.reshape(2, len(rows)).T, time.perf_counter() - started
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-sizes", default="",
+                        help="also time the project's fp32 scoring at each of these batch sizes")
+    args = parser.parse_args()
+
+    rows = hard_negative_rows(args.queries)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = minilm_cross_encoder(Path(scratch) / "cross-encoder")
+        stock, stock_seconds = stock_scores(model, rows, args.batch_size)
+        ours, ours_seconds, unique = project_scores(model, rows, args.batch_size, "fp32",
+                                                    Path(scratch) / "fp32")
+        bf16, bf16_seconds, _ = project_scores(model, rows, args.batch_size, "bf16",
+                                               Path(scratch) / "bf16")
+        sweep = {}
+        for size in filter(None, args.batch_sizes.split(",")):
+            _, seconds, _ = project_scores(model, rows, int(size), "fp32", Path(scratch) / size)
+            sweep[size] = round(2 * len(rows) / seconds, 2)
+
+    labelled = 2 * len(rows)
+    result = {
+        "rows": len(rows), "queries": args.queries, "negatives_per_query": NEGATIVES,
+        "pairs_labelled": labelled, "unique_pairs_scored": unique, "batch_size": args.batch_size,
+        "stock_seconds": round(stock_seconds, 2), "stock_pairs_per_s": round(labelled / stock_seconds, 2),
+        "project_seconds": round(ours_seconds, 2), "project_pairs_per_s": round(labelled / ours_seconds, 2),
+        "speedup": round(stock_seconds / ours_seconds, 3),
+        "max_abs_diff_vs_stock": float(np.abs(ours - stock).max()),
+        "bf16_seconds": round(bf16_seconds, 2), "bf16_pairs_per_s": round(labelled / bf16_seconds, 2),
+        "bf16_speedup": round(stock_seconds / bf16_seconds, 3),
+        "bf16_max_abs_dev_vs_fp32": float(np.abs(bf16 - ours).max()),
+        "score_std": float(ours.std()),  # a fresh head: bf16's deviation is best read against this
+        "bf16_max_dev_over_score_std": float(np.abs(bf16 - ours).max() / ours.std()),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+        or "cpu", "threads": torch.get_num_threads(),
+        "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
+    if sweep:
+        result["project_pairs_per_s_by_batch_size"] = sweep
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
