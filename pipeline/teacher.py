@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,8 @@ from pipeline.tracking import stage_record, write_json
 log = logging.getLogger(__name__)
 
 SCORED_FILE = "train_scored.parquet"
-# bench/teacher.py --batch-sizes 16,32,64,128 on a 2-core CPU (MiniLM-L6, SciFact lengths):
-# 22.7, 20.1, 17.2, 13.9 pairs/s; small batches waste the least padding and stay in cache
+# bench/teacher.py --batch-sizes on a 2-core CPU (MiniLM-L6, SciFact lengths): 8 to 32 score alike
+# (17-24 pairs/s, run-to-run noise included), 64 and 128 slower (13.9-17.2)
 CPU_BATCH_SIZE = 16
 GPU_MAX_BATCH_SIZE = 1024
 
@@ -127,6 +128,7 @@ class CrossEncoderTeacher:
         if self.bf16 and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             log.warning("teacher.precision bf16 on a CPU without native bf16: expect it to be slower")
 
+    @cached_property
     def identity(self) -> dict:
         """What the scores depend on: a local folder by the sha256 of its weights, a Hub id by revision."""
         if Path(self.cfg.model).is_dir():
@@ -195,7 +197,7 @@ class ShardPlan:
         self.folder, self.pairs = folder, pairs
         folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = teacher.cfg.shard_size
-        key = {"pairs": snapshot.frame_digest(pairs), "teacher": teacher.identity(),
+        key = {"pairs": snapshot.frame_digest(pairs), "teacher": teacher.identity,
                "bf16": teacher.bf16, "batch_size": teacher.cfg.batch_size,
                "shard_size": self.shard_size, "max_length": teacher.model.max_seq_length}
         self.key = key
@@ -238,8 +240,8 @@ class ShardPlan:
         return scores
 
     def remove_stale(self) -> None:
-        for path in self.folder.iterdir():
-            if not path.name.startswith(self.digest):
+        for path in self.folder.iterdir():  # other plans' shards, and files of killed writes
+            if not path.name.startswith(self.digest) or path.suffix.startswith(".tmp"):
                 path.unlink()
 
 
@@ -294,6 +296,8 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
     rank, world_size, device = distributed_rank()
     shards_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
+        if cfg.kind != "cross-encoder" or params.snapshot.train.kind == "scored":
+            return {}  # nothing worth sharing out
         pairs, _ = unique_pairs(read_snapshot(params, snapshot_dir))
         teacher = CrossEncoderTeacher(cfg, device)
         return score_shards(teacher, ShardPlan(shards_dir, pairs, teacher), rank, world_size)
@@ -321,7 +325,7 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
                 wait_for_shards(plan)
                 scores = plan.merged()
                 plan.remove_stale()
-                record["facts"]["teacher"] = {**teacher.identity(), "bf16": teacher.bf16,
+                record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
                                               "shard_digest": plan.digest}
             doc_scores = scores.astype(np.float64)[pair_index]
             train = labelled(train, doc_scores)
