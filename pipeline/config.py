@@ -20,6 +20,7 @@ TEACHER_DIR = Path("data/teacher")
 TEACHER_SHARDS_DIR = Path("data/teacher_shards")  # kept across runs: a crashed run resumes from it
 BASE_MODEL_DIR = Path("models/base")
 STUDENT_DIR = Path("models/student")
+CHECKPOINTS_DIR = Path("models/checkpoints")  # kept across runs: a crashed training resumes from it
 EVAL_METRICS = Path("metrics/eval.json")
 TRAIN_LOSS = Path("metrics/train_loss.csv")
 CARD_DIR = Path("build/card")
@@ -133,6 +134,8 @@ class TrainConfig(Section):
     # "synthetic" (a tiny student built from config) or a *ForMaskedLM folder / Hub id
     base_model: str = "synthetic"
     student: StudentConfig = StudentConfig()
+    # margin-mse: MSE on the teacher's margins; kl-div: KL divergence to the teacher's score lists
+    loss: Literal["margin-mse", "kl-div"] = "margin-mse"
     max_seq_length: PositiveInt = 32
     epochs: PositiveFloat = 8
     batch_size: PositiveInt = 32
@@ -140,6 +143,13 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     query_regularizer_weight: float = Field(5e-4, ge=0)
     document_regularizer_weight: float = Field(3e-4, ge=0)
+    # the FLOPS weights grow quadratically from 0 over this share of the steps (SPLADE's warm-up)
+    regularizer_warmup_ratio: float = Field(1 / 3, ge=0, le=1)
+    max_active_dims: PositiveInt | None = None  # keep only the top-k dimensions of each vector
+    # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: PositiveInt = 500  # checkpoint every N steps; a rerun resumes from the latest
     logging_steps: PositiveInt = 1
     seed: int = 0
 

@@ -14,7 +14,7 @@ from pipeline import push, snapshot
 from pipeline.cli import stage_main
 from pipeline.config import (CARD_DIR, EVAL_METRICS, RECORDS_DIR, SNAPSHOT_DIR, TRAIN_LOSS,
                              VALIDATION_REPORT, Params)
-from pipeline.tracking import load_records, log_pipeline_run, write_json
+from pipeline.tracking import load_records, log_pipeline_run, step_metrics, write_json
 
 STAGES = ["snapshot", "validate", "teacher", "train", "evaluate", "card", "push"]
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
@@ -44,8 +44,9 @@ def run(params: Params) -> dict:
             "mlflow.runName": f"{params.card.model_name} @ {revision}"}
     # which teacher produced the labels: a folder's weights sha256 or a Hub id's revision
     tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
-    run_id = log_pipeline_run(records, records["train"]["facts"]["loss_curve"], artifacts,
-                              params.tracking, tags, [(training_dataset(params), "training")])
+    steps = step_metrics(records["train"]["facts"]["log_history"])
+    run_id = log_pipeline_run(records, steps, artifacts, params.tracking, tags,
+                              [(training_dataset(params), "training")])
     out = {"run_id": run_id, "experiment": params.tracking.experiment,
            "tracking_uri": params.tracking.tracking_uri}
     write_json(RUN_FILE, out)

@@ -108,11 +108,22 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
     return experiment.experiment_id
 
 
-def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts: list[Path],
+def step_metrics(log_history: list[dict], prefix: str = "train_") -> list[tuple[str, float, int]]:
+    """(name, value, step) for every number the trainer logged during training (loss, its parts,
+    learning rate, grad norm, ...); the end-of-training summary carries no per-step value."""
+    return [(prefix + key, float(value), entry["step"])
+            for entry in log_history if "train_runtime" not in entry
+            for key, value in entry.items()
+            if key not in {"step", "epoch"} and isinstance(value, (int, float)) and math.isfinite(value)]
+
+
+def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float, int]],
+                     artifacts: list[Path],
                      tracking: TrackingConfig, tags: dict[str, str],
                      datasets: list[tuple[Any, str]] = ()) -> str:
     """One MLflow run holding every stage's params, metrics, emissions and the given artifacts;
-    `datasets` are (mlflow.data dataset, context) pairs logged as the run's inputs."""
+    `step_logs` are (name, value, step) series; `datasets` are (mlflow.data dataset, context) pairs
+    logged as the run's inputs."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -136,7 +147,7 @@ def log_pipeline_run(records: dict[str, dict], loss_curve: list[dict], artifacts
 
         # one request per 1000 points (MLflow's batch limit), not one per training step
         now = int(time.time() * 1000)
-        points = [Metric("train_loss", p["loss"], now, p["step"]) for p in loss_curve]
+        points = [Metric(name, value, now, step) for name, value, step in step_logs]
         for start in range(0, len(points), 1000):
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=points[start:start + 1000])
 

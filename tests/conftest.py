@@ -36,7 +36,7 @@ def shrink(params: Params, **train_overrides) -> Params:
     """The quickstart params made tiny: a smaller world, a few training steps."""
     data = params.model_dump(by_alias=True)
     data["snapshot"]["synthetic"].update(topics=8, train_queries_per_topic=6, docs_per_topic=3)
-    data["train"].update(epochs=1, batch_size=16, **train_overrides)
+    data["train"].update({"epochs": 1, "batch_size": 16, **train_overrides})
     data["train"]["student"].update(vocab_size=500, hidden_size=32)
     return Params.model_validate(data)
 

@@ -30,8 +30,10 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
 
     # the loss curve at step resolution
     steps = json.loads((RECORDS_DIR / "train.json").read_text())["metrics"]["steps"]
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
-    assert [m.step for m in history] == list(range(1, steps + 1))
+    for name in ("train_loss", "train_base_loss", "train_document_regularizer_loss",
+                 "train_learning_rate", "train_grad_norm"):  # every trainer log, at its step
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == list(range(1, steps + 1)), name
 
     # eval metrics, named without '@', equal to the metrics file
     expected = json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"]
