@@ -28,35 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PROJECT = Path(__file__).resolve().parents[1]
+from scifact import PROJECT, SHARED, hard_negative_rows  # noqa: E402  (bench/ is on sys.path)
+
 sys.path.insert(0, str(PROJECT))
-SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
 NEGATIVES = 4
-
-
-def hard_negative_rows(queries: int) -> pd.DataFrame:
-    """Triplet rows from SciFact train: each query's first positive and its top BM25 non-positives."""
-    import bm25s
-
-    folder = SHARED / "data/beir/scifact"
-    corpus = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
-    texts = [f"{d['title']} {d['text']}" for d in corpus]
-    position = {d["_id"]: i for i, d in enumerate(corpus)}
-    query_text = {q["_id"]: q["text"] for q in map(json.loads, (folder / "queries.jsonl").open())}
-    qrels = pd.read_csv(folder / "qrels/train.tsv", sep="\t", dtype=str)
-    relevant = qrels.groupby("query-id")["corpus-id"].apply(set)
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-
-    rows = []
-    for query_id in list(relevant.index)[:queries]:
-        query = query_text[query_id]
-        positives = sorted(relevant[query_id])
-        hits, _ = retriever.retrieve(bm25s.tokenize(query, stopwords="en", show_progress=False),
-                                     k=NEGATIVES + len(positives), show_progress=False)
-        negatives = [i for i in hits[0] if corpus[i]["_id"] not in relevant[query_id]][:NEGATIVES]
-        rows += [(query, texts[position[positives[0]]], texts[i]) for i in negatives]
-    return pd.DataFrame(rows, columns=["query", "positive", "negative"])
 
 
 def minilm_cross_encoder(folder: Path) -> Path:
@@ -114,7 +89,7 @@ def main() -> None:
                         help="also time the project's fp32 scoring at each of these batch sizes")
     args = parser.parse_args()
 
-    rows = hard_negative_rows(args.queries)
+    rows = hard_negative_rows(args.queries, NEGATIVES)[["query", "positive", "negative"]]
     with tempfile.TemporaryDirectory() as scratch:
         model = minilm_cross_encoder(Path(scratch) / "cross-encoder")
         stock, stock_seconds = stock_scores(model, rows, args.batch_size)

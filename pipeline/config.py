@@ -9,7 +9,7 @@ from typing import Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator)
+                      field_validator, model_validator)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -127,15 +127,33 @@ class StudentConfig(Section):
     hidden_size: PositiveInt = 128
     layers: PositiveInt = 2
     heads: PositiveInt = 2
+    dropout: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
 
 
+class CSRConfig(Section):
+    """The sparse autoencoder head of a CSR model and the weights of CSRLoss."""
+
+    hidden_dim: PositiveInt = 4096
+    k: PositiveInt = 256  # active dimensions per vector
+    k_aux: PositiveInt = 512
+    beta: float = Field(0.1, ge=0)  # weight of the auxiliary reconstruction loss
+    gamma: float = Field(1.0, ge=0)  # weight of the main (ranking or distillation) loss
+
+
 class TrainConfig(Section):
-    # "synthetic" (a tiny student built from config) or a *ForMaskedLM folder / Hub id
+    # splade: an MLM with SPLADE max pooling; csr: a dense sentence-transformers model with a sparse
+    # autoencoder head (Contrastive Sparse Representation)
+    architecture: Literal["splade", "csr"] = "splade"
+    # splade: "synthetic" (a tiny student built from config) or a *ForMaskedLM folder / Hub id;
+    # csr: a sentence-transformers folder / Hub id
     base_model: str = "synthetic"
+    revision: str | None = None  # required for a Hub id
     student: StudentConfig = StudentConfig()
-    # margin-mse: MSE on the teacher's margins; kl-div: KL divergence to the teacher's score lists
-    loss: Literal["margin-mse", "kl-div"] = "margin-mse"
+    # margin-mse: MSE on the teacher's margins; kl-div: KL divergence to the teacher's score lists;
+    # mnrl: in-batch negatives (contrastive), needs no teacher
+    loss: Literal["margin-mse", "kl-div", "mnrl"] = "margin-mse"
+    csr: CSRConfig = CSRConfig()
     max_seq_length: PositiveInt = 32
     epochs: PositiveFloat = 8
     batch_size: PositiveInt = 32
@@ -149,9 +167,18 @@ class TrainConfig(Section):
     # auto: bf16 autocast on CUDA, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # random; no-duplicates (no text twice in a batch: in-batch negatives stay negative, for mnrl);
+    # length-grouped (rows of similar length together: less padding, faster)
+    batch_sampler: Literal["random", "no-duplicates", "length-grouped"] = "random"
     save_steps: PositiveInt = 500  # checkpoint every N steps; a rerun resumes from the latest
     logging_steps: PositiveInt = 1
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _csr_needs_a_dense_model(self) -> "TrainConfig":
+        if self.architecture == "csr" and self.base_model == "synthetic":
+            raise ValueError("architecture csr needs base_model: a sentence-transformers folder or Hub id")
+        return self
 
 
 class EvaluateConfig(Section):

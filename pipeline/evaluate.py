@@ -32,6 +32,8 @@ def evaluate_model(model_dir: Path, data: RetrievalSet, train: pd.DataFrame,
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()},
         batch_size=batch_size, write_csv=False, show_progress_bar=True)
     metrics = {k: float(v) for k, v in retrieval(model).items()}
+    if "negative" not in train:  # pairs: no triplets to check
+        return metrics
     triplets = SparseTripletEvaluator(
         train["query"].tolist(), train["positive"].tolist(), train["negative"].tolist(),
         similarity_fn_names=["dot"], batch_size=batch_size, write_csv=False)

@@ -3,7 +3,8 @@
 Writes data/teacher/train_scored.parquet: the snapshot's rows (query, positive, negative[, negative_N])
 plus one `<column>_score` per document column, `scores` ([positive, negatives...], for KL-div) and
 `label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
-A snapshot of kind `scored` already carries its teacher's margins: the stage passes them through.
+A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
+negatives to score (it trains contrastively): the stage passes either through unchanged.
 
 Teachers:
 - cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
@@ -283,10 +284,7 @@ def distributed_rank() -> tuple[int, int, str | None]:
     return rank, world_size, device
 
 
-def read_snapshot(params: Params, snapshot_dir: Path) -> pd.DataFrame:
-    if params.snapshot.train.kind == "pairs":
-        raise StageError("the teacher scores rows with negatives (kind triplets); the snapshot holds "
-                         "'pairs' (set snapshot.train.kind, or give rows with a negative column)")
+def read_snapshot(snapshot_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE)
 
 
@@ -296,15 +294,18 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
     rank, world_size, device = distributed_rank()
     shards_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
-        if cfg.kind != "cross-encoder" or params.snapshot.train.kind == "scored":
+        if cfg.kind != "cross-encoder" or params.snapshot.train.kind != "triplets":
             return {}  # nothing worth sharing out
-        pairs, _ = unique_pairs(read_snapshot(params, snapshot_dir))
+        pairs, _ = unique_pairs(read_snapshot(snapshot_dir))
         teacher = CrossEncoderTeacher(cfg, device)
         return score_shards(teacher, ShardPlan(shards_dir, pairs, teacher), rank, world_size)
 
     with stage_record("teacher", cfg, params.tracking) as record:
-        train = read_snapshot(params, snapshot_dir)
-        if params.snapshot.train.kind == "scored":
+        train = read_snapshot(snapshot_dir)
+        if params.snapshot.train.kind == "pairs":  # contrastive training (mnrl) needs no labels
+            record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
+            record["metrics"] = {"rows": len(train), "pairs_scored": 0}
+        elif params.snapshot.train.kind == "scored":
             train["label"] = train["score"]
             record["facts"]["teacher"] = {"skipped": "the snapshot carries teacher scores"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}

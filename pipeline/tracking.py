@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,7 +76,8 @@ def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
     for name, value in record["metrics"].items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"stage {stage}: metric {name!r} is not a finite number: {value!r}")
-    write_json(record_path(stage, records_dir), record)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one record: rank 0's
+        write_json(record_path(stage, records_dir), record)
     log.info("%s finished in %.1f s (%.3g kWh)", stage, record["seconds"], record["energy_kwh"])
 
 

@@ -17,11 +17,16 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSampler
+from sentence_transformers.sparse_encoder.losses import FlopsLoss
 
 from pipeline import snapshot, teacher
 from pipeline.cli import StageError, stage_main
@@ -61,7 +66,6 @@ def wordpiece_vocabulary(texts: list[str], size: int) -> list[str]:
 
 def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
     """A randomly initialised BertForMaskedLM with a WordPiece vocabulary learnt from `texts`."""
-    import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)
@@ -71,39 +75,61 @@ def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: in
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                         intermediate_size=4 * cfg.hidden_size,
+                        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                         max_position_embeddings=max(64, max_seq_length))
     BertForMaskedLM(config).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
 
-def splade_encoder(mlm_path: str, max_seq_length: int):
+def hub_kwargs(revision: str | None) -> dict:
+    return {"revision": revision} if revision else {}
+
+
+def splade_encoder(mlm_path: str, max_seq_length: int, revision: str | None = None):
     """SPLADE = MLM logits, log1p(relu), max over tokens."""
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
 
-    transformer = Transformer(mlm_path, transformer_task="fill-mask", max_seq_length=max_seq_length)
+    pinned = hub_kwargs(revision)
+    transformer = Transformer(mlm_path, transformer_task="fill-mask", max_seq_length=max_seq_length,
+                              model_kwargs=pinned, processor_kwargs=pinned, config_kwargs=pinned)
     vocab_size = transformer.auto_model.config.vocab_size
     # without the dimension SpladePooling reports the hidden size until saved and reloaded
     return SparseEncoder(modules=[transformer, SpladePooling("max", embedding_dimension=vocab_size)])
 
 
+def csr_encoder(dense_path: str, cfg: TrainConfig):
+    """CSR = a dense sentence-transformers model and a top-k sparse autoencoder on its embedding."""
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+
+    dense = SentenceTransformer(dense_path, **hub_kwargs(cfg.revision))
+    dense.max_seq_length = cfg.max_seq_length
+    torch.manual_seed(cfg.seed)  # the autoencoder's initial weights
+    head = SparseAutoEncoder(dense.get_embedding_dimension(), hidden_dim=cfg.csr.hidden_dim,
+                             k=cfg.csr.k, k_aux=cfg.csr.k_aux)
+    return SparseEncoder(modules=[*dense, head])
+
+
 def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
+    if cfg.base_model != "synthetic" and not Path(cfg.base_model).is_dir() and not cfg.revision:
+        raise StageError(f"train.base_model {cfg.base_model!r} is a Hub id: pin it with "
+                         "train.revision (a commit hash)")
+    if cfg.architecture == "csr":
+        return csr_encoder(cfg.base_model, cfg)
     if cfg.base_model != "synthetic":
-        return splade_encoder(cfg.base_model, cfg.max_seq_length)
-    texts = list(dict.fromkeys(train["query"].tolist() + train["positive"].tolist()
-                               + train["negative"].tolist()))
+        return splade_encoder(cfg.base_model, cfg.max_seq_length, cfg.revision)
+    texts = list(dict.fromkeys(v for c in snapshot.text_columns(train) for v in train[c].tolist()))
     build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
     return splade_encoder(str(scratch), cfg.max_seq_length)
 
 
-def write_loss_curve(log_history: list[dict], path: Path) -> list[dict]:
-    curve = [{"step": e["step"], "loss": float(e["loss"])} for e in log_history if "loss" in e]
+def write_loss_curve(curve: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "loss"])
         writer.writeheader()
         writer.writerows(curve)
-    return curve
 
 
 def checkpoint_folder(cfg: TrainConfig, scored_file: Path) -> Path:
@@ -121,28 +147,115 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def distillation_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
-    from sentence_transformers.sparse_encoder.losses import (SparseDistillKLDivLoss,
-                                                             SparseMarginMSELoss, SpladeLoss)
+class GlobalBatchFlopsLoss(FlopsLoss):
+    """FLOPS over the whole batch across processes: under DDP each process sees only its share of
+    the batch, and FLOPS (the squared mean activation per dimension) is not linear in the batch, so
+    per-process FLOPS would change what a regulariser weight means. The mean is all-reduced (with
+    gradient), which gives DDP exactly the single-process loss and gradient; on one process it is
+    sentence-transformers' FlopsLoss. (No active-dims threshold: the pipeline sets none.)"""
 
-    if cfg.loss == "kl-div":
-        if "scores" not in scored:
-            raise StageError("train.loss kl-div needs the teacher's score lists; this snapshot "
-                             "carries margins only (kind scored): use margin-mse")
-        inner, label = SparseDistillKLDivLoss(model), "scores"
-    else:
-        inner, label = SparseMarginMSELoss(model), "label"
-    loss = SpladeLoss(model, loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,
-                      document_regularizer_weight=cfg.document_regularizer_weight)
-    return loss, label
+    def compute_loss_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().compute_loss_from_embeddings(embeddings)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.tensor([len(embeddings)], dtype=embeddings.dtype, device=embeddings.device)
+        dist.all_reduce(count)
+        return torch.sum((all_reduce(embeddings.sum(dim=0)) / count) ** 2)
 
 
-def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
-    import torch
-    from datasets import Dataset
+def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
+    """The loss and the label column it trains on (None for mnrl): the main loss inside SpladeLoss
+    (with FLOPS regularisation) or CSRLoss (with the autoencoder's reconstruction losses)."""
+    from sentence_transformers.sparse_encoder.losses import (CSRLoss, SparseDistillKLDivLoss,
+                                                             SparseMarginMSELoss,
+                                                             SparseMultipleNegativesRankingLoss,
+                                                             SpladeLoss)
+
+    label = {"margin-mse": "label", "kl-div": "scores", "mnrl": None}[cfg.loss]
+    if label and label not in scored:
+        raise StageError(f"train.loss {cfg.loss} needs the teacher's "
+                         f"{'margins' if label == 'label' else 'score lists'} ({label!r}), which "
+                         f"these rows lack (pairs have no teacher scores; kind scored carries margins "
+                         "only): use loss mnrl, or margin-mse")
+    inner = {"margin-mse": SparseMarginMSELoss, "kl-div": SparseDistillKLDivLoss,
+             "mnrl": SparseMultipleNegativesRankingLoss}[cfg.loss](model)
+    if cfg.architecture == "csr":
+        return CSRLoss(model, loss=inner, beta=cfg.csr.beta, gamma=cfg.csr.gamma), label
+    return SpladeLoss(model, loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,
+                      document_regularizer_weight=cfg.document_regularizer_weight,
+                      query_regularizer=GlobalBatchFlopsLoss(model),
+                      document_regularizer=GlobalBatchFlopsLoss(model)), label
+
+
+class LengthGroupedBatchSampler(DefaultBatchSampler):
+    """Batches of rows of similar text length (less padding), built as transformers'
+    LengthGroupedSampler does: shuffle, sort by length within windows of 50 batches, cut, shuffle
+    the batches. Deterministic per (seed, epoch), so a resumed run sees the same batches."""
+
+    window_batches = 50
+
+    def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
+        super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        texts = [c for c in dataset.column_names if c not in (valid_label_columns or [])]
+        self.lengths = sum(np.fromiter(map(len, dataset[c]), dtype=np.int64, count=len(dataset))
+                           for c in texts)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        window = self.batch_size * self.window_batches
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i].tolist()
+
+    def __len__(self):
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (0 if self.drop_last or not rest else 1)
+
+
+def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path):
+    """The SparseEncoderTrainer this project trains with (the benchmark uses it too)."""
     from sentence_transformers import SparseEncoderTrainer, SparseEncoderTrainingArguments
     from sentence_transformers.sparse_encoder.callbacks.splade_callbacks import \
         SpladeRegularizerWeightSchedulerCallback
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    args = SparseEncoderTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio in transformers 5
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # transformers allows bf16 on CPU only when told
+        activation_checkpointing=cfg.gradient_checkpointing,
+        batch_sampler={"random": BatchSamplers.BATCH_SAMPLER, "no-duplicates": BatchSamplers.NO_DUPLICATES,
+                       "length-grouped": LengthGroupedBatchSampler}[cfg.batch_sampler],
+        report_to=[],  # the track stage writes MLflow; no online codecarbon probes
+    )
+    callbacks = [SpladeRegularizerWeightSchedulerCallback(loss, "quadratic", cfg.regularizer_warmup_ratio)
+                 ] if cfg.architecture == "splade" else []
+    return SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                callbacks=callbacks)
+
+
+def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
+    from datasets import Dataset
 
     cfg = params.train
     with stage_record("train", cfg, params.tracking) as record, \
@@ -151,46 +264,34 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
         scored = pd.read_parquet(scored_file)
         model = initial_model(cfg, scored, Path(scratch) / "mlm")
         model.max_active_dims = cfg.max_active_dims
-        for folder in (BASE_MODEL_DIR, STUDENT_DIR):
-            shutil.rmtree(folder, ignore_errors=True)
-        model.save_pretrained(str(BASE_MODEL_DIR))
+        main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes
+        if main_process:
+            for folder in (BASE_MODEL_DIR, STUDENT_DIR):
+                shutil.rmtree(folder, ignore_errors=True)
+            model.save_pretrained(str(BASE_MODEL_DIR))
 
-        loss, label = distillation_loss(cfg, model, scored)
-        dataset = Dataset.from_pandas(scored[snapshot.text_columns(scored) + [label]]
-                                      .rename(columns={label: "label"}), preserve_index=False)
+        loss, label = training_loss(cfg, model, scored)
+        columns = snapshot.text_columns(scored) + ([label] if label else [])
+        dataset = Dataset.from_pandas(scored[columns].rename(columns={"scores": "label"}),
+                                      preserve_index=False)
         checkpoints = checkpoint_folder(cfg, scored_file)
         CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
-        for stale in CHECKPOINTS_DIR.glob("*"):  # other trainings' checkpoints
+        for stale in CHECKPOINTS_DIR.glob("*") if main_process else []:  # other trainings'
             if stale != checkpoints:
                 shutil.rmtree(stale)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-        args = SparseEncoderTrainingArguments(
-            output_dir=str(checkpoints),
-            num_train_epochs=cfg.epochs,
-            per_device_train_batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio in transformers 5
-            logging_steps=cfg.logging_steps,
-            save_strategy="steps",
-            save_steps=cfg.save_steps,
-            save_total_limit=2,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=bf16,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            report_to=[],  # the track stage writes MLflow; no online codecarbon probes
-        )
-        warmup = SpladeRegularizerWeightSchedulerCallback(loss, "quadratic", cfg.regularizer_warmup_ratio)
-        trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                       callbacks=[warmup])
+        trainer = build_trainer(cfg, model, dataset, loss, checkpoints)
         resume = latest_checkpoint(checkpoints) if checkpoints.exists() else None
         if resume:
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        model.save_pretrained(str(STUDENT_DIR))
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the student is saved: nothing to resume
+        if main_process:
+            model.save_pretrained(str(STUDENT_DIR))
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the student is saved: nothing to resume
 
-        curve = write_loss_curve(trainer.state.log_history, TRAIN_LOSS)
+        curve = [{"step": e["step"], "loss": float(e["loss"])} for e in trainer.state.log_history
+                 if "loss" in e]
+        if main_process:
+            write_loss_curve(curve, TRAIN_LOSS)
         record["metrics"] = {
             "steps": trainer.state.global_step,
             "train_loss": float(result.training_loss),

@@ -5,12 +5,15 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
+import pytest
+import torch
 import yaml
 from sentence_transformers import SparseEncoder
 from transformers import BertTokenizerFast
 
 from pipeline import snapshot, teacher, train, validate
-from pipeline.config import CHECKPOINTS_DIR, RECORDS_DIR, STUDENT_DIR, Params, StudentConfig
+from pipeline.config import BASE_MODEL_DIR, CHECKPOINTS_DIR, RECORDS_DIR, STUDENT_DIR, Params, StudentConfig
 from pipeline.train import SPECIAL_TOKENS, build_synthetic_mlm, wordpiece_vocabulary
 
 
@@ -85,3 +88,96 @@ def test_kill_mid_training_then_rerun_resumes_from_the_last_checkpoint(workdir, 
     assert not checkpoint_steps(workdir)  # finished: nothing left to resume
     model = SparseEncoder(str(workdir / STUDENT_DIR))
     assert model.encode_document(["a document"]).shape[-1] == model.get_embedding_dimension()
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_model(tmp_path_factory, shared):
+    """A dense sentence-transformers model built from config: BERT (1 layer, hidden 32) + mean pooling."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("models")
+    tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder / "bert")
+    tokenizer.save_pretrained(folder / "bert")
+    transformer = Transformer(str(folder / "bert"), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")])
+    model.save_pretrained(str(folder / "dense"))
+    return folder / "dense"
+
+
+def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, shared, tiny_dense_model):
+    toy = pd.read_csv(shared / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,
+                      names=["query", "positive", "negative"])
+    toy[["query", "positive"]].to_json(workdir / "pairs.jsonl", orient="records", lines=True)
+    data = tiny_params.model_dump(by_alias=True)
+    data["snapshot"]["train"].update(source=str(workdir / "pairs.jsonl"), kind="pairs")
+    data["train"].update(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl",
+                         batch_sampler="no-duplicates", epochs=2, learning_rate=1e-3,
+                         csr={"hidden_dim": 128, "k": 8, "k_aux": 16, "beta": 0.1, "gamma": 1.0})
+    params = Params.model_validate(data)
+    for stage in (snapshot, validate, teacher):
+        stage.run(params)
+    assert json.loads((RECORDS_DIR / "teacher.json").read_text())["metrics"]["pairs_scored"] == 0
+    metrics = train.run(params)
+    assert metrics["steps"] == 2 * -(-100 // 16)
+
+    model = SparseEncoder(str(STUDENT_DIR))
+    embeddings = model.encode_document(toy["positive"].head(5).tolist(), convert_to_tensor=True).to_dense()
+    assert embeddings.shape == (5, 128)
+    assert ((embeddings != 0).sum(1) <= 8).all()  # top-k: at most k active dimensions
+    # the contrastive loss fell: in-batch negatives were told apart better at the end
+    history = json.loads((RECORDS_DIR / "train.json").read_text())["facts"]["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_length_grouped_batches_cover_every_row_once_with_little_padding():
+    from datasets import Dataset
+
+    rng = np.random.default_rng(0)
+    texts = ["w " * int(n) for n in rng.integers(1, 200, size=1000)]
+    dataset = Dataset.from_dict({"query": texts, "label": [0.0] * 1000})
+    sampler = train.LengthGroupedBatchSampler(dataset, batch_size=16, drop_last=False,
+                                              valid_label_columns=["label"], seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 63
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    lengths = np.array([len(t) for t in texts])
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    random_padded = sum(lengths[b].max() * len(b) for b in np.array_split(rng.permutation(1000), 63))
+    assert padded < 0.7 * random_padded
+    assert batches == list(sampler)  # the same batches for the same epoch: resumable
+    sampler.set_epoch(1)
+    assert batches != list(sampler)
+
+
+def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params):
+    """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
+    model, because FLOPS is taken over the whole batch (per-process FLOPS would differ). Dropout is
+    off so that the only difference is how the batch is split; the regulariser weights are large so
+    that FLOPS shapes the result."""
+    student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
+    weights = {"query_regularizer_weight": 0.5, "document_regularizer_weight": 0.3,
+               "regularizer_warmup_ratio": 0.0, "epochs": 3, "student": student}
+    one = prepared(tiny_params, batch_size=32, **weights)
+    train.run(one)
+    single = SparseEncoder(str(STUDENT_DIR))
+
+    data = one.model_dump(by_alias=True)
+    data["train"]["batch_size"] = 16  # per process
+    (workdir / "params.yaml").write_text(yaml.safe_dump(data))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "-m", "pipeline.train", "--params", "params.yaml"],
+                         cwd=workdir, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    record = json.loads((RECORDS_DIR / "train.json").read_text())
+    assert record["metrics"]["steps"] == 3 * -(-record["facts"]["training_rows"] // 32)
+    distributed = SparseEncoder(str(STUDENT_DIR))
+    base = SparseEncoder(str(BASE_MODEL_DIR))
+    for (name, a), b, start in zip(single.named_parameters(), distributed.parameters(), base.parameters()):
+        moved = (a - start).abs().max()
+        assert (a - b).abs().max() <= 1e-3 * moved + 1e-6, name
