@@ -185,6 +185,8 @@ class EvaluateConfig(Section):
     batch_size: PositiveInt = 64
     # training triplets checked for "positive ranked above negative" (the first N; all if fewer)
     max_train_triplets: PositiveInt = 5000
+    # also score the student keeping only its top-k dimensions, for each k (CSR cards report 4...256)
+    max_active_dims: list[PositiveInt] = []
 
 
 class CardConfig(Section):

@@ -68,3 +68,23 @@ def make_project_copy(dest: Path) -> Path:
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
     subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_model(tmp_path_factory, shared):
+    """A dense sentence-transformers model built from config: BERT (1 layer, hidden 32) + mean pooling."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("dense")
+    tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder / "bert")
+    tokenizer.save_pretrained(folder / "bert")
+    transformer = Transformer(str(folder / "bert"), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")])
+    model.save_pretrained(str(folder / "dense"))
+    return folder / "dense"

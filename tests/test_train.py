@@ -90,25 +90,6 @@ def test_kill_mid_training_then_rerun_resumes_from_the_last_checkpoint(workdir, 
     assert model.encode_document(["a document"]).shape[-1] == model.get_embedding_dimension()
 
 
-@pytest.fixture(scope="module")
-def tiny_dense_model(tmp_path_factory, shared):
-    """A dense sentence-transformers model built from config: BERT (1 layer, hidden 32) + mean pooling."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("models")
-    tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder / "bert")
-    tokenizer.save_pretrained(folder / "bert")
-    transformer = Transformer(str(folder / "bert"), max_seq_length=64)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")])
-    model.save_pretrained(str(folder / "dense"))
-    return folder / "dense"
-
-
 def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, shared, tiny_dense_model):
     toy = pd.read_csv(shared / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,
                       names=["query", "positive", "negative"])
