@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import card, evaluate, push, snapshot, teacher, track, train, validate
-from pipeline.config import EVAL_METRICS, Params, load_params
+from pipeline.config import EVAL_METRICS, STUDENT_DIR, Params, load_params
 from pipeline.sources import RetrievalSet, read_retrieval_set, write_beir
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -46,3 +46,15 @@ def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_
         assert values["query_active_dims"] <= int(k) and values["corpus_active_dims"] <= int(k)
         assert 0 <= values["dot_ndcg@10"] <= 1
     assert metrics["student"]["corpus_active_dims"] <= 64  # the autoencoder's k
+
+    # the sweep encodes once and truncates; sentence-transformers' evaluator re-encodes at each k
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+
+    data = read_retrieval_set(workdir / "scifact-small", "test")
+    stock = SparseInformationRetrievalEvaluator(
+        data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()}, max_active_dims=16,
+        write_csv=False)(SparseEncoder(str(STUDENT_DIR)))
+    for name in ("dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "query_active_dims",
+                 "corpus_active_dims"):
+        assert abs(sweep["16"][name] - stock[name]) < 1e-4, name
