@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import card, evaluate, push, snapshot, teacher, track, train, validate
 from pipeline.config import EVAL_METRICS, STUDENT_DIR, Params, load_params
@@ -12,8 +13,17 @@ RECIPES = sorted((PROJECT / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
-def test_recipe_validates_against_the_params_schema(recipe):
+def test_recipe_validates_and_names_every_param_dvc_tracks(recipe):
+    """`cp recipes/X.yaml params.yaml && dvc repro` needs each key dvc.yaml lists to be in the file."""
     load_params(recipe)
+    raw = yaml.safe_load(recipe.read_text())
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            value = raw
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"{recipe.name} lacks {key}"
+                value = value[part]
 
 
 def small_scifact_test(shared, folder, queries: int = 20, extra_docs: int = 300):
