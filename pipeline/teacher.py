@@ -36,6 +36,7 @@ from pipeline import snapshot
 from pipeline.cli import StageError, stage_main
 from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig
 from pipeline.metrics import ranking_metrics
+from pipeline.runtime import process_rank, update_with_file, use_bf16
 from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
@@ -125,7 +126,7 @@ class CrossEncoderTeacher:
             raise StageError(f"teacher {cfg.model} has {self.model.num_labels} labels; distillation "
                              "needs a cross-encoder with one relevance logit (num_labels=1)")
         device_type = self.model.device.type
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device_type == "cuda")
+        self.bf16 = use_bf16(cfg.precision, device_type)
         if self.bf16 and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             log.warning("teacher.precision bf16 on a CPU without native bf16: expect it to be slower")
 
@@ -136,9 +137,7 @@ class CrossEncoderTeacher:
             digest = hashlib.sha256()
             for path in sorted(Path(self.cfg.model).rglob("*")):
                 if path.suffix in {".safetensors", ".bin"}:
-                    with path.open("rb") as handle:
-                        for block in iter(lambda: handle.read(1 << 24), b""):
-                            digest.update(block)
+                    update_with_file(digest, path)
             return {"model": self.cfg.model, "weights_sha256": digest.hexdigest()}
         return {"model": self.cfg.model, "revision": self.cfg.revision}
 
@@ -279,7 +278,7 @@ def distributed_rank() -> tuple[int, int, str | None]:
     """(rank, world size, device) from torchrun's environment; one process by default."""
     import torch
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = process_rank()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
     return rank, world_size, device
 

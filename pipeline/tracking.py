@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from pipeline.config import RECORDS_DIR, TrackingConfig
+from pipeline.runtime import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
     for name, value in record["metrics"].items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"stage {stage}: metric {name!r} is not a finite number: {value!r}")
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one record: rank 0's
+    if is_main_process():  # under torchrun, one record: rank 0's
         write_json(record_path(stage, records_dir), record)
     log.info("%s finished in %.1f s (%.3g kWh)", stage, record["seconds"], record["energy_kwh"])
 

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ from pipeline import snapshot, teacher
 from pipeline.cli import StageError, stage_main
 from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_DIR, TRAIN_LOSS,
                              Params, StudentConfig, TrainConfig)
+from pipeline.runtime import is_main_process, update_with_file, use_bf16
 from pipeline.tracking import stage_record
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,7 @@ def write_loss_curve(curve: list[dict], path: Path) -> None:
 def checkpoint_folder(cfg: TrainConfig, scored_file: Path) -> Path:
     """Checkpoints of this exact training (params and labels), so a rerun never resumes a different one."""
     digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    with scored_file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
+    update_with_file(digest, scored_file)
     return CHECKPOINTS_DIR / digest.hexdigest()[:16]
 
 
@@ -228,7 +226,7 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path):
     from sentence_transformers.sparse_encoder.callbacks.splade_callbacks import \
         SpladeRegularizerWeightSchedulerCallback
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    bf16 = use_bf16(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
     args = SparseEncoderTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
@@ -264,7 +262,7 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
         scored = pd.read_parquet(scored_file)
         model = initial_model(cfg, scored, Path(scratch) / "mlm")
         model.max_active_dims = cfg.max_active_dims
-        main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes
+        main_process = is_main_process()
         if main_process:
             for folder in (BASE_MODEL_DIR, STUDENT_DIR):
                 shutil.rmtree(folder, ignore_errors=True)

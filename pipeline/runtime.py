@@ -1,0 +1,30 @@
+"""What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16,
+and content hashes of large files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment (or set by hand); one process by default."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 writes models and records."""
+    return process_rank()[0] == 0
+
+
+def use_bf16(precision: str, device_type: str) -> bool:
+    """precision auto means bf16 autocast on CUDA and fp32 elsewhere; bf16 and fp32 mean themselves."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
+    """Feed a file into a hash 16 MiB at a time (model weights and label files can be large)."""
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
