@@ -16,8 +16,9 @@ SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
 
 def hard_negative_rows(queries: int, negatives: int = 4) -> pd.DataFrame:
     """(query, positive, negative, positive_bm25, negative_bm25) rows for the first `queries` queries."""
-    import bm25s
+    from pipeline.runtime import import_bm25s
 
+    bm25s = import_bm25s()
     folder = SHARED / "data/beir/scifact"
     corpus = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
     texts = [f"{d['title']} {d['text']}" for d in corpus]

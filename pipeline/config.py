@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -108,8 +108,9 @@ class ValidateConfig(Section):
 
 class TeacherConfig(Section):
     # lexicon-bm25: BM25 over the training documents with queries expanded through the synthetic
-    # lexicon (the quickstart's teacher); cross-encoder: any CrossEncoder folder or Hub id.
-    kind: Literal["lexicon-bm25", "cross-encoder"] = "lexicon-bm25"
+    # lexicon (the quickstart's teacher); cross-encoder: any CrossEncoder folder or Hub id;
+    # bi-encoder: any SentenceTransformer folder or Hub id (its similarity of query and document).
+    kind: Literal["lexicon-bm25", "cross-encoder", "bi-encoder"] = "lexicon-bm25"
     model: str | None = None
     revision: str | None = None  # required for a Hub id
     # pairs per forward pass; "auto": the largest that fits on a GPU, a measured default on CPU
@@ -118,6 +119,18 @@ class TeacherConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # unique (query, document) pairs per shard: the most work a crash can lose
     shard_size: PositiveInt = 50_000
+    # pairs snapshots: mine this many hard negatives per row with the bi-encoder teacher, among the
+    # snapshot's positives, and score them (0: keep pairs for contrastive training)
+    hard_negatives: NonNegativeInt = 0
+    # multiplies the teacher's scores before margins are taken: a bi-encoder's cosine margins are
+    # much narrower than a SPLADE student's dot-product margins (MiniLM vs splade-tiny: 58x)
+    score_scale: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _mining_needs_a_bi_encoder(self) -> "TeacherConfig":
+        if self.hard_negatives and self.kind != "bi-encoder":
+            raise ValueError("hard_negatives needs kind: bi-encoder (it mines with the teacher's embeddings)")
+        return self
 
 
 class StudentConfig(Section):
@@ -218,6 +231,13 @@ class Params(Section):
     card: CardConfig = CardConfig()
     push: PushConfig = PushConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _mining_needs_pairs(self) -> "Params":
+        if self.teacher.hard_negatives and self.snapshot.train.kind != "pairs":
+            raise ValueError("teacher.hard_negatives mines negatives for a pairs snapshot; "
+                             f"snapshot.train.kind is {self.snapshot.train.kind}")
+        return self
 
 
 class ParamsError(ValueError):

@@ -28,3 +28,13 @@ def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
+
+
+def import_bm25s():
+    """bm25s, kept off the GPU: importing it runs a JAX top-k when JAX is installed, and JAX then
+    takes 75% of the GPU's memory for the rest of the process (seen: training beside it ran out of
+    memory on an 80 GB H100)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+
+    return bm25s

@@ -8,6 +8,10 @@ negatives to score (it trains contrastively): the stage passes either through un
 
 Teachers:
 - cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
+- bi-encoder: any SentenceTransformer (likewise), its similarity of query and document embeddings.
+  With teacher.hard_negatives N it also turns a pairs snapshot into (query, positive, N negatives)
+  rows first: the N documents it ranks highest among the snapshot's positives, the query's own
+  positives excepted (sentence-transformers' mine_hard_negatives).
 - lexicon-bm25: the quickstart's teacher; BM25 over the training documents with each query word
   mapped through the synthetic world's synonym lexicon, so it knows what plain term overlap misses.
 
@@ -36,7 +40,7 @@ from pipeline import snapshot
 from pipeline.cli import StageError, stage_main
 from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig
 from pipeline.metrics import ranking_metrics
-from pipeline.runtime import process_rank, update_with_file, use_bf16
+from pipeline.runtime import import_bm25s, process_rank, update_with_file, use_bf16
 from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
@@ -82,8 +86,7 @@ class LexiconBM25:
     """BM25 (bm25s) whose queries are rewritten word by word through a synonym lexicon."""
 
     def __init__(self, documents: list[str], lexicon: dict[str, str]):
-        import bm25s
-
+        bm25s = import_bm25s()
         self.lexicon = lexicon
         self.doc_index = {text: i for i, text in enumerate(documents)}
         self.retriever = bm25s.BM25()
@@ -91,8 +94,7 @@ class LexiconBM25:
                              show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
-        import bm25s
-
+        bm25s = import_bm25s()
         words = bm25s.tokenize(query, stopwords=None, return_ids=False, show_progress=False)[0]
         return self.retriever.get_scores([self.lexicon.get(w, w) for w in words])
 
@@ -106,6 +108,25 @@ class LexiconBM25:
         return out
 
 
+def check_model(cfg: TeacherConfig) -> None:
+    if not cfg.model:
+        raise StageError(f"teacher.kind is {cfg.kind} but teacher.model is not set")
+    if not Path(cfg.model).is_dir() and not cfg.revision:
+        raise StageError(f"teacher.model {cfg.model!r} is a Hub id: pin it with teacher.revision "
+                         "(a commit hash) so the labels can be reproduced")
+
+
+def model_identity(cfg: TeacherConfig) -> dict:
+    """What the scores depend on: a local folder by the sha256 of its weights, a Hub id by revision."""
+    if Path(cfg.model).is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(Path(cfg.model).rglob("*")):
+            if path.suffix in {".safetensors", ".bin"}:
+                update_with_file(digest, path)
+        return {"model": cfg.model, "weights_sha256": digest.hexdigest()}
+    return {"model": cfg.model, "revision": cfg.revision}
+
+
 class CrossEncoderTeacher:
     """The raw logits CrossEncoder.predict(activation_fn=Identity) gives, through the model's own
     preprocess and forward, with batches cut from pairs sorted by token length (least padding)."""
@@ -114,11 +135,7 @@ class CrossEncoderTeacher:
         import torch
         from sentence_transformers import CrossEncoder
 
-        if not cfg.model:
-            raise StageError("teacher.kind is cross-encoder but teacher.model is not set")
-        if not Path(cfg.model).is_dir() and not cfg.revision:
-            raise StageError(f"teacher.model {cfg.model!r} is a Hub id: pin it with teacher.revision "
-                             "(a commit hash) so the labels can be reproduced")
+        check_model(cfg)
         self.cfg = cfg
         self.model = CrossEncoder(cfg.model, revision=cfg.revision, device=device)
         self.model.eval()
@@ -132,14 +149,7 @@ class CrossEncoderTeacher:
 
     @cached_property
     def identity(self) -> dict:
-        """What the scores depend on: a local folder by the sha256 of its weights, a Hub id by revision."""
-        if Path(self.cfg.model).is_dir():
-            digest = hashlib.sha256()
-            for path in sorted(Path(self.cfg.model).rglob("*")):
-                if path.suffix in {".safetensors", ".bin"}:
-                    update_with_file(digest, path)
-            return {"model": self.cfg.model, "weights_sha256": digest.hexdigest()}
-        return {"model": self.cfg.model, "revision": self.cfg.revision}
+        return model_identity(self.cfg)
 
     def token_lengths(self, pairs: pd.DataFrame) -> np.ndarray:
         encoded = self.model.tokenizer(pairs["query"].tolist(), pairs["document"].tolist(),
@@ -189,11 +199,79 @@ class CrossEncoderTeacher:
         return size
 
 
+class BiEncoderTeacher:
+    """The similarity a SentenceTransformer gives a query and a document (cosine for most). Each
+    unique text of a shard is encoded once (sentence-transformers sorts them by length)."""
+
+    def __init__(self, cfg: TeacherConfig, device: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        check_model(cfg)
+        self.cfg = cfg
+        self.model = SentenceTransformer(cfg.model, revision=cfg.revision, device=device)
+        self.bf16 = use_bf16(cfg.precision, self.model.device.type)
+
+    @cached_property
+    def identity(self) -> dict:
+        return model_identity(self.cfg)
+
+    def encode(self, texts, batch_size: int, query: bool):
+        import torch
+
+        encode = self.model.encode_query if query else self.model.encode_document
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return encode(list(texts), batch_size=batch_size, convert_to_tensor=True).float()
+
+    def score(self, pairs: pd.DataFrame, batch_size: int, progress=None) -> np.ndarray:
+        queries, query_rows = np.unique(pairs["query"].to_numpy(dtype=object), return_inverse=True)
+        documents, document_rows = np.unique(pairs["document"].to_numpy(dtype=object),
+                                             return_inverse=True)
+        scores = self.model.similarity_pairwise(
+            self.encode(queries, batch_size, True)[query_rows],
+            self.encode(documents, batch_size, False)[document_rows])
+        if progress is not None:
+            progress.update(len(pairs))
+        return scores.cpu().numpy().astype(np.float32)
+
+    def auto_batch_size(self, pairs: pd.DataFrame) -> int:
+        # embeddings are small and sentence-transformers sorts by length: a fixed size does
+        return CPU_BATCH_SIZE if self.model.device.type == "cpu" else 256
+
+
+Teacher = CrossEncoderTeacher | BiEncoderTeacher
+MODEL_TEACHERS = {"cross-encoder": CrossEncoderTeacher, "bi-encoder": BiEncoderTeacher}
+
+
+def mine_negatives(train: pd.DataFrame, teacher: BiEncoderTeacher, count: int) -> pd.DataFrame:
+    """(query, positive) rows -> (query, positive, negative, negative_2, ...): for each row the
+    `count` documents the teacher ranks highest among all the snapshot's positives, except the
+    query's own positives (sentence-transformers' mine_hard_negatives)."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    pairs = train[["query", "positive"]].drop_duplicates()
+    mined = mine_hard_negatives(
+        Dataset.from_pandas(pairs, preserve_index=False), teacher.model, num_negatives=count,
+        output_format="n-tuple", batch_size=teacher.auto_batch_size(train), verbose=False,
+    ).to_pandas().rename(columns={"negative_1": "negative"})
+    # mining keeps one row per (query, positive) and drops those with fewer than `count` candidates:
+    # give every snapshot row its negatives back, and say what had none
+    rows = train[["query", "positive"]].merge(mined, on=["query", "positive"], how="inner",
+                                               validate="many_to_one")
+    if rows.empty:
+        raise StageError(f"mining {count} hard negatives left no rows: the snapshot has too few "
+                         "distinct positives; lower teacher.hard_negatives")
+    if len(rows) < len(train):
+        log.warning("%d of %d rows found fewer than %d negatives and were left out",
+                    len(train) - len(rows), len(train), count)
+    return rows
+
+
 class ShardPlan:
     """Unique pairs cut into fixed shards whose file names carry a digest of everything that
     determines their scores, so shards of another snapshot or teacher are never reused."""
 
-    def __init__(self, folder: Path, pairs: pd.DataFrame, teacher: CrossEncoderTeacher):
+    def __init__(self, folder: Path, pairs: pd.DataFrame, teacher: "Teacher"):
         self.folder, self.pairs = folder, pairs
         folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = teacher.cfg.shard_size
@@ -213,7 +291,7 @@ class ShardPlan:
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.path(i).exists()]
 
-    def batch_size(self, teacher: CrossEncoderTeacher) -> int:
+    def batch_size(self, teacher: "Teacher") -> int:
         """The configured size, or the automatic one found once and kept with the plan, so a
         resumed run batches (and so rounds) exactly as the interrupted one did."""
         if teacher.cfg.batch_size != "auto":
@@ -245,7 +323,7 @@ class ShardPlan:
                 path.unlink()
 
 
-def score_shards(teacher: CrossEncoderTeacher, plan: ShardPlan, rank: int, world_size: int) -> dict:
+def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int) -> dict:
     """Score this rank's missing shards; returns what it did."""
     from tqdm.auto import tqdm
 
@@ -293,15 +371,16 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
     rank, world_size, device = distributed_rank()
     shards_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
-        if cfg.kind != "cross-encoder" or params.snapshot.train.kind != "triplets":
-            return {}  # nothing worth sharing out
+        if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
+            return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
         pairs, _ = unique_pairs(read_snapshot(snapshot_dir))
-        teacher = CrossEncoderTeacher(cfg, device)
+        teacher = MODEL_TEACHERS[cfg.kind](cfg, device)
         return score_shards(teacher, ShardPlan(shards_dir, pairs, teacher), rank, world_size)
 
     with stage_record("teacher", cfg, params.tracking) as record:
         train = read_snapshot(snapshot_dir)
-        if params.snapshot.train.kind == "pairs":  # contrastive training (mnrl) needs no labels
+        mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
+        if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled
             record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         elif params.snapshot.train.kind == "scored":
@@ -309,8 +388,12 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
             record["facts"]["teacher"] = {"skipped": "the snapshot carries teacher scores"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         else:
+            teacher = MODEL_TEACHERS[cfg.kind](cfg, device) if cfg.kind in MODEL_TEACHERS else None
+            if mining:
+                train = mine_negatives(train, teacher, cfg.hard_negatives)
+                record["facts"]["mined_negatives"] = cfg.hard_negatives
             pairs, pair_index = unique_pairs(train)
-            if cfg.kind == "lexicon-bm25":
+            if teacher is None:
                 lexicon = read_lexicon(snapshot_dir)
                 started = time.perf_counter()
                 scores = LexiconBM25(pairs["document"].unique().tolist(), lexicon).score_pairs(pairs)
@@ -319,15 +402,14 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
                 record["metrics"].update(lexicon_eval_metrics(params, snapshot_dir, lexicon))
                 record["facts"]["teacher"] = {"model": "lexicon-bm25 over the snapshot's lexicon"}
             else:
-                teacher = CrossEncoderTeacher(cfg, device)
                 plan = ShardPlan(shards_dir, pairs, teacher)
-                record["metrics"] = score_shards(teacher, plan, rank, world_size)
+                record["metrics"] = score_shards(teacher, plan, *((0, 1) if mining else (rank, world_size)))
                 wait_for_shards(plan)
                 scores = plan.merged()
                 plan.remove_stale()
                 record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
                                               "shard_digest": plan.digest}
-            doc_scores = scores.astype(np.float64)[pair_index]
+            doc_scores = scores.astype(np.float64)[pair_index] * cfg.score_scale
             train = labelled(train, doc_scores)
             margins = doc_scores[:, :1] - doc_scores[:, 1:]
             record["metrics"].update(rows=len(train), unique_pairs=len(pairs),

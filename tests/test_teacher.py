@@ -175,6 +175,46 @@ def test_scored_snapshot_passes_its_labels_through(workdir, tiny_params, shared)
     assert scored["label"].tolist() == rows["score"].tolist()
 
 
+def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny_params, shared,
+                                                                   tiny_dense_model):
+    """Pairs in, (query, positive, 2 negatives) out: the negatives are the teacher's nearest other
+    positives (never one of the query's own), and every score is the model's own similarity."""
+    from sentence_transformers import SentenceTransformer
+
+    rows = scifact_rows(shared, 60)[["query", "positive"]]
+    rows = pd.concat([rows, rows.iloc[:5].assign(positive=rows["positive"].iloc[5:10].to_numpy())],
+                     ignore_index=True)  # 5 queries with two positives each
+    params = stage_params(tiny_params, write_rows(workdir / "pairs.jsonl", rows), tiny_dense_model,
+                          50, kind="pairs")
+    data = params.model_dump(by_alias=True)
+    data["teacher"].update(kind="bi-encoder", hard_negatives=2)
+    params = Params.model_validate(data)
+    snapshot.run(params)
+    metrics = teacher.run(params)
+    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+
+    pairs = teacher.read_snapshot(snapshot.SNAPSHOT_DIR)
+    assert len(scored) == len(pairs) and metrics["pairs_scored"] == metrics["unique_pairs"]
+    own = rows.groupby("query")["positive"].apply(set)
+    pool = set(rows["positive"])
+    model = SentenceTransformer(str(tiny_dense_model))
+    for column in ("negative", "negative_2"):
+        assert all(n in pool and n not in own[q] for q, n in zip(scored["query"], scored[column]))
+    for column in ("positive", "negative", "negative_2"):
+        expected = model.similarity_pairwise(
+            model.encode_query(scored["query"].tolist(), convert_to_tensor=True),
+            model.encode_document(scored[column].tolist(), convert_to_tensor=True)).numpy()
+        assert np.abs(scored[f"{column}_score"].to_numpy() - expected).max() < 1e-5
+    # hard: the first mined negative is the teacher's nearest non-positive, so it outscores the second
+    assert (scored["negative_score"] >= scored["negative_2_score"]).all()
+    assert np.allclose(np.stack(scored["label"]),
+                       scored[["positive_score"]].to_numpy() - scored[["negative_score", "negative_2_score"]].to_numpy())
+
+    data["teacher"].update(kind="cross-encoder")
+    with pytest.raises(ValueError, match="bi-encoder"):
+        Params.model_validate(data)
+
+
 def scifact_rows(shared, queries: int) -> pd.DataFrame:
     """SciFact-length documents: (query, positive, negative) with a neighbouring doc as negative."""
     corpus = [json.loads(line) for line in (shared / "data/beir/scifact/corpus.jsonl").open()]
