@@ -185,6 +185,8 @@ class TrainConfig(Section):
     batch_sampler: Literal["random", "no-duplicates", "length-grouped"] = "random"
     save_steps: PositiveInt = 500  # checkpoint every N steps; a rerun resumes from the latest
     logging_steps: PositiveInt = 1
+    # score the held-out set every N steps during training (logged at the step); null: only at the end
+    eval_steps: PositiveInt | None = None
     seed: int = 0
 
     @model_validator(mode="after")

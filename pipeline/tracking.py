@@ -112,8 +112,9 @@ def configure_mlflow(tracking: TrackingConfig) -> str:
 
 def step_metrics(log_history: list[dict], prefix: str = "train_") -> list[tuple[str, float, int]]:
     """(name, value, step) for every number the trainer logged during training (loss, its parts,
-    learning rate, grad norm, ...); the end-of-training summary carries no per-step value."""
-    return [(prefix + key, float(value), entry["step"])
+    learning rate, grad norm, active dims, evaluations during training); the end-of-training
+    summary carries no per-step value."""
+    return [(mlflow_metric_name(prefix + key), float(value), entry["step"])
             for entry in log_history if "train_runtime" not in entry
             for key, value in entry.items()
             if key not in {"step", "epoch"} and isinstance(value, (int, float)) and math.isfinite(value)]

@@ -25,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sentence_transformers import SparseEncoderTrainer
 from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSampler
-from sentence_transformers.sparse_encoder.losses import FlopsLoss
+from sentence_transformers.sparse_encoder.losses import FlopsLoss, SpladeLoss
 
 from pipeline import snapshot, teacher
 from pipeline.cli import StageError, stage_main
-from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_DIR, TRAIN_LOSS,
-                             Params, StudentConfig, TrainConfig)
+from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, SNAPSHOT_DIR, STUDENT_DIR, TEACHER_DIR,
+                             TRAIN_LOSS, Params, StudentConfig, TrainConfig)
 from pipeline.runtime import is_main_process, update_with_file, use_bf16
+from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record
 
 log = logging.getLogger(__name__)
@@ -151,10 +153,16 @@ class GlobalBatchFlopsLoss(FlopsLoss):
     the batch, and FLOPS (the squared mean activation per dimension) is not linear in the batch, so
     per-process FLOPS would change what a regulariser weight means. The mean is all-reduced (with
     gradient), which gives DDP exactly the single-process loss and gradient; on one process it is
-    sentence-transformers' FlopsLoss. (No active-dims threshold: the pipeline sets none.)"""
+    sentence-transformers' FlopsLoss. (No active-dims threshold: the pipeline sets none.)
+
+    Also keeps each batch's mean active dimensions (this process's rows) until the trainer logs."""
 
     def compute_loss_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
+
+        if not hasattr(self, "active_dims"):
+            self.active_dims: list[torch.Tensor] = []
+        self.active_dims.append((embeddings.detach() != 0).sum(dim=1).float().mean())  # no sync
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().compute_loss_from_embeddings(embeddings)
@@ -189,6 +197,20 @@ def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
                       document_regularizer=GlobalBatchFlopsLoss(model)), label
 
 
+class ActiveDimsTrainer(SparseEncoderTrainer):
+    """Adds query_active_dims and document_active_dims (the mean since the last log) to every
+    training log, read off the FLOPS regularisers that see the embeddings anyway."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and isinstance(self.loss, SpladeLoss):
+            for side in ("query", "document"):
+                seen = getattr(getattr(self.loss, f"{side}_regularizer"), "active_dims", None)
+                if seen:
+                    logs[f"{side}_active_dims"] = round(float(torch.stack(seen).mean()), 2)
+                    seen.clear()
+        super().log(logs, start_time)
+
+
 class LengthGroupedBatchSampler(DefaultBatchSampler):
     """Batches of rows of similar text length (less padding), built as transformers'
     LengthGroupedSampler does: shuffle, sort by length within windows of 50 batches, cut, shuffle
@@ -221,9 +243,10 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return full + (0 if self.drop_last or not rest else 1)
 
 
-def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path):
-    """The SparseEncoderTrainer this project trains with (the benchmark uses it too)."""
-    from sentence_transformers import SparseEncoderTrainer, SparseEncoderTrainingArguments
+def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, evaluator=None):
+    """The SparseEncoderTrainer this project trains with (the benchmark uses it too); with an
+    evaluator, it scores every train.eval_steps steps."""
+    from sentence_transformers import SparseEncoderTrainingArguments
     from sentence_transformers.sparse_encoder.callbacks.splade_callbacks import \
         SpladeRegularizerWeightSchedulerCallback
 
@@ -254,11 +277,23 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path):
         batch_sampler={"random": BatchSamplers.BATCH_SAMPLER, "no-duplicates": BatchSamplers.NO_DUPLICATES,
                        "length-grouped": LengthGroupedBatchSampler}[cfg.batch_sampler],
         report_to=[],  # the track stage writes MLflow; no online codecarbon probes
+        eval_strategy="steps" if evaluator else "no",
+        eval_steps=cfg.eval_steps,
     )
     callbacks = [SpladeRegularizerWeightSchedulerCallback(loss, "quadratic", cfg.regularizer_warmup_ratio)
                  ] if cfg.architecture == "splade" else []
-    return SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                callbacks=callbacks)
+    return ActiveDimsTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                             evaluator=evaluator, callbacks=callbacks)
+
+
+def held_out_evaluator(params: Params):
+    """The evaluate stage's retrieval metrics on the snapshot's held-out set, for use mid-training."""
+    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+
+    data = read_retrieval_set(SNAPSHOT_DIR / snapshot.EVAL_DIR, params.snapshot.eval.split)
+    return SparseInformationRetrievalEvaluator(
+        data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()},
+        batch_size=params.evaluate.batch_size, write_csv=False)
 
 
 def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
@@ -286,7 +321,8 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
         for stale in CHECKPOINTS_DIR.glob("*") if main_process else []:  # other trainings'
             if stale != checkpoints:
                 shutil.rmtree(stale)
-        trainer = build_trainer(cfg, model, dataset, loss, checkpoints)
+        trainer = build_trainer(cfg, model, dataset, loss, checkpoints,
+                                evaluator=held_out_evaluator(params) if cfg.eval_steps else None)
         resume = latest_checkpoint(checkpoints) if checkpoints.exists() else None
         if resume:
             log.info("resuming from %s", resume)

@@ -92,18 +92,18 @@ def tiny_dense_model(tmp_path_factory, shared):
 
 @pytest.fixture(scope="session")
 def cut_beir(shared, tmp_path_factory):
-    """cut_beir(name, queries, extra_docs): a shared BEIR test set cut down to its first judged
+    """cut_beir(name, queries, extra_docs, split): a shared BEIR split cut down to its first judged
     queries, their judged documents and the first `extra_docs` others, written as a BEIR folder."""
     from pipeline.sources import RetrievalSet, read_retrieval_set, write_beir
 
-    def cut(name: str, queries: int = 20, extra_docs: int = 300) -> Path:
-        full = read_retrieval_set(shared / "data/beir" / name, "test")
+    def cut(name: str, queries: int = 20, extra_docs: int = 300, split: str = "test") -> Path:
+        full = read_retrieval_set(shared / "data/beir" / name, split)
         qrels = dict(list(full.qrels.items())[:queries])
         keep = {d for judged in qrels.values() for d in judged if d in full.corpus}
         keep |= set(list(full.corpus)[:extra_docs])
         folder = tmp_path_factory.mktemp(f"{name}-cut")
         write_beir(RetrievalSet({d: full.corpus[d] for d in keep}, {q: full.queries[q] for q in qrels},
-                                qrels), folder, "test")
+                                qrels), folder, split)
         return folder
 
     return cut

@@ -9,11 +9,16 @@ from pipeline import card, evaluate, push, snapshot, teacher, track, train, vali
 from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, RECORDS_DIR, STUDENT_DIR
 
 
+EVAL_STEPS = 4
+
+
 @pytest.fixture
 def finished_run(workdir, tiny_params):
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"eval_steps": EVAL_STEPS})})
     for stage in (snapshot, validate, teacher, train, evaluate, card, push):
-        stage.run(tiny_params)
-    return track.run(tiny_params)
+        stage.run(params)
+    return track.run(params)
 
 
 def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
@@ -30,10 +35,20 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
 
     # the loss curve at step resolution
     steps = json.loads((RECORDS_DIR / "train.json").read_text())["metrics"]["steps"]
+    client = mlflow.MlflowClient()
     for name in ("train_loss", "train_base_loss", "train_document_regularizer_loss",
-                 "train_learning_rate", "train_grad_norm"):  # every trainer log, at its step
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, name)
+                 "train_learning_rate", "train_grad_norm", "train_query_active_dims",
+                 "train_document_active_dims"):  # every trainer log, at its step
+        history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == list(range(1, steps + 1)), name
+    vocabulary = tiny_params.train.student.vocab_size
+    for m in client.get_metric_history(run.info.run_id, "train_document_active_dims"):
+        assert 0 < m.value <= vocabulary
+
+    # evaluation during training, every eval_steps and at the last step, named without '@'
+    ndcg = client.get_metric_history(run.info.run_id, "train_eval_dot_ndcg_at_10")
+    assert [m.step for m in ndcg] == sorted({*range(EVAL_STEPS, steps + 1, EVAL_STEPS), steps})
+    assert all(0 <= m.value <= 1 for m in ndcg)
 
     # eval metrics, named without '@', equal to the metrics file
     expected = json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"]
