@@ -62,7 +62,7 @@ def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_
     assert sorted(map(int, metrics["base_max_active_dims"])) == [16, 32, 64, 128, 256]
 
 
-def test_splade_distillation_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared, tiny_dense_model,
+def test_splade_tiny_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared, tiny_dense_model,
                                                                          cut_beir):
     """The recipe as written, with a tiny bi-encoder teacher and a student built from config in
     place of MiniLM and splade-tiny, and cut-down SciFact train and test sets."""
@@ -71,7 +71,7 @@ def test_splade_distillation_recipe_runs_end_to_end_with_tiny_surrogates(workdir
 
     from pipeline.config import TEACHER_DIR
 
-    data = load_params(PROJECT / "recipes/splade-tiny-scifact-distill.yaml").model_dump(by_alias=True)
+    data = load_params(PROJECT / "recipes/splade-tiny-scifact.yaml").model_dump(by_alias=True)
     data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=150, extra_docs=0, split="train"))
     data["snapshot"]["eval"]["source"] = str(cut_beir("scifact"))
     data["teacher"]["model"] = str(tiny_dense_model)
@@ -83,16 +83,7 @@ def test_splade_distillation_recipe_runs_end_to_end_with_tiny_surrogates(workdir
 
     scored = pd.read_parquet(TEACHER_DIR / teacher.SCORED_FILE)
     assert {"negative", "negative_2"} <= set(scored)
-    margins = np.stack(scored["label"])
-    assert margins.shape == (len(scored), 2)
-    # the teacher's cosines times score_scale
-    from sentence_transformers import SentenceTransformer
-
-    surrogate = SentenceTransformer(str(tiny_dense_model))
-    cosines = surrogate.similarity_pairwise(
-        surrogate.encode_query(scored["query"].tolist(), convert_to_tensor=True),
-        surrogate.encode_document(scored["positive"].tolist(), convert_to_tensor=True)).numpy()
-    assert np.abs(scored["positive_score"].to_numpy() - 50.0 * cosines).max() < 1e-3
+    assert np.stack(scored["label"]).shape == (len(scored), 2)  # mined, then scored
     metrics = json.loads(EVAL_METRICS.read_text())
     # trained: the student's vectors differ from the model it started from
     assert metrics["student"]["corpus_active_dims"] != metrics["base"]["corpus_active_dims"]

@@ -178,7 +178,8 @@ def test_scored_snapshot_passes_its_labels_through(workdir, tiny_params, shared)
 def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny_params, shared,
                                                                    tiny_dense_model):
     """Pairs in, (query, positive, 2 negatives) out: the negatives are the teacher's nearest other
-    positives (never one of the query's own), and every score is the model's own similarity."""
+    positives (never one of the query's own), and every score is the model's own similarity times
+    teacher.score_scale."""
     from sentence_transformers import SentenceTransformer
 
     rows = scifact_rows(shared, 60)[["query", "positive"]]
@@ -187,7 +188,7 @@ def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny
     params = stage_params(tiny_params, write_rows(workdir / "pairs.jsonl", rows), tiny_dense_model,
                           50, kind="pairs")
     data = params.model_dump(by_alias=True)
-    data["teacher"].update(kind="bi-encoder", hard_negatives=2)
+    data["teacher"].update(kind="bi-encoder", hard_negatives=2, score_scale=2.5)
     params = Params.model_validate(data)
     snapshot.run(params)
     metrics = teacher.run(params)
@@ -204,7 +205,7 @@ def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny
         expected = model.similarity_pairwise(
             model.encode_query(scored["query"].tolist(), convert_to_tensor=True),
             model.encode_document(scored[column].tolist(), convert_to_tensor=True)).numpy()
-        assert np.abs(scored[f"{column}_score"].to_numpy() - expected).max() < 1e-5
+        assert np.abs(scored[f"{column}_score"].to_numpy() - 2.5 * expected).max() < 1e-5
     # hard: the first mined negative is the teacher's nearest non-positive, so it outscores the second
     assert (scored["negative_score"] >= scored["negative_2_score"]).all()
     assert np.allclose(np.stack(scored["label"]),
