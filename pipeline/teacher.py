@@ -4,7 +4,8 @@ Writes data/teacher/train_scored.parquet: the snapshot's rows (query, positive, 
 plus one `<column>_score` per document column, `scores` ([positive, negatives...], for KL-div) and
 `label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
 A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
-negatives to score (it trains contrastively): the stage passes either through unchanged.
+negatives to score (it trains contrastively) unless teacher.hard_negatives mines some: the stage
+passes either through unchanged.
 
 Teachers:
 - cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
