@@ -22,19 +22,29 @@ SPARSITY = ["query_active_dims", "corpus_active_dims", "query_sparsity_ratio", "
 LIBRARIES = ["sentence-transformers", "transformers", "torch", "datasets", "tokenizers", "codecarbon"]
 
 
+def card_metrics(metrics: dict) -> dict:
+    """The evaluator's metrics (ranking and sparsity), without the training-triplet checks."""
+    return {k: v for k, v in metrics.items() if k.startswith(("dot_", "query_", "corpus_"))}
+
+
 def card_facts(params: Params) -> dict:
     from sentence_transformers import SparseEncoder
 
     records = load_records(UPSTREAM_STAGES)
     evaluation = json.loads(EVAL_METRICS.read_text())
-    student = {k: v for k, v in evaluation["student"].items()
-               if k.startswith(("dot_", "query_", "corpus_"))}
+    student = card_metrics(evaluation["student"])
     model = SparseEncoder(str(STUDENT_DIR))
     train_cfg = params.train
     manifest = records["snapshot"]["facts"]["manifest"]
     sample = manifest["train"]["samples"][0]
     synthetic = params.snapshot.train.source == "synthetic"
     teacher = params.teacher
+    eval_sets = manifest["eval"]["sets"]
+    # one model-index entry per set, and the mean over them (as NanoBEIR cards list it)
+    eval_results = {name: card_metrics(both["student"]) for name, both in evaluation["datasets"].items()}
+    eval_name = next(iter(eval_sets)) if len(eval_sets) == 1 else f"{Path(params.snapshot.eval.source).name} mean"
+    if len(eval_sets) > 1:
+        eval_results[eval_name] = student
     return {
         "card": params.card,
         "repo_id": params.push.repo_id,
@@ -49,10 +59,11 @@ def card_facts(params: Params) -> dict:
             "BM25 with the synthetic lexicon (knows the synonyms)" if teacher.kind == "lexicon-bm25"
             else f"cross-encoder {teacher.model}" + (f"@{teacher.revision}" if teacher.revision else "")),
         "train_rows": manifest["train"]["rows"],
-        "eval_name": "synthetic-eval" if params.snapshot.eval.source == "synthetic"
-                     else Path(params.snapshot.eval.source).name,
-        "eval_queries": manifest["eval"]["judged_queries"],
-        "eval_docs": manifest["eval"]["docs"],
+        "eval_name": eval_name,
+        "eval_queries": sum(s["judged_queries"] for s in eval_sets.values()),
+        "eval_docs": sum(s["docs"] for s in eval_sets.values()),
+        "eval_results": eval_results,
+        "per_dataset": evaluation["datasets"],
         "max_seq_length": model.max_seq_length,
         "dimensions": model.get_embedding_dimension(),
         "architecture": str(model),

@@ -69,8 +69,17 @@ class TrainDataConfig(Section):
 
 
 class EvalDataConfig(Section):
-    source: str = "synthetic"  # "synthetic", or a BEIR / NanoBEIR folder
-    split: str = "test"
+    """The held-out retrieval set(s). "synthetic"; a BEIR folder; a NanoBEIR folder (one set); or a
+    Hugging Face dataset in the NanoBEIR-en layout (configs corpus, queries and qrels, one split per
+    set), a Hub id pinned with `revision` or a local copy of one (format: hf)."""
+
+    source: str = "synthetic"
+    format: Literal["auto", "beir", "nanobeir", "hf"] = "auto"
+    split: str = "test"  # the BEIR qrels split
+    revision: str | None = None  # Hugging Face commit / tag; required for Hub ids
+    # hf: the sets to score, as split names (NanoSciFact) or sentence-transformers' short names
+    # (scifact, msmarco, nq, ...); empty: every set the dataset has (NanoBEIR-en: all 13)
+    datasets: list[str] = []
 
 
 class SnapshotConfig(Section):

@@ -20,3 +20,8 @@ def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
     grouped = evaluator.compute_metrics(results)
     return {f"{prefix}{name.replace('@k', '')}@{k}": float(value)
             for name, per_k in grouped.items() for k, value in per_k.items()}
+
+
+def mean_metrics(per_set: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's unweighted mean over evaluation sets (sentence-transformers' NanoBEIR mean)."""
+    return {name: sum(m[name] for m in per_set) / len(per_set) for name in per_set[0]}

@@ -1,7 +1,7 @@
 """Stage 1: freeze the training and evaluation data as files with a manifest.
 
-Training rows become data/snapshot/train.parquet (columns of the data's kind); the evaluation set is
-written in BEIR layout under data/snapshot/eval/. The manifest records source, revision, content
+Training rows become data/snapshot/train.parquet (columns of the data's kind); each evaluation set
+is written in BEIR layout under data/snapshot/eval/<set name>/. The manifest records source, revision, content
 hash, row counts, schema, length statistics and sample rows. The content hash depends on the rows
 only, so the same source always gives the same hash.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 from pipeline import synthetic
 from pipeline.cli import stage_main
 from pipeline.config import SNAPSHOT_DIR, Params
-from pipeline.sources import RetrievalSet, load_training, read_retrieval_set, write_beir
+from pipeline.sources import RetrievalSet, load_training, read_eval_sets, read_retrieval_set, write_beir
 from pipeline.tracking import stage_record, write_json
 
 TRAIN_FILE = "train.parquet"
@@ -66,6 +66,12 @@ def length_stats(frame: pd.DataFrame, rows: int = 1000) -> dict[str, dict[str, f
     return stats
 
 
+def read_eval_snapshot(snapshot_dir: Path, split: str) -> dict[str, RetrievalSet]:
+    """The snapshot's evaluation sets, by name."""
+    return {folder.name: read_retrieval_set(folder, split)
+            for folder in sorted((snapshot_dir / EVAL_DIR).iterdir()) if folder.is_dir()}
+
+
 def run(params: Params, out_dir: Path = SNAPSHOT_DIR) -> dict:
     cfg = params.snapshot
     with stage_record("snapshot", cfg, params.tracking) as record:
@@ -78,14 +84,15 @@ def run(params: Params, out_dir: Path = SNAPSHOT_DIR) -> dict:
         else:
             train = load_training(cfg.train)
         if cfg.eval.source == "synthetic":
-            evaluation = RetrievalSet(world.corpus, world.eval_queries, world.eval_qrels)
+            evaluation = {"synthetic": RetrievalSet(world.corpus, world.eval_queries, world.eval_qrels)}
         else:
-            evaluation = read_retrieval_set(Path(cfg.eval.source), cfg.eval.split)
+            evaluation = read_eval_sets(cfg.eval)
 
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
         train.to_parquet(out_dir / TRAIN_FILE, index=False)
-        write_beir(evaluation, out_dir / EVAL_DIR, cfg.eval.split)
+        for name, data in evaluation.items():
+            write_beir(data, out_dir / EVAL_DIR / name, cfg.eval.split)
         if cfg.train.source == "synthetic":
             write_json(out_dir / LEXICON_FILE, world.lexicon)
 
@@ -96,14 +103,16 @@ def run(params: Params, out_dir: Path = SNAPSHOT_DIR) -> dict:
                       "schema": {c: str(t) for c, t in train.dtypes.items()},
                       "lengths": length_stats(train),
                       "samples": train.head(3).to_dict(orient="records")},
-            "eval": {"source": cfg.eval.source, "split": cfg.eval.split,
-                     "docs": len(evaluation.corpus), "queries": len(evaluation.queries),
-                     "judged_queries": len(evaluation.qrels),
-                     "qrels": sum(len(d) for d in evaluation.qrels.values())},
+            "eval": {"source": cfg.eval.source, "split": cfg.eval.split, "revision": cfg.eval.revision,
+                     "sets": {name: {"docs": len(data.corpus), "queries": len(data.queries),
+                                     "judged_queries": len(data.qrels),
+                                     "qrels": sum(len(d) for d in data.qrels.values())}
+                              for name, data in evaluation.items()}},
         }
         write_json(out_dir / MANIFEST_FILE, manifest)
-        record["metrics"] = {"train_rows": len(train), "eval_docs": len(evaluation.corpus),
-                             "eval_queries": len(evaluation.qrels)}
+        record["metrics"] = {"train_rows": len(train), "eval_sets": len(evaluation),
+                             "eval_docs": sum(len(data.corpus) for data in evaluation.values()),
+                             "eval_queries": sum(len(data.qrels) for data in evaluation.values())}
         record["facts"]["manifest"] = manifest
     return manifest
 

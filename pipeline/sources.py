@@ -3,7 +3,7 @@
 Training rows: files (jsonl, parquet, tsv, csv), BEIR and NanoBEIR folders (a qrels split becomes
 (query, positive) pairs) and Hugging Face datasets at a pinned revision; id-based rows
 (query_id, positive_id, negative_id...) are joined against a corpus and queries file.
-Evaluation sets: BEIR and NanoBEIR folders.
+Evaluation sets: BEIR and NanoBEIR folders, and Hugging Face datasets in the NanoBEIR-en layout.
 
 A problem is raised as a SourceError naming the file, the check that failed and an example row,
 because a user with a 10-million-row file cannot guess."""
@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.cli import StageError
-from pipeline.config import TrainDataConfig
+from pipeline.config import EvalDataConfig, TrainDataConfig
 
 # The columns each kind of training data has once loaded (triplets may carry negative_2, ...).
 KIND_COLUMNS = {"pairs": ["query", "positive"], "triplets": ["query", "positive", "negative"],
@@ -213,27 +214,82 @@ def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:
     return texts["corpus"], texts["queries"], parts["qrels"].astype(str), folder / "qrels"
 
 
+def judged_qrels(qrels: pd.DataFrame, qrels_path: Path | str) -> dict[str, dict[str, int]]:
+    """{query id: {doc id: relevance}} from query-id / corpus-id[ / score] rows; a score > 0 counts as
+    relevant (score 1 if absent); a corpus-id cell may hold a list of ids."""
+    if not {"query-id", "corpus-id"} <= set(qrels.columns):
+        raise SourceError(qrels_path, "qrels_columns", "expected columns query-id, corpus-id[, score]",
+                          qrels.iloc[0].to_dict() if len(qrels) else None)
+    scores = qrels["score"].astype(str).str.strip() if "score" in qrels else pd.Series("1", index=qrels.index)
+    judged: dict[str, dict[str, int]] = {}
+    for row, (query_id, doc_ids, score) in enumerate(zip(qrels["query-id"], qrels["corpus-id"], scores)):
+        try:
+            value = int(float(score))
+        except ValueError:
+            raise SourceError(qrels_path, "qrels_scores", f"row {row + 2}: score {score!r} is not a number",
+                              {"query-id": query_id, "corpus-id": doc_ids, "score": score}) from None
+        if value > 0:
+            for doc_id in doc_ids if isinstance(doc_ids, (list, tuple, np.ndarray)) else [doc_ids]:
+                judged.setdefault(str(query_id).strip(), {})[str(doc_id).strip()] = value
+    return judged
+
+
 def read_retrieval_set(folder: Path, split: str) -> RetrievalSet:
-    """A BEIR or NanoBEIR folder; qrels with score > 0 count as relevant (score 1 if absent)."""
+    """A BEIR or NanoBEIR folder."""
     folder = Path(folder)
     if (folder / "corpus").is_dir():
         corpus, queries, qrels, qrels_path = _read_nanobeir(folder)
     else:
         corpus, queries, qrels, qrels_path = _read_beir(folder, split)
-    if not {"query-id", "corpus-id"} <= set(qrels.columns):
-        raise SourceError(qrels_path, "qrels_columns", "expected columns query-id, corpus-id[, score]",
-                          qrels.iloc[0].to_dict() if len(qrels) else None)
-    scores = qrels["score"].str.strip() if "score" in qrels else pd.Series("1", index=qrels.index)
-    judged: dict[str, dict[str, int]] = {}
-    for row, (query_id, doc_id, score) in enumerate(zip(qrels["query-id"], qrels["corpus-id"], scores)):
-        try:
-            value = int(float(score))
-        except ValueError:
-            raise SourceError(qrels_path, "qrels_scores", f"row {row + 2}: score {score!r} is not a number",
-                              {"query-id": query_id, "corpus-id": doc_id, "score": score}) from None
-        if value > 0:
-            judged.setdefault(query_id.strip(), {})[doc_id.strip()] = value
-    return RetrievalSet(corpus, queries, judged)
+    return RetrievalSet(corpus, queries, judged_qrels(qrels, qrels_path))
+
+
+def hub_set_names(source: str, revision: str | None, names: list[str]) -> list[str]:
+    """The split of each requested set: a split name as is, a sentence-transformers NanoBEIR short
+    name (scifact) as its split (NanoSciFact); none requested: every split the dataset has."""
+    from datasets import get_dataset_split_names
+    from sentence_transformers.sentence_transformer.evaluation.nano_beir import (
+        DATASET_NAME_TO_HUMAN_READABLE)
+
+    available = get_dataset_split_names(source, "corpus", revision=revision)
+    if not names:
+        return available
+    splits = [name if name in available else f"Nano{DATASET_NAME_TO_HUMAN_READABLE.get(name.lower(), name)}"
+              for name in names]
+    unknown = [name for name, split in zip(names, splits) if split not in available]
+    if unknown:
+        raise SourceError(source, "known_sets", f"no set {unknown} (available: {available})")
+    return splits
+
+
+def read_hub_retrieval_sets(source: str, revision: str | None, names: list[str]) -> dict[str, RetrievalSet]:
+    """Sets of a Hugging Face dataset in the NanoBEIR-en layout (configs corpus, queries and qrels,
+    one split per set), by Hub id at a pinned revision or from a local copy. Empty texts are dropped,
+    as sentence-transformers' NanoBEIREvaluator drops them."""
+    from datasets import load_dataset
+
+    if revision is None and not Path(source).exists():
+        raise SourceError(source, "pinned_revision", "set snapshot.eval.revision to a commit or tag: "
+                          "an unpinned Hub dataset can change under the same name")
+    sets = {}
+    for split in hub_set_names(source, revision, names):
+        corpus, queries, qrels = (load_dataset(source, part, split=split, revision=revision).to_pandas()
+                                  for part in ("corpus", "queries", "qrels"))
+        texts = [dict((i, t) for i, t in zip(frame["_id"].astype(str), frame["text"]) if t)
+                 for frame in (corpus, queries)]
+        sets[split] = RetrievalSet(texts[0], texts[1], judged_qrels(qrels, f"{source} qrels/{split}"))
+    return sets
+
+
+def read_eval_sets(cfg: EvalDataConfig) -> dict[str, RetrievalSet]:
+    """The evaluation sets `cfg` names, by set name (a folder's name, or the dataset's split names)."""
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+    if fmt == "hf":
+        return read_hub_retrieval_sets(cfg.source, cfg.revision, cfg.datasets)
+    if fmt not in {"beir", "nanobeir"}:
+        raise SourceError(cfg.source, "eval_layout", "an evaluation set is a BEIR or NanoBEIR folder, or a "
+                          "Hugging Face dataset in the NanoBEIR-en layout")
+    return {Path(cfg.source).resolve().name: read_retrieval_set(Path(cfg.source), cfg.split)}
 
 
 def write_beir(data: RetrievalSet, folder: Path, split: str) -> None:

@@ -40,9 +40,8 @@ import pandas as pd
 from pipeline import snapshot
 from pipeline.cli import StageError, stage_main
 from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig
-from pipeline.metrics import ranking_metrics
+from pipeline.metrics import mean_metrics, ranking_metrics
 from pipeline.runtime import import_bm25s, process_rank, update_with_file, use_bf16
-from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
 log = logging.getLogger(__name__)
@@ -432,11 +431,13 @@ def read_lexicon(snapshot_dir: Path) -> dict[str, str]:
 
 def lexicon_eval_metrics(params: Params, snapshot_dir: Path, lexicon: dict[str, str]) -> dict:
     """The lexicon teacher is cheap enough to rank the whole eval corpus: how good is the teacher?"""
-    evaluation = read_retrieval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval.split)
-    doc_ids = list(evaluation.corpus)
-    ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
-    ranking = {qid: dict(zip(doc_ids, ranker.scores(text))) for qid, text in evaluation.queries.items()}
-    return {f"eval_{k}": v for k, v in ranking_metrics(evaluation, ranking).items()}
+    per_set = []
+    for evaluation in snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split).values():
+        doc_ids = list(evaluation.corpus)
+        ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
+        ranking = {qid: dict(zip(doc_ids, ranker.scores(text))) for qid, text in evaluation.queries.items()}
+        per_set.append(ranking_metrics(evaluation, ranking))
+    return {f"eval_{k}": v for k, v in mean_metrics(per_set).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

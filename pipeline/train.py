@@ -34,7 +34,6 @@ from pipeline.cli import StageError, stage_main
 from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, SNAPSHOT_DIR, STUDENT_DIR, TEACHER_DIR,
                              TRAIN_LOSS, Params, StudentConfig, TrainConfig)
 from pipeline.runtime import is_main_process, update_with_file, use_bf16
-from pipeline.sources import read_retrieval_set
 from pipeline.tracking import stage_record
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,9 @@ def csr_encoder(dense_path: str, cfg: TrainConfig):
     torch.manual_seed(cfg.seed)  # the autoencoder's initial weights
     head = SparseAutoEncoder(dense.get_embedding_dimension(), hidden_dim=cfg.csr.hidden_dim,
                              k=cfg.csr.k, k_aux=cfg.csr.k_aux)
-    return SparseEncoder(modules=[*dense, head])
+    # the dense model's prompts (mxbai's query instruction) stay: encode_query applies "query"
+    return SparseEncoder(modules=[*dense, head], prompts=dense.prompts,
+                         default_prompt_name=dense.default_prompt_name)
 
 
 def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
@@ -287,13 +288,20 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, eval
 
 
 def held_out_evaluator(params: Params):
-    """The evaluate stage's retrieval metrics on the snapshot's held-out set, for use mid-training."""
+    """The evaluate stage's retrieval metrics on the snapshot's held-out set(s), for use mid-training:
+    one set's metrics unprefixed (eval_dot_ndcg@10), several sets' prefixed with the set's name and
+    with their mean nDCG@10 as the main score."""
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
-    data = read_retrieval_set(SNAPSHOT_DIR / snapshot.EVAL_DIR, params.snapshot.eval.split)
-    return SparseInformationRetrievalEvaluator(
+    sets = snapshot.read_eval_snapshot(SNAPSHOT_DIR, params.snapshot.eval.split)
+    evaluators = [SparseInformationRetrievalEvaluator(
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()},
-        batch_size=params.evaluate.batch_size, write_csv=False)
+        batch_size=params.evaluate.batch_size, write_csv=False, name=name if len(sets) > 1 else "")
+        for name, data in sets.items()]
+    if len(evaluators) == 1:
+        return evaluators[0]
+    return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
 
 
 def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
@@ -338,13 +346,16 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
         record["metrics"] = {
             "steps": trainer.state.global_step,
             "train_loss": float(result.training_loss),
-            "final_loss": curve[-1]["loss"] if curve else float("nan"),
+            # fewer steps than logging_steps log no loss: the run's mean loss is all there is
+            "final_loss": curve[-1]["loss"] if curve else float(result.training_loss),
             "samples_per_second": float(result.metrics["train_samples_per_second"]),
             "runtime_seconds": float(result.metrics["train_runtime"]),
             "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         }
         record["facts"] = {"log_history": trainer.state.log_history,
-                           "device": str(model.device), "training_rows": len(dataset)}
+                           "device": str(model.device), "training_rows": len(dataset),
+                           # the commit a Hub base model resolved to (a branch revision pins nothing)
+                           "base_model_commit": getattr(model[0].auto_model.config, "_commit_hash", None)}
     return record["metrics"]
 
 

@@ -194,11 +194,13 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     with stage_record("validate", cfg, params.tracking) as record:
         train_path = snapshot_dir / snapshot.TRAIN_FILE
         frame = pd.read_parquet(train_path)
-        evaluation = read_retrieval_set(snapshot_dir / snapshot.EVAL_DIR, params.snapshot.eval.split)
+        evaluation = snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split)
         # name the user's files in the findings, not the snapshot's copies
         findings = check_rows(frame, params.snapshot.train.source, cfg)
-        findings += check_eval_set(evaluation, params.snapshot.eval.source, cfg,
-                                   set(frame["query"].dropna()))
+        source = params.snapshot.eval.source
+        for name, data in evaluation.items():
+            findings += check_eval_set(data, source if len(evaluation) == 1 else f"{source} [{name}]", cfg,
+                                       set(frame["query"].dropna()))
         result = report(findings, len(frame))
         write_json(VALIDATION_REPORT, result)
         raise_on_errors(result, VALIDATION_REPORT)

@@ -91,6 +91,23 @@ def tiny_dense_model(tmp_path_factory, shared):
 
 
 @pytest.fixture(scope="session")
+def cross_encoder(tmp_path_factory, shared):
+    """A cross-encoder built from config: BERT-tiny's shape with random weights, one logit."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=512, num_labels=1,
+                        initializer_range=0.2)  # wide weights: scores that differ from pair to pair
+    path = tmp_path_factory.mktemp("models") / "cross-encoder"
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cut_beir(shared, tmp_path_factory):
     """cut_beir(name, queries, extra_docs, split): a shared BEIR split cut down to its first judged
     queries, their judged documents and the first `extra_docs` others, written as a BEIR folder."""
@@ -108,3 +125,34 @@ def cut_beir(shared, tmp_path_factory):
 
     return cut
 
+
+
+@pytest.fixture(scope="session")
+def nanobeir_en(tmp_path_factory):
+    """nanobeir_en({"NanoSciFact": beir_folder, ...}): BEIR test sets written as a local copy of a
+    Hugging Face dataset in the NanoBEIR-en layout (configs corpus / queries / qrels, a split per set,
+    declared in README.md), which `datasets.load_dataset` reads as it reads the Hub's."""
+    import pandas as pd
+
+    from pipeline.sources import read_retrieval_set
+
+    def build(sets: dict[str, Path]) -> Path:
+        root = tmp_path_factory.mktemp("NanoBEIR-en")
+        card = ["---", "configs:"]
+        for part in ("corpus", "queries", "qrels"):
+            (root / part).mkdir()
+            card += [f"- config_name: {part}", "  data_files:"]
+            for name in sets:
+                card += [f"  - split: {name}", f"    path: {part}/{name}-*"]
+        for name, folder in sets.items():
+            data = read_retrieval_set(folder, "test")
+            frames = {"corpus": {"_id": list(data.corpus), "text": list(data.corpus.values())},
+                      "queries": {"_id": list(data.queries), "text": list(data.queries.values())},
+                      "qrels": {"query-id": [q for q, docs in data.qrels.items() for _ in docs],
+                                "corpus-id": [d for docs in data.qrels.values() for d in docs]}}
+            for part, frame in frames.items():
+                pd.DataFrame(frame).to_parquet(root / part / f"{name}-00000-of-00001.parquet")
+        (root / "README.md").write_text("\n".join(card + ["---", ""]))
+        return root
+
+    return build

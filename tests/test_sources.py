@@ -76,7 +76,7 @@ def test_local_nanobeir_folder_as_eval_and_as_training(workdir, tiny_params, sha
     data["snapshot"]["eval"].update(source=str(folder), split="test")
     data["snapshot"]["train"].update(source=str(folder), kind="pairs")
     manifest = snapshot.run(Params.model_validate(data))
-    assert manifest["eval"]["judged_queries"] == len(beir.qrels) == 40
+    assert manifest["eval"]["sets"]["NanoDBPedia"]["judged_queries"] == len(beir.qrels) == 40
     assert manifest["train"]["rows"] == sum(len(d) for d in beir.qrels.values())
 
 

@@ -53,22 +53,6 @@ def test_unique_pairs_index_every_row_and_column():
                                                      frame.iloc[row][["positive", "negative"][column]])
 
 
-@pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory, shared):
-    """A cross-encoder built from config: BERT-tiny's shape with random weights, one logit."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=512, num_labels=1,
-                        initializer_range=0.2)  # wide weights: scores that differ from pair to pair
-    path = tmp_path_factory.mktemp("models") / "cross-encoder"
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def toy_pairs(shared) -> pd.DataFrame:
     frame = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
                                           columns=["query", "positive", "negative"]))
