@@ -71,6 +71,7 @@ def card_facts(params: Params) -> dict:
         "metric_names": list(student),
         "student_metrics": student,
         "base_metrics": evaluation["base"],
+        "bm25_metrics": evaluation["bm25"],
         "headline": HEADLINE,
         "sparsity": [k for k in SPARSITY if k in student],
         "teacher_ndcg": records["teacher"]["metrics"].get("eval_dot_ndcg@10"),

@@ -8,46 +8,99 @@ Writes metrics/eval.json (a DVC metrics file): {"student": {...}, "base": {...},
 over the sets when there are several, as sentence-transformers' NanoBEIR mean), each set's
 under "datasets": {name: {"student", "base"}}, and with evaluate.max_active_dims both models'
 retrieval metrics at each top-k size ("student_max_active_dims": {"16": {...}, ...},
-"base_max_active_dims"), as CSR model cards report them.
+"base_max_active_dims"), as CSR model cards report them. A BM25 row (bm25s) on the same sets sits
+beside them ("bm25"). Also metrics/ndcg_per_dataset.csv and two figures in metrics/plots/: nDCG@10
+per set and model, and the documents' active dimensions.
+
+SPLADE models are encoded without their full logits tensor (pipeline.encoding) and retrieved with
+sparse products; evaluate.precision bf16 trades exactness for speed.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
-from pipeline import snapshot
-from pipeline.cli import stage_main
-from pipeline.config import BASE_MODEL_DIR, EVAL_METRICS, SNAPSHOT_DIR, STUDENT_DIR, Params
-from pipeline.metrics import mean_metrics, ranking_metrics
-from pipeline.sources import RetrievalSet
+from pipeline import encoding, plots, snapshot
+from pipeline.cli import StageError, run_stage
+from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, SNAPSHOT_DIR,
+                             STUDENT_DIR, EvaluateConfig, Params)
+from pipeline.metrics import graded_ndcg, mean_metrics, ranking_metrics
+from pipeline.runtime import use_bf16
+from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_json
+
+if TYPE_CHECKING:
+    import scipy.sparse
+    import torch
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1"]
+HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1",
+            "dot_graded_ndcg@10"]
 
 
 @dataclass
 class Encoded:
-    """A model's vectors for an evaluation set: dense queries (few) and a sparse corpus (many)."""
+    """A model's vectors for an evaluation set: one CSR row per judged query and per document."""
     query_ids: list[str]
-    queries: "torch.Tensor"
+    queries: "scipy.sparse.csr_matrix"
     doc_ids: list[str]
-    corpus: "torch.Tensor"
+    corpus: "scipy.sparse.csr_matrix"
 
 
-def encode(model, data: RetrievalSet, batch_size: int) -> Encoded:
+def to_csr(vectors: "torch.Tensor") -> "scipy.sparse.csr_matrix":
+    from scipy.sparse import csr_matrix
+
+    coo = vectors.coalesce()
+    rows, cols = coo.indices().numpy()
+    matrix = csr_matrix((coo.values().numpy(), (rows, cols)), shape=tuple(coo.shape))
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def encode(model, data: RetrievalSet, batch_size: int, bf16: bool = False) -> Encoded:
     query_ids = [q for q in data.qrels if q in data.queries]  # judged queries, as the evaluator
     doc_ids = list(data.corpus)
-    queries = model.encode_query([data.queries[q] for q in query_ids], batch_size=batch_size,
-                                 convert_to_tensor=True).to_dense().cpu()
-    corpus = model.encode_document([data.corpus[d] for d in doc_ids], batch_size=batch_size,
-                                   convert_to_tensor=True, show_progress_bar=True).cpu().coalesce()
-    return Encoded(query_ids, queries, doc_ids, corpus)
+    queries = encoding.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16)
+    corpus = encoding.encode(model, [data.corpus[d] for d in doc_ids], "document", batch_size, bf16,
+                             show_progress_bar=True)
+    return Encoded(query_ids, to_csr(queries), doc_ids, to_csr(corpus))
+
+
+def keep_top(matrix: "scipy.sparse.csr_matrix", k: int) -> "scipy.sparse.csr_matrix":
+    """Each row's k largest values (sentence-transformers' max_active_dims), the rest dropped."""
+    from scipy.sparse import csr_matrix
+
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    order = np.lexsort((-matrix.data, rows))  # by row, largest first
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - matrix.indptr[rows[order]]
+    keep = rank < k
+    return csr_matrix((matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape)
+
+
+def top_documents(queries, corpus, depth: int = 100, max_cells: int = 2 ** 25):
+    """The `depth` best-scoring documents of each query (indices, scores; best first): sparse dot
+    products, a block of queries at a time so that a block's score matrix stays under max_cells."""
+    depth = min(depth, corpus.shape[0])
+    by_dimension = corpus.T.tocsr()
+    block = max(1, max_cells // corpus.shape[0])
+    for start in range(0, queries.shape[0], block):
+        scores = (queries[start:start + block] @ by_dimension).toarray()
+        best = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+        best_scores = np.take_along_axis(scores, best, axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        yield from zip(np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1))
 
 
 @dataclass
@@ -55,42 +108,27 @@ class SetScores:
     """One set's metrics, and how many of its queries / documents use each dimension (sets pool
     their sparsity statistics through these, as SparseNanoBEIREvaluator pools them)."""
     metrics: dict[str, float]
-    query_counts: "torch.Tensor"
-    doc_counts: "torch.Tensor"
+    query_counts: np.ndarray
+    doc_counts: np.ndarray
     queries: int
     docs: int
 
 
-def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
-                     chunk: int = 1024) -> SetScores:
+def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None) -> SetScores:
     """What SparseInformationRetrievalEvaluator reports (ranking metrics, active dims, sparsity
     ratios, avg_flops), from vectors already encoded, keeping each vector's top-k dimensions when
     k is given: encoding with max_active_dims=k gives the same, but re-encodes the corpus per k."""
-    import torch
-    from sentence_transformers.util import select_max_active_dims
-
-    def top(x):
-        return select_max_active_dims(x, k) if k else x
-
-    queries = top(vectors.queries)
+    queries, corpus = (keep_top(m, k) if k else m for m in (vectors.queries, vectors.corpus))
     width = queries.shape[1]
-    scores, doc_active, doc_counts = [], [], torch.zeros(width)
-    for start in range(0, len(vectors.doc_ids), chunk):  # dense a chunk at a time: SPLADE is 30522 wide
-        docs = top(vectors.corpus.index_select(
-            0, torch.arange(start, min(start + chunk, len(vectors.doc_ids)))).to_dense())
-        active = docs != 0
-        doc_active.append(active.sum(1).float())
-        doc_counts += active.sum(0).float()
-        scores.append(queries @ docs.T)
-    best = torch.cat(scores, dim=1).topk(min(100, len(vectors.doc_ids)), dim=1)
-    ranking = {q: {vectors.doc_ids[j]: float(v) for v, j in zip(values.tolist(), indices.tolist())}
-               for q, values, indices in zip(vectors.query_ids, best.values, best.indices)}
-    query_active = (queries != 0).float()
-    query_dims, corpus_dims = float(query_active.sum(1).mean()), float(torch.cat(doc_active).mean())
-    metrics = {**ranking_metrics(data, ranking),
+    ranking = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(indices, values)}
+               for q, (indices, values) in zip(vectors.query_ids, top_documents(queries, corpus))}
+    query_dims, corpus_dims = float(np.diff(queries.indptr).mean()), float(np.diff(corpus.indptr).mean())
+    metrics = {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking),
                "query_active_dims": query_dims, "query_sparsity_ratio": 1 - query_dims / width,
                "corpus_active_dims": corpus_dims, "corpus_sparsity_ratio": 1 - corpus_dims / width}
-    result = SetScores(metrics, query_active.sum(0), doc_counts, len(vectors.query_ids), len(vectors.doc_ids))
+    result = SetScores(metrics, np.bincount(queries.indices, minlength=width).astype(float),
+                       np.bincount(corpus.indices, minlength=width).astype(float),
+                       queries.shape[0], corpus.shape[0])
     result.metrics["avg_flops"] = pooled_flops([result])
     return result
 
@@ -116,7 +154,8 @@ def pooled_metrics(per_set: list[SetScores]) -> dict[str, float]:
 
 
 def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.DataFrame, batch_size: int,
-                   max_active_dims: list[int], max_seq_length: int | None = None) -> dict:
+                   max_active_dims: list[int], max_seq_length: int | None = None,
+                   precision: str = "fp32") -> dict:
     """Retrieval metrics of the model as saved, and at each top-k size (each set encoded once), per
     set and pooled over the sets, plus the training triplets' accuracy where the training set
     has negatives."""
@@ -126,11 +165,13 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
     model = SparseEncoder(str(model_dir))
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    per_set, sweeps = {}, []
+    bf16 = use_bf16(precision, model.device.type)
+    per_set, sweeps, doc_dims = {}, [], []
     for name, data in sets.items():
         log.info("scoring %s on %s", model_dir, name)
-        vectors = encode(model, data, batch_size)
+        vectors = encode(model, data, batch_size, bf16)
         per_set[name] = retrieval_scores(vectors, data)
+        doc_dims.append(np.diff(vectors.corpus.indptr))
         sweeps.append({k: retrieval_scores(vectors, data, k) for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
@@ -140,7 +181,27 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
         metrics.update({f"train_triplets_{k}": float(v) for k, v in triplets(model).items()})
     return {"metrics": metrics, "datasets": {name: scores.metrics for name, scores in per_set.items()},
             "max_active_dims": {str(k): pooled_metrics([sweep[k] for sweep in sweeps])
-                                for k in max_active_dims}}
+                                for k in max_active_dims},
+            "doc_active_dims": np.concatenate(doc_dims)}
+
+
+def bm25_metrics(data: RetrievalSet, depth: int = 100) -> dict[str, float]:
+    """BM25 (bm25s, English stop words) on the same set: the lexical baseline. Its ranking metrics
+    carry the models' names (dot_ndcg@10, ...) so that the rows compare column by column."""
+    from pipeline.runtime import import_bm25s
+
+    bm25s = import_bm25s()
+    doc_ids = list(data.corpus)
+    query_ids = [q for q in data.qrels if q in data.queries]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False),
+                    show_progress=False)
+    queries = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en", return_ids=False,
+                             show_progress=False)
+    found, scores = retriever.retrieve(queries, k=min(depth, len(doc_ids)), show_progress=False)
+    ranking = {q: {doc_ids[j]: float(s) for j, s in zip(rows, values)}
+               for q, rows, values in zip(query_ids, found, scores)}
+    return {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking)}
 
 
 def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
@@ -148,17 +209,25 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     with stage_record("evaluate", cfg, params.tracking) as record:
         sets = snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split)
         train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE).head(cfg.max_train_triplets)
-        student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims)
+        student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
+                                        precision=cfg.precision)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))
+        bm25 = {name: bm25_metrics(data) for name, data in sets.items()}
         result = {"student": student["metrics"], "base": base["metrics"],
+                  "bm25": mean_metrics(list(bm25.values())),
                   "gain": {k: student["metrics"][k] - base["metrics"][k] for k in HEADLINE},
-                  "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name]}
-                               for name in sets}}
+                  "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
+                                      "bm25": bm25[name]} for name in sets}}
         if cfg.max_active_dims:
             result["student_max_active_dims"] = student["max_active_dims"]
             result["base_max_active_dims"] = base["max_active_dims"]
         write_json(EVAL_METRICS, result)
+        plots.ndcg_per_dataset(result["datasets"], PLOTS_DIR / "ndcg_per_dataset.png")
+        plots.active_dims_histogram({"student": student["doc_active_dims"], "base": base["doc_active_dims"]},
+                                    PLOTS_DIR / "document_active_dims.png")
+        write_ndcg_table(result["datasets"], NDCG_TABLE)
         record["metrics"] = {**result["student"], **{f"base_{k}": v for k, v in result["base"].items()},
+                             **{f"bm25_{k}": result["bm25"][k] for k in HEADLINE},
                              **{f"gain_{k}": v for k, v in result["gain"].items()},
                              **{f"max_active_dims_{k}_{name}": metrics[name]
                                 for k, metrics in result.get("student_max_active_dims", {}).items()
@@ -169,8 +238,55 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
     return result
 
 
+def write_ndcg_table(datasets: dict, path: Path) -> None:
+    """nDCG@10 per set and model as rows (dataset, model, ndcg_at_10): `dvc plots` draws bars from it."""
+    rows = [{"dataset": name, "model": model, "ndcg_at_10": metrics["dot_ndcg@10"]}
+            for name, models in datasets.items() for model, metrics in models.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def evaluate_folder(model: Path, beir: Path, split: str, max_seq_length: int | None, batch_size: int,
+                    precision: str, max_active_dims: list[int]) -> dict:
+    """One model on one BEIR folder, outside the pipeline: its metrics and the seconds they took
+    (read, encode, retrieve, score)."""
+    started = time.perf_counter()
+    data = read_retrieval_set(beir, split)
+    result = evaluate_model(model, {beir.name: data}, pd.DataFrame(), batch_size, max_active_dims,
+                            max_seq_length, precision)
+    return {**result["metrics"], "max_active_dims": result["max_active_dims"],
+            "seconds": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> None:
-    stage_main(run, __doc__, argv)
+    """The stage (`python -m pipeline.evaluate [--params FILE]`), or with --model and --beir one
+    model scored on one BEIR folder, its metrics written as JSON to --out."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument("--model", help="a SparseEncoder folder, or a *ForMaskedLM folder (SPLADE head applied)")
+    parser.add_argument("--beir", help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-seq-length", type=int)
+    parser.add_argument("--batch-size", type=int, default=EvaluateConfig().batch_size)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--max-active-dims", type=int, nargs="*", default=[])
+    parser.add_argument("--out", help="JSON file for the metrics (default: print them)")
+    args = parser.parse_args(argv)
+    if not (args.model or args.beir):
+        return run_stage(run, args.params)
+    if not (args.model and args.beir):
+        parser.error("--model and --beir go together")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = evaluate_folder(Path(args.model), Path(args.beir), args.split, args.max_seq_length,
+                                 args.batch_size, args.precision, args.max_active_dims)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if args.out:
+        write_json(Path(args.out), result)
+    else:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

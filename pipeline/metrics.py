@@ -1,5 +1,6 @@
 """Ranking metrics computed by sentence-transformers' own IR evaluator code, so every number here
-means exactly what it means on a sentence-transformers model card."""
+means exactly what it means on a sentence-transformers model card (relevance read as binary), plus
+graded nDCG@10 as trec_eval computes it (ir-measures), for graded qrels like TREC-DL's and DBPedia's."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
 def mean_metrics(per_set: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's unweighted mean over evaluation sets (sentence-transformers' NanoBEIR mean)."""
     return {name: sum(m[name] for m in per_set) / len(per_set) for name in per_set[0]}
+
+
+def graded_ndcg(data: RetrievalSet, scores: dict[str, dict[str, float]], k: int = 10) -> float:
+    """trec_eval's nDCG@k, with each document's graded relevance as its gain, over the judged queries."""
+    import ir_measures
+
+    qrels = {q: docs for q, docs in data.qrels.items() if q in data.queries}
+    return float(ir_measures.calc_aggregate([ir_measures.nDCG @ k], qrels,
+                                            {q: scores.get(q, {}) for q in qrels})[ir_measures.nDCG @ k])

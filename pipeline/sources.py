@@ -196,8 +196,21 @@ def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path
             raise SourceError(folder, "beir_layout", f"{needed.relative_to(folder)} is missing")
     corpus = _read_id_texts(folder / "corpus.jsonl")
     queries = _read_id_texts(folder / "queries.jsonl")
-    qrels = pd.read_csv(qrels_path, sep="\t", dtype=str, keep_default_na=False)
-    return corpus, queries, qrels, qrels_path
+    return corpus, queries, read_qrels_tsv(qrels_path), qrels_path
+
+
+def read_qrels_tsv(path: Path) -> pd.DataFrame:
+    """BEIR qrels (query-id, corpus-id, score, with a header row), or header-less qrels: three
+    columns in that order, or TREC's four (query, iteration, document, relevance)."""
+    rows = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, header=None)
+    if len(rows) and rows.iloc[0, 0].strip() == "query-id":
+        return rows.iloc[1:].set_axis([c.strip() for c in rows.iloc[0]], axis=1).reset_index(drop=True)
+    names = {3: ["query-id", "corpus-id", "score"], 4: ["query-id", "iteration", "corpus-id", "score"]}
+    if rows.shape[1] not in names:
+        raise SourceError(path, "qrels_columns", f"{rows.shape[1]} columns without a header row; expected "
+                          "query-id, corpus-id, score (BEIR) or query, iteration, document, relevance (TREC)",
+                          rows.iloc[0].tolist() if len(rows) else None)
+    return rows.set_axis(names[rows.shape[1]], axis=1)
 
 
 def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:

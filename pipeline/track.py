@@ -12,8 +12,8 @@ import warnings
 
 from pipeline import push, snapshot
 from pipeline.cli import stage_main
-from pipeline.config import (CARD_DIR, EVAL_METRICS, RECORDS_DIR, SNAPSHOT_DIR, TRAIN_LOSS,
-                             VALIDATION_REPORT, Params)
+from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, RECORDS_DIR, SNAPSHOT_DIR,
+                             TRAIN_LOSS, VALIDATION_REPORT, Params)
 from pipeline.tracking import load_records, log_pipeline_run, step_metrics, write_json
 
 STAGES = ["snapshot", "validate", "teacher", "train", "evaluate", "card", "push"]
@@ -37,7 +37,7 @@ def training_dataset(params: Params):
 
 def run(params: Params) -> dict:
     records = load_records(STAGES)
-    artifacts = [CARD_DIR / "README.md", EVAL_METRICS, TRAIN_LOSS, VALIDATION_REPORT,
+    artifacts = [CARD_DIR / "README.md", EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, TRAIN_LOSS, VALIDATION_REPORT,
                  SNAPSHOT_DIR / snapshot.MANIFEST_FILE, push.PLAN_FILE]
     revision = push.git_revision()
     tags = {"git_revision": revision, "model_name": params.card.model_name,

@@ -188,8 +188,8 @@ def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
                          f"{'margins' if label == 'label' else 'score lists'} ({label!r}), which "
                          f"these rows lack (pairs have no teacher scores; kind scored carries margins "
                          "only): use loss mnrl, or margin-mse")
-    inner = {"margin-mse": SparseMarginMSELoss, "kl-div": SparseDistillKLDivLoss,
-             "mnrl": SparseMultipleNegativesRankingLoss}[cfg.loss](model)
+    inner = (SparseMultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale) if cfg.loss == "mnrl" else
+             {"margin-mse": SparseMarginMSELoss, "kl-div": SparseDistillKLDivLoss}[cfg.loss](model))
     if cfg.architecture == "csr":
         return CSRLoss(model, loss=inner, beta=cfg.csr.beta, gamma=cfg.csr.gamma), label
     return SpladeLoss(model, loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,

@@ -69,7 +69,14 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
 
     # card and metrics JSON as artifacts
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"README.md", "eval.json", "push_plan.json", "manifest.json", "report.json"} <= artifacts
+    assert {"README.md", "eval.json", "push_plan.json", "manifest.json", "report.json",
+            "ndcg_per_dataset.csv", "plots"} <= artifacts
+    figures = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert figures == {"plots/ndcg_per_dataset.png", "plots/document_active_dims.png"}
+    # the BM25 row, beside the models
+    evaluation = json.loads(EVAL_METRICS.read_text())
+    assert run.data.metrics["evaluate.bm25_dot_ndcg_at_10"] == pytest.approx(evaluation["bm25"]["dot_ndcg@10"])
+    assert evaluation["datasets"]["synthetic"]["bm25"] == evaluation["bm25"]
 
 
 def test_card_and_push_folder(finished_run, tiny_params):

@@ -56,6 +56,17 @@ def test_student_learns_far_beyond_its_untrained_start(project):
     assert teacher["eval_dot_ndcg@10"] > trained - 0.05  # the student learns from a teacher that knows
 
 
+def test_dvc_shows_the_evaluation_metrics_and_plots(project):
+    output, _ = run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
+    shown = json.loads(output)
+    metrics = next(iter(shown.values()))["data"]["metrics/eval.json"]["data"]
+    on_file = json.loads((project / "metrics/eval.json").read_text())
+    assert metrics["student"]["dot_ndcg@10"] == on_file["student"]["dot_ndcg@10"]
+    assert {"student", "base", "bm25"} <= set(metrics["datasets"]["synthetic"])
+    for figure in ("ndcg_per_dataset.png", "document_active_dims.png"):
+        assert (project / "metrics/plots" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_trained_model_loads_in_a_fresh_process_and_ranks_positives_first(project):
     script = """
 import json, sys

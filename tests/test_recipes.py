@@ -27,12 +27,13 @@ def test_recipe_validates_and_names_every_param_dvc_tracks(recipe):
 
 
 def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_dense_model, cut_beir):
-    """The recipe as written, with the MiniLM backbone swapped for a tiny one built from config,
-    a smaller autoencoder, and a cut-down SciFact test set."""
+    """The recipe as written, with the MiniLM backbone and teacher swapped for a tiny model built
+    from config, a smaller autoencoder, and a cut-down SciFact test set."""
     data = load_params(PROJECT / "recipes/csr-minilm-scifact.yaml").model_dump(by_alias=True)
     data["snapshot"]["train"]["source"] = str(shared / "data/beir/scifact")
     scifact_test = cut_beir("scifact")
     data["snapshot"]["eval"]["source"] = str(scifact_test)
+    data["teacher"]["model"] = str(tiny_dense_model)  # mines the hard negatives
     data["train"].update(base_model=str(tiny_dense_model), max_seq_length=64, save_steps=1000)
     data["train"]["csr"].update(hidden_dim=256, k=64, k_aux=128)
     params = Params.model_validate(data)

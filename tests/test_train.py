@@ -6,8 +6,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 import yaml
 from sentence_transformers import SparseEncoder
 from transformers import BertTokenizerFast
@@ -114,6 +112,16 @@ def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, sha
     history = json.loads((RECORDS_DIR / "train.json").read_text())["facts"]["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_mnrl_scale_reaches_the_contrastive_loss_inside_csr(tiny_dense_model):
+    from pipeline.config import CSRConfig, TrainConfig
+
+    cfg = TrainConfig(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl", mnrl_scale=20,
+                      csr=CSRConfig(hidden_dim=64, k=8, k_aux=16))
+    loss, label = train.training_loss(cfg, train.csr_encoder(str(tiny_dense_model), cfg),
+                                      pd.DataFrame({"query": ["q"], "positive": ["p"]}))
+    assert label is None and loss.loss.scale == 20
 
 
 def test_length_grouped_batches_cover_every_row_once_with_little_padding():

@@ -1,0 +1,88 @@
+"""SPLADE encoding without the batch x length x vocabulary logits tensor.
+
+sentence-transformers computes the MLM logits of every token, padding included, as one
+(batch, length, 30522) tensor, then masks, activates (relu, log1p) and max-pools it in passes over
+that tensor: 1 GB per batch of 32 x 256 tokens. The same vectors come from the vocabulary projection
+of the real tokens only, one text at a time, max-pooled as it goes; relu and log1p are monotonic, so
+they move after the max onto one vocabulary-wide row per text. Texts are length-sorted so batches
+carry little padding.
+
+Any other model (CSR, inference-free SPLADE, sum pooling) is encoded by sentence-transformers itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+
+def projection(model) -> torch.nn.Linear | None:
+    """The MLM's vocabulary projection when `model` is an MLM with SPLADE max pooling over relu
+    (the models this module knows how to encode), else None."""
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    if len(model) != 2 or not isinstance(model[1], SpladePooling):
+        return None
+    if model[1].pooling_strategy != "max" or model[1].activation_function != "relu":
+        return None
+    head = getattr(getattr(model[0], "auto_model", None), "get_output_embeddings", lambda: None)()
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+@contextmanager
+def without_projection(auto_model, head: torch.nn.Linear):
+    """The MLM with its vocabulary projection replaced by the identity: its "logits" are the
+    projection's inputs (batch, length, hidden), cheap to hold."""
+    parent, name = next((module, child) for module in auto_model.modules()
+                        for child, sub in module.named_children() if sub is head)
+    setattr(parent, name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(parent, name, head)
+
+
+def pooled_projection(hidden: torch.Tensor, mask: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """max over each text's real tokens of relu(hidden @ W.T + b), then log1p: (batch, vocabulary).
+    One text at a time: its (tokens, vocabulary) logits are the most this holds (62 MB at 512 tokens)."""
+    pooled = torch.empty(len(hidden), head.out_features, device=hidden.device)
+    for text, (states, real) in enumerate(zip(hidden, mask.bool())):
+        pooled[text] = head(states[real]).amax(0).float()
+    return pooled.relu_().log1p_()
+
+
+def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = False,
+           show_progress_bar: bool = False) -> torch.Tensor:
+    """Sparse (COO, float32, on the CPU) vectors of `texts`, in their order, as
+    model.encode_query (side "query") or model.encode_document (side "document") gives them;
+    bf16: autocast (fast on CUDA and on CPUs with AVX512-BF16 or AMX)."""
+    from sentence_transformers.util import select_max_active_dims
+    from tqdm.auto import tqdm
+
+    head = projection(model)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    if head is None:  # sentence-transformers' own encoding
+        stock = model.encode_query if side == "query" else model.encode_document
+        with autocast:
+            return stock(texts, batch_size=batch_size, convert_to_tensor=True,
+                         show_progress_bar=show_progress_bar).float().cpu().coalesce()
+    prompt = model.prompts.get(side)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: fail fast on memory
+    rows = []
+    with torch.inference_mode(), autocast, without_projection(model[0].auto_model, head):
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {side}s",
+                          disable=not show_progress_bar):
+            features = model.preprocess([texts[i] for i in order[start:start + batch_size]],
+                                        prompt=prompt)
+            features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in features.items()}
+            hidden = model[0](features)["token_embeddings"]
+            pooled = pooled_projection(hidden, features["attention_mask"], head)
+            if model.max_active_dims:  # a model saved with a top-k cap, as encode applies it
+                pooled = select_max_active_dims(pooled, model.max_active_dims)
+            rows.append(pooled.cpu().to_sparse())
+    vectors = torch.cat(rows)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return vectors.index_select(0, inverse).coalesce()
