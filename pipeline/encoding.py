@@ -43,32 +43,53 @@ def without_projection(auto_model, head: torch.nn.Linear):
         setattr(parent, name, head)
 
 
-def pooled_projection(hidden: torch.Tensor, mask: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+def pooled_projection(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      buffer: torch.Tensor) -> torch.Tensor:
     """max over each text's real tokens of relu(hidden @ W.T + b), then log1p: (batch, vocabulary).
-    One text at a time: its (tokens, vocabulary) logits are the most this holds (62 MB at 512 tokens)."""
-    pooled = torch.empty(len(hidden), head.out_features, device=hidden.device)
+
+    One text at a time, its logits written into `buffer` (at least (tokens, vocabulary), of the
+    projection's dtype): one reused buffer keeps the allocator from holding on to a fresh 30 MB block
+    per text. With a bf16 buffer the projection only finds the active dimensions (max > 0); their
+    values are recomputed in fp32, a few hundred columns instead of 30522."""
+    full = weight.dtype == torch.float32
+    weight32, bias32 = (weight, bias) if full else (weight.float(), bias.float())
+    pooled = torch.zeros(len(hidden), weight.shape[0], device=hidden.device)
     for text, (states, real) in enumerate(zip(hidden, mask.bool())):
-        pooled[text] = head(states[real]).amax(0).float()
+        tokens = states[real].float()
+        maxima = torch.addmm(bias, tokens.to(weight.dtype), weight.T, out=buffer[:len(tokens)]).amax(0)
+        if full:
+            pooled[text] = maxima
+        else:
+            active = (maxima > 0).nonzero().squeeze(1)
+            pooled[text, active] = torch.addmm(bias32[active], tokens, weight32[active].T).amax(0)
     return pooled.relu_().log1p_()
 
 
 def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = False,
            show_progress_bar: bool = False) -> torch.Tensor:
     """Sparse (COO, float32, on the CPU) vectors of `texts`, in their order, as
-    model.encode_query (side "query") or model.encode_document (side "document") gives them;
-    bf16: autocast (fast on CUDA and on CPUs with AVX512-BF16 or AMX)."""
+    model.encode_query (side "query") or model.encode_document (side "document") gives them.
+
+    bf16 (fast on CUDA and on CPUs with AVX512-BF16 or AMX): the vocabulary projection, most of a
+    small SPLADE's work, runs in bf16 and its active values are recomputed in fp32; the encoder runs
+    under bf16 autocast on CUDA only. Measured on splade-tiny (SciFact documents): a bf16 encoder
+    moves values by up to 0.08, the bf16 projection with fp32 recompute by up to 0.015 (mean 6e-8)."""
     from sentence_transformers.util import select_max_active_dims
     from tqdm.auto import tqdm
 
     head = projection(model)
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if head is None:  # sentence-transformers' own encoding
         stock = model.encode_query if side == "query" else model.encode_document
-        with autocast:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             return stock(texts, batch_size=batch_size, convert_to_tensor=True,
                          show_progress_bar=show_progress_bar).float().cpu().coalesce()
     prompt = model.prompts.get(side)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: fail fast on memory
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    weight = head.weight.detach().to(dtype)
+    bias = (head.bias.detach() if head.bias is not None else torch.zeros(len(weight), device=model.device)).to(dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and model.device.type == "cuda" else nullcontext()
+    buffer = torch.empty(0, weight.shape[0], dtype=dtype, device=model.device)
     rows = []
     with torch.inference_mode(), autocast, without_projection(model[0].auto_model, head):
         for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {side}s",
@@ -78,7 +99,9 @@ def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = Fal
             features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
                         for k, v in features.items()}
             hidden = model[0](features)["token_embeddings"]
-            pooled = pooled_projection(hidden, features["attention_mask"], head)
+            if len(buffer) < hidden.shape[1]:
+                buffer = torch.empty(hidden.shape[1], weight.shape[0], dtype=dtype, device=model.device)
+            pooled = pooled_projection(hidden, features["attention_mask"], weight, bias, buffer)
             if model.max_active_dims:  # a model saved with a top-k cap, as encode applies it
                 pooled = select_max_active_dims(pooled, model.max_active_dims)
             rows.append(pooled.cpu().to_sparse())
