@@ -6,8 +6,9 @@ active dimensions per document and 25 per query, log-normal weights. Each query 
 terms from one document (as a real query shares terms with what it looks for) and the rest at random.
 
 Two ways to get each query's top 100 by dot product:
-- exact: the evaluation stage's brute force (scipy sparse products, pipeline.evaluate.top_documents);
-- seismic: a learned-sparse inverted index (pyseismic-lsr), approximate.
+- exact: the evaluation stage's brute force (scipy sparse products, pipeline.retrieval.ExactIndex);
+- seismic: the stage's learned-sparse inverted index (pipeline.retrieval.SeismicIndex over
+  pyseismic-lsr), approximate; built on every core, searched on --threads (exact uses one).
 Prints one JSON line: for each, build seconds, ms/query, memory of the index, and seismic's
 recall@100 against exact.
 
@@ -75,50 +76,39 @@ def csr_bytes(matrix) -> int:
     return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
 
 
-def exact_top(documents, queries, depth: int) -> tuple[list[np.ndarray], dict]:
-    from pipeline.evaluate import top_documents
-
-    started = time.perf_counter()
-    by_dimension = documents.T.tocsr()  # the inverted index: one row of postings per term
-    built = time.perf_counter() - started
-    started = time.perf_counter()
-    found = [indices for indices, _ in top_documents(queries, documents, depth)]
-    seconds = time.perf_counter() - started
-    return found, {"build_seconds": round(built, 2), "ms_per_query": round(1000 * seconds / queries.shape[0], 3),
-                   "index_mb": round(csr_bytes(by_dimension) / 2 ** 20, 1)}
-
-
 def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed_search(index, queries, depth: int) -> tuple[list[np.ndarray], float]:
+    started = time.perf_counter()
+    found = [rows for rows, _ in index.search(queries, depth)]
+    return found, round(1000 * (time.perf_counter() - started) / queries.shape[0], 3)
+
+
+def exact_top(documents, queries, depth: int) -> tuple[list[np.ndarray], dict]:
+    from pipeline.retrieval import ExactIndex
+
+    started = time.perf_counter()
+    index = ExactIndex(documents)  # the inverted index: one row of postings per term
+    built = time.perf_counter() - started
+    found, ms = timed_search(index, queries, depth)
+    return found, {"build_seconds": round(built, 2), "ms_per_query": ms, "index_mb": round(index.nbytes / 2 ** 20, 1)}
+
+
 def seismic_top(documents, queries, depth: int, query_cut: int, heap_factor: float,
                 threads: int) -> tuple[list[np.ndarray], dict]:
-    from seismic import SeismicDataset, SeismicIndex, get_seismic_string
+    from pipeline.retrieval import SeismicIndex
 
-    string_type = get_seismic_string()
-    terms = np.arange(VOCABULARY).astype(string_type)  # seismic names components by string
-    started = time.perf_counter()
-    dataset = SeismicDataset()
-    for row in range(documents.shape[0]):
-        span = slice(documents.indptr[row], documents.indptr[row + 1])
-        dataset.add_document(str(row), terms[documents.indices[span]], documents.data[span])
     rss_before = peak_rss_mb()
-    index = SeismicIndex.build_from_dataset(dataset)
-    built = time.perf_counter() - started
-    del dataset
-    spans = [slice(queries.indptr[q], queries.indptr[q + 1]) for q in range(queries.shape[0])]
     started = time.perf_counter()
-    results = index.batch_search(np.array([str(q) for q in range(queries.shape[0])], dtype=string_type),
-                                 [terms[queries.indices[s]] for s in spans], [queries.data[s] for s in spans],
-                                 k=depth, query_cut=query_cut, heap_factor=heap_factor, num_threads=threads)
-    seconds = time.perf_counter() - started
-    by_query = {hits[0][0]: hits for hits in results if hits}  # results come in no set query order
-    found = [np.array([int(doc_id) for _, _, doc_id in by_query.get(str(q), [])]) for q in range(queries.shape[0])]
-    return found, {"build_seconds": round(built, 2), "ms_per_query": round(1000 * seconds / queries.shape[0], 3),
-                   "threads": threads, "query_cut": query_cut, "heap_factor": heap_factor,
+    index = SeismicIndex(documents, query_cut, heap_factor, search_threads=threads)
+    built = time.perf_counter() - started
+    found, ms = timed_search(index, queries, depth)
+    return found, {"build_seconds": round(built, 2), "ms_per_query": ms, "search_threads": threads,
+                   "query_cut": query_cut, "heap_factor": heap_factor,
                    # the index itself is not sized by the library: the process's peak memory grew by
                    "index_build_peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1)}
 
@@ -134,7 +124,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--query-cut", type=int, default=20, help="seismic: query terms used")
     parser.add_argument("--heap-factor", type=float, default=0.8, help="seismic: pruning (1: least)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="seismic: search threads")
     args = parser.parse_args()
 
     started = time.perf_counter()

@@ -72,12 +72,14 @@ class TrainDataConfig(Section):
 
 class EvalDataConfig(Section):
     """The held-out retrieval set(s). "synthetic"; a BEIR folder; a NanoBEIR folder (one set); or a
-    Hugging Face dataset in the NanoBEIR-en layout (configs corpus, queries and qrels, one split per
-    set), a Hub id pinned with `revision` or a local copy of one (format: hf)."""
+    Hugging Face dataset (format: hf), a Hub id pinned with `revision` or a local copy of one, in the
+    NanoBEIR-en layout (configs corpus, queries and qrels, one split per set) or BEIR's layout on the
+    Hub (configs corpus, queries and default, the qrels split `split`): MS MARCO dev is
+    mteb/msmarco at revision c5a29a104738b98a9e76336939199e264163d4a0, split dev."""
 
     source: str = "synthetic"
     format: Literal["auto", "beir", "nanobeir", "hf"] = "auto"
-    split: str = "test"  # the BEIR qrels split
+    split: str = "test"  # the BEIR qrels split (MS MARCO: dev)
     revision: str | None = None  # Hugging Face commit / tag; required for Hub ids
     # hf: the sets to score, as split names (NanoSciFact) or sentence-transformers' short names
     # (scifact, msmarco, nq, ...); empty: every set the dataset has (NanoBEIR-en: all 13)
@@ -211,6 +213,17 @@ class TrainConfig(Section):
         return self
 
 
+class IndexConfig(Section):
+    """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks) or
+    seismic (pyseismic-lsr's approximate learned-sparse index: extra `scale`); auto: exact up to
+    exact_max_docs documents (1M took 45 ms per query on one CPU core), seismic past it."""
+
+    kind: Literal["auto", "exact", "seismic"] = "auto"
+    exact_max_docs: PositiveInt = 2_000_000
+    query_cut: PositiveInt = 20  # seismic: a query's largest terms searched
+    heap_factor: float = Field(0.8, gt=0, le=1)  # seismic: 1 prunes least
+
+
 class EvaluateConfig(Section):
     batch_size: PositiveInt = 64
     # fp32: the stock evaluator's numbers (within 1e-4); bf16: autocast, faster on CUDA and on CPUs
@@ -220,6 +233,7 @@ class EvaluateConfig(Section):
     max_train_triplets: PositiveInt = 5000
     # also score the student keeping only its top-k dimensions, for each k (CSR cards report 4...256)
     max_active_dims: list[PositiveInt] = []
+    index: IndexConfig = IndexConfig()
 
 
 class CardConfig(Section):

@@ -12,8 +12,10 @@ retrieval metrics at each top-k size ("student_max_active_dims": {"16": {...}, .
 beside them ("bm25"). Also metrics/ndcg_per_dataset.csv and two figures in metrics/plots/: nDCG@10
 per set and model, and the documents' active dimensions.
 
-SPLADE models are encoded without their full logits tensor (pipeline.encoding) and retrieved with
-sparse products; evaluate.precision bf16 trades exactness for speed.
+SPLADE models are encoded without their full logits tensor (pipeline.encoding); each query's top 100
+comes from pipeline.retrieval: exact sparse products, or past evaluate.index.exact_max_docs documents
+(MS MARCO's 8.8M passages) the approximate seismic index ("index" in eval.json says which ran).
+evaluate.precision bf16 trades exactness for speed.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import pandas as pd
 from pipeline import encoding, plots, snapshot
 from pipeline.cli import StageError, run_stage
 from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, SNAPSHOT_DIR,
-                             STUDENT_DIR, EvaluateConfig, Params)
+                             STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
 from pipeline.metrics import graded_ndcg, mean_metrics, ranking_metrics
+from pipeline.retrieval import build_index, index_kind
 from pipeline.runtime import use_bf16
 from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_json
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1",
             "dot_graded_ndcg@10"]
+DEPTH = 100  # documents retrieved per query: the deepest cut-off among the metrics (map@100)
 
 
 @dataclass
@@ -68,13 +72,19 @@ def to_csr(vectors: "torch.Tensor") -> "scipy.sparse.csr_matrix":
     return matrix
 
 
-def encode(model, data: RetrievalSet, batch_size: int, bf16: bool = False) -> Encoded:
-    query_ids = [q for q in data.qrels if q in data.queries]  # judged queries, as the evaluator
+def encode(model, data: RetrievalSet, batch_size: int, bf16: bool = False,
+           chunk_docs: int = 100_000) -> Encoded:
+    """The judged queries (as the stock evaluator) and the corpus, `chunk_docs` documents at a time:
+    a chunk's COO tensor (int64 coordinates) is 2.5 times its CSR rows, too much for 8.8M passages."""
+    from scipy.sparse import vstack
+
+    query_ids = [q for q in data.qrels if q in data.queries]
     doc_ids = list(data.corpus)
-    queries = encoding.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16)
-    corpus = encoding.encode(model, [data.corpus[d] for d in doc_ids], "document", batch_size, bf16,
-                             show_progress_bar=True)
-    return Encoded(query_ids, to_csr(queries), doc_ids, to_csr(corpus))
+    queries = to_csr(encoding.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
+    chunks = [to_csr(encoding.encode(model, [data.corpus[d] for d in doc_ids[start:start + chunk_docs]],
+                                     "document", batch_size, bf16, show_progress_bar=True))
+              for start in range(0, len(doc_ids), chunk_docs)]
+    return Encoded(query_ids, queries, doc_ids, vstack(chunks, format="csr"))
 
 
 def keep_top(matrix: "scipy.sparse.csr_matrix", k: int) -> "scipy.sparse.csr_matrix":
@@ -89,20 +99,6 @@ def keep_top(matrix: "scipy.sparse.csr_matrix", k: int) -> "scipy.sparse.csr_mat
     return csr_matrix((matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape)
 
 
-def top_documents(queries, corpus, depth: int = 100, max_cells: int = 2 ** 25):
-    """The `depth` best-scoring documents of each query (indices, scores; best first): sparse dot
-    products, a block of queries at a time so that a block's score matrix stays under max_cells."""
-    depth = min(depth, corpus.shape[0])
-    by_dimension = corpus.T.tocsr()
-    block = max(1, max_cells // corpus.shape[0])
-    for start in range(0, queries.shape[0], block):
-        scores = (queries[start:start + block] @ by_dimension).toarray()
-        best = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-        best_scores = np.take_along_axis(scores, best, axis=1)
-        order = np.argsort(-best_scores, axis=1, kind="stable")
-        yield from zip(np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1))
-
-
 @dataclass
 class SetScores:
     """One set's metrics, and how many of its queries / documents use each dimension (sets pool
@@ -114,14 +110,16 @@ class SetScores:
     docs: int
 
 
-def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None) -> SetScores:
+def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
+                     index: IndexConfig = IndexConfig()) -> SetScores:
     """What SparseInformationRetrievalEvaluator reports (ranking metrics, active dims, sparsity
     ratios, avg_flops), from vectors already encoded, keeping each vector's top-k dimensions when
     k is given: encoding with max_active_dims=k gives the same, but re-encodes the corpus per k."""
     queries, corpus = (keep_top(m, k) if k else m for m in (vectors.queries, vectors.corpus))
     width = queries.shape[1]
+    found = build_index(corpus, index).search(queries, DEPTH)
     ranking = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(indices, values)}
-               for q, (indices, values) in zip(vectors.query_ids, top_documents(queries, corpus))}
+               for q, (indices, values) in zip(vectors.query_ids, found)}
     query_dims, corpus_dims = float(np.diff(queries.indptr).mean()), float(np.diff(corpus.indptr).mean())
     metrics = {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking),
                "query_active_dims": query_dims, "query_sparsity_ratio": 1 - query_dims / width,
@@ -155,7 +153,7 @@ def pooled_metrics(per_set: list[SetScores]) -> dict[str, float]:
 
 def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.DataFrame, batch_size: int,
                    max_active_dims: list[int], max_seq_length: int | None = None,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", index: IndexConfig = IndexConfig()) -> dict:
     """Retrieval metrics of the model as saved, and at each top-k size (each set encoded once), per
     set and pooled over the sets, plus the training triplets' accuracy where the training set
     has negatives."""
@@ -170,9 +168,9 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
     for name, data in sets.items():
         log.info("scoring %s on %s", model_dir, name)
         vectors = encode(model, data, batch_size, bf16)
-        per_set[name] = retrieval_scores(vectors, data)
+        per_set[name] = retrieval_scores(vectors, data, index=index)
         doc_dims.append(np.diff(vectors.corpus.indptr))
-        sweeps.append({k: retrieval_scores(vectors, data, k) for k in max_active_dims})
+        sweeps.append({k: retrieval_scores(vectors, data, k, index) for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
         triplets = SparseTripletEvaluator(
@@ -185,7 +183,7 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
             "doc_active_dims": np.concatenate(doc_dims)}
 
 
-def bm25_metrics(data: RetrievalSet, depth: int = 100) -> dict[str, float]:
+def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
     """BM25 (bm25s, English stop words) on the same set: the lexical baseline. Its ranking metrics
     carry the models' names (dot_ndcg@10, ...) so that the rows compare column by column."""
     from pipeline.runtime import import_bm25s
@@ -210,14 +208,15 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
         sets = snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split)
         train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE).head(cfg.max_train_triplets)
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
-                                        precision=cfg.precision)
+                                        precision=cfg.precision, index=cfg.index)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))
         bm25 = {name: bm25_metrics(data) for name, data in sets.items()}
         result = {"student": student["metrics"], "base": base["metrics"],
                   "bm25": mean_metrics(list(bm25.values())),
                   "gain": {k: student["metrics"][k] - base["metrics"][k] for k in HEADLINE},
                   "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
-                                      "bm25": bm25[name]} for name in sets}}
+                                      "bm25": bm25[name]} for name in sets},
+                  "index": {name: index_kind(cfg.index, len(data.corpus)) for name, data in sets.items()}}
         if cfg.max_active_dims:
             result["student_max_active_dims"] = student["max_active_dims"]
             result["base_max_active_dims"] = base["max_active_dims"]
@@ -247,15 +246,15 @@ def write_ndcg_table(datasets: dict, path: Path) -> None:
 
 
 def evaluate_folder(model: Path, beir: Path, split: str, max_seq_length: int | None, batch_size: int,
-                    precision: str, max_active_dims: list[int]) -> dict:
+                    precision: str, max_active_dims: list[int], index: IndexConfig = IndexConfig()) -> dict:
     """One model on one BEIR folder, outside the pipeline: its metrics and the seconds they took
     (read, encode, retrieve, score)."""
     started = time.perf_counter()
     data = read_retrieval_set(beir, split)
     result = evaluate_model(model, {beir.name: data}, pd.DataFrame(), batch_size, max_active_dims,
-                            max_seq_length, precision)
+                            max_seq_length, precision, index)
     return {**result["metrics"], "max_active_dims": result["max_active_dims"],
-            "seconds": time.perf_counter() - started}
+            "index": index_kind(index, len(data.corpus)), "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=EvaluateConfig().batch_size)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--max-active-dims", type=int, nargs="*", default=[])
+    parser.add_argument("--index", choices=["auto", "exact", "seismic"], default="auto",
+                        help="top-100 search: exact, or seismic (approximate; auto: past 2M documents)")
     parser.add_argument("--out", help="JSON file for the metrics (default: print them)")
     args = parser.parse_args(argv)
     if not (args.model or args.beir):
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = evaluate_folder(Path(args.model), Path(args.beir), args.split, args.max_seq_length,
-                                 args.batch_size, args.precision, args.max_active_dims)
+                                 args.batch_size, args.precision, args.max_active_dims,
+                                 IndexConfig(kind=args.index))
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

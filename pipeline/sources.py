@@ -3,7 +3,8 @@
 Training rows: files (jsonl, parquet, tsv, csv), BEIR and NanoBEIR folders (a qrels split becomes
 (query, positive) pairs) and Hugging Face datasets at a pinned revision; id-based rows
 (query_id, positive_id, negative_id...) are joined against a corpus and queries file.
-Evaluation sets: BEIR and NanoBEIR folders, and Hugging Face datasets in the NanoBEIR-en layout.
+Evaluation sets: BEIR and NanoBEIR folders, and Hugging Face datasets in the NanoBEIR-en layout or
+in the BEIR-on-the-Hub layout (mteb/msmarco: MS MARCO dev).
 
 A problem is raised as a SourceError naming the file, the check that failed and an example row,
 because a user with a 10-million-row file cannot guess."""
@@ -102,6 +103,14 @@ def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFr
                        quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
 
 
+def joined_text(frame: pd.DataFrame) -> pd.Series:
+    """A BEIR row's text: its title (where there is one) and text, as sentence-transformers joins them."""
+    text = frame["text"].fillna("").astype(str)
+    if "title" in frame:
+        text = (frame["title"].fillna("").astype(str) + " " + text).str.strip()
+    return text
+
+
 def _read_id_texts(path: Path) -> dict[str, str]:
     """id -> text from a jsonl (_id, title, text) or a header-less tsv (id \\t text)."""
     if path.suffix.lower() in {".jsonl", ".json"}:
@@ -109,10 +118,7 @@ def _read_id_texts(path: Path) -> dict[str, str]:
         if "_id" not in frame or "text" not in frame:
             raise SourceError(path, "required_columns", "expected '_id' and 'text' fields",
                               frame.iloc[0].to_dict() if len(frame) else None)
-        text = frame["text"].fillna("").astype(str)
-        if "title" in frame:
-            text = (frame["title"].fillna("").astype(str) + " " + text).str.strip()
-        return dict(zip(frame["_id"].astype(str), text))
+        return dict(zip(frame["_id"].astype(str), joined_text(frame)))
     frame = read_delimited(path, "\t", ["_id", "text"])
     return dict(zip(frame["_id"].astype(str), frame["text"]))
 
@@ -257,40 +263,48 @@ def read_retrieval_set(folder: Path, split: str) -> RetrievalSet:
     return RetrievalSet(corpus, queries, judged_qrels(qrels, qrels_path))
 
 
-def hub_set_names(source: str, revision: str | None, names: list[str]) -> list[str]:
-    """The split of each requested set: a split name as is, a sentence-transformers NanoBEIR short
-    name (scifact) as its split (NanoSciFact); none requested: every split the dataset has."""
-    from datasets import get_dataset_split_names
-    from sentence_transformers.sentence_transformer.evaluation.nano_beir import (
-        DATASET_NAME_TO_HUMAN_READABLE)
-
-    available = get_dataset_split_names(source, "corpus", revision=revision)
+def hub_set_names(source: str, names: list[str], available: list[str]) -> list[str]:
+    """The split of each requested set: its split name (NanoSciFact) or sentence-transformers' short
+    name for it (scifact: the split name without "Nano", any case); none requested: every split."""
     if not names:
         return available
-    splits = [name if name in available else f"Nano{DATASET_NAME_TO_HUMAN_READABLE.get(name.lower(), name)}"
-              for name in names]
-    unknown = [name for name, split in zip(names, splits) if split not in available]
+    by_short_name = {split.lower().removeprefix("nano"): split for split in available}
+    splits = [by_short_name.get(name.lower().removeprefix("nano")) for name in names]
+    unknown = [name for name, split in zip(names, splits) if split is None]
     if unknown:
         raise SourceError(source, "known_sets", f"no set {unknown} (available: {available})")
     return splits
 
 
-def read_hub_retrieval_sets(source: str, revision: str | None, names: list[str]) -> dict[str, RetrievalSet]:
-    """Sets of a Hugging Face dataset in the NanoBEIR-en layout (configs corpus, queries and qrels,
-    one split per set), by Hub id at a pinned revision or from a local copy. Empty texts are dropped,
-    as sentence-transformers' NanoBEIREvaluator drops them."""
-    from datasets import load_dataset
+def read_hub_retrieval_sets(source: str, revision: str | None, names: list[str],
+                            split: str) -> dict[str, RetrievalSet]:
+    """Retrieval sets of a Hugging Face dataset, by Hub id at a pinned revision or from a local copy:
+    - NanoBEIR-en layout: configs corpus, queries and qrels, one split per set (`names` picks them);
+    - BEIR on the Hub (mteb/msmarco, mteb/scifact, ...): configs corpus and queries (one split each)
+      and the qrels as config default, split `split` (MS MARCO dev: mteb/msmarco, split dev); one set,
+      named after the dataset.
+    Empty texts are dropped, as sentence-transformers' NanoBEIREvaluator drops them."""
+    from datasets import get_dataset_split_names, load_dataset
 
     if revision is None and not Path(source).exists():
         raise SourceError(source, "pinned_revision", "set snapshot.eval.revision to a commit or tag: "
                           "an unpinned Hub dataset can change under the same name")
+
+    def texts(part: str, part_split: str) -> dict[str, str]:
+        frame = load_dataset(source, part, split=part_split, revision=revision).to_pandas()
+        return {doc_id: t for doc_id, t in zip(frame["_id"].astype(str), joined_text(frame)) if t}
+
+    available = get_dataset_split_names(source, "corpus", revision=revision)
+    if available == ["corpus"]:
+        qrels = load_dataset(source, "default", split=split, revision=revision).to_pandas()
+        name = Path(source.rstrip("/")).name
+        return {name: RetrievalSet(texts("corpus", "corpus"), texts("queries", "queries"),
+                                   judged_qrels(qrels, f"{source} default/{split}"))}
     sets = {}
-    for split in hub_set_names(source, revision, names):
-        corpus, queries, qrels = (load_dataset(source, part, split=split, revision=revision).to_pandas()
-                                  for part in ("corpus", "queries", "qrels"))
-        texts = [dict((i, t) for i, t in zip(frame["_id"].astype(str), frame["text"]) if t)
-                 for frame in (corpus, queries)]
-        sets[split] = RetrievalSet(texts[0], texts[1], judged_qrels(qrels, f"{source} qrels/{split}"))
+    for set_split in hub_set_names(source, names, available):
+        qrels = load_dataset(source, "qrels", split=set_split, revision=revision).to_pandas()
+        sets[set_split] = RetrievalSet(texts("corpus", set_split), texts("queries", set_split),
+                                       judged_qrels(qrels, f"{source} qrels/{set_split}"))
     return sets
 
 
@@ -298,10 +312,10 @@ def read_eval_sets(cfg: EvalDataConfig) -> dict[str, RetrievalSet]:
     """The evaluation sets `cfg` names, by set name (a folder's name, or the dataset's split names)."""
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     if fmt == "hf":
-        return read_hub_retrieval_sets(cfg.source, cfg.revision, cfg.datasets)
+        return read_hub_retrieval_sets(cfg.source, cfg.revision, cfg.datasets, cfg.split)
     if fmt not in {"beir", "nanobeir"}:
         raise SourceError(cfg.source, "eval_layout", "an evaluation set is a BEIR or NanoBEIR folder, or a "
-                          "Hugging Face dataset in the NanoBEIR-en layout")
+                          "Hugging Face dataset in the NanoBEIR-en or mteb (BEIR) layout")
     return {Path(cfg.source).resolve().name: read_retrieval_set(Path(cfg.source), cfg.split)}
 
 

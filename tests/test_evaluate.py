@@ -3,7 +3,8 @@
 import pytest
 
 from pipeline import evaluate
-from pipeline.config import EvalDataConfig
+from pipeline.config import EvalDataConfig, IndexConfig
+from pipeline.retrieval import ExactIndex, index_kind
 from pipeline.sources import SourceError, read_eval_sets, read_retrieval_set
 
 
@@ -85,7 +86,7 @@ def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(sh
     model.max_seq_length = 128
     vectors = evaluate.encode(model, data, batch_size=32)
     ranking = {q: {vectors.doc_ids[j]: float(s) for j, s in zip(indices, scores)}
-               for q, (indices, scores) in zip(vectors.query_ids, evaluate.top_documents(vectors.queries, vectors.corpus))}
+               for q, (indices, scores) in zip(vectors.query_ids, ExactIndex(vectors.corpus).search(vectors.queries))}
     ours = ranking_metrics(data, ranking)
     binary = {q: {d: 1 for d in docs} for q, docs in data.qrels.items()}
     trec = ir_measures.calc_aggregate([nDCG@10, RR@10, AP@100, R@10, P@10, Success@1], binary, ranking)
@@ -117,6 +118,56 @@ def test_command_line_scores_a_plain_masked_lm_folder(tmp_path, shared, cut_beir
     assert required <= set(result) and result["seconds"] > 0
     assert 0 < result["dot_graded_ndcg@10"] < result["dot_ndcg@10"] == 1.0  # binary saturates on DL19
     assert 0 < result["query_active_dims"] < result["corpus_active_dims"] < 30522
+
+
+def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds(shared, cut_beir):
+    """splade-tiny vectors of 1,000+ DBPedia documents: seismic's hits carry their dot products,
+    most of exact's top 10 is found, and the metrics move little; auto picks by corpus size."""
+    import numpy as np
+    from sentence_transformers import SparseEncoder
+
+    from pipeline.retrieval import SeismicIndex
+
+    data = read_retrieval_set(cut_beir("dbpedia-subset", queries=40, extra_docs=1000), "test")
+    model = SparseEncoder(str(shared / "models/splade-tiny"))
+    model.max_seq_length = 128
+    vectors = evaluate.encode(model, data, batch_size=32)
+    exact = list(ExactIndex(vectors.corpus).search(vectors.queries, 100))
+    approximate = list(SeismicIndex(vectors.corpus).search(vectors.queries, 100))
+    dense = (vectors.queries @ vectors.corpus.T).toarray()
+    for q, (rows, scores) in enumerate(approximate):
+        assert len(rows) == 100 and np.all(np.diff(scores) <= 0)
+        np.testing.assert_allclose(scores, dense[q, rows], rtol=1e-3)  # seismic stores rounded weights
+    overlap = np.mean([len(np.intersect1d(a[0][:10], e[0][:10])) / 10 for a, e in zip(approximate, exact)])
+    assert overlap >= 0.9
+    exact_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
+    seismic_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic")).metrics
+    assert seismic_metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
+    auto = IndexConfig(exact_max_docs=1000)
+    assert index_kind(auto, 1000) == "exact" and index_kind(auto, 1001) == "seismic"
+
+
+def test_corpus_encoded_in_chunks_equals_one_pass_and_bf16_stays_close(shared, cut_beir):
+    """The corpus encoded a few documents at a time gives the same rows as one pass, and the same as
+    sentence-transformers' encode_document (fp32, also with the model's max_active_dims); bf16 mode
+    keeps values within 0.05 of them."""
+    import numpy as np
+    from sentence_transformers import SparseEncoder
+
+    data = read_retrieval_set(cut_beir("scifact", queries=4, extra_docs=40), "test")
+    model = SparseEncoder(str(shared / "models/splade-tiny"))
+    model.max_seq_length = 128
+    whole, chunked = (evaluate.encode(model, data, batch_size=8, chunk_docs=n) for n in (10_000, 7))
+    assert (whole.corpus != chunked.corpus).nnz == 0 and whole.corpus.shape == chunked.corpus.shape
+    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in whole.doc_ids], convert_to_tensor=True).cpu())
+    assert abs(whole.corpus - stock).max() == 0.0
+    bf16 = evaluate.encode(model, data, batch_size=8, bf16=True)
+    assert 0 < abs(bf16.corpus - whole.corpus).max() < 0.05
+    model.max_active_dims = 16
+    capped = evaluate.encode(model, data, batch_size=8)
+    assert np.diff(capped.corpus.indptr).max() == 16
+    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in capped.doc_ids], convert_to_tensor=True).cpu())
+    assert abs(capped.corpus - stock).max() == 0.0
 
 
 @pytest.mark.slow
@@ -154,7 +205,7 @@ def test_graded_ndcg_on_the_whole_trec_dl19_subset(shared):
     vectors = evaluate.encode(model, data, batch_size=32)
     metrics = evaluate.retrieval_scores(vectors, data).metrics
     ranking = {q: {vectors.doc_ids[j]: float(s) for j, s in zip(indices, scores)}
-               for q, (indices, scores) in zip(vectors.query_ids, evaluate.top_documents(vectors.queries, vectors.corpus))}
+               for q, (indices, scores) in zip(vectors.query_ids, ExactIndex(vectors.corpus).search(vectors.queries))}
     exponential = nDCG(gains={1: 1, 2: 3, 3: 7}) @ 10
     assert metrics["dot_ndcg@10"] == 1.0 and metrics["dot_graded_ndcg@10"] < 0.9
     assert ir_measures.calc_aggregate([exponential], data.qrels, ranking)[exponential] == pytest.approx(0.7153, abs=1e-4)

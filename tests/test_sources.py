@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from pipeline import snapshot
-from pipeline.config import Params, TrainDataConfig
-from pipeline.sources import SourceError, load_training, read_retrieval_set
+from pipeline.config import EvalDataConfig, Params, TrainDataConfig
+from pipeline.sources import SourceError, load_training, read_eval_sets, read_retrieval_set
 
 TRIPLET_COLUMNS = ["query", "positive", "negative"]
 
@@ -125,3 +125,34 @@ def test_scored_rows_with_a_list_of_scores(tmp_path):
     findings = validate.check_rows(frame, str(path), ValidateConfig(min_rows=1))
     (finite,) = [f for f in findings if f["check"] == "finite_scores"]
     assert finite["failing_count"] == 1 and list(finite["example_rows"]) == [1]
+
+
+def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_params, cut_beir):
+    """A local copy of a Hugging Face dataset in mteb's BEIR layout (as mteb/msmarco: configs corpus,
+    queries and default, the qrels split dev): one set, named after the dataset, titles joined to
+    texts, graded qrels kept, frozen by the snapshot as a BEIR folder that reads back the same."""
+    beir = read_retrieval_set(cut_beir("trec-dl19-subset", queries=5, extra_docs=30), "test")
+    root = workdir / "hub" / "msmarco"
+    (root / "qrels").mkdir(parents=True)
+    rows = {"corpus": [{"_id": d, "title": f"title {d}", "text": t} for d, t in beir.corpus.items()],
+            "queries": [{"_id": q, "text": t} for q, t in beir.queries.items()],
+            "qrels/dev": [{"query-id": q, "corpus-id": d, "score": float(s)}
+                          for q, docs in beir.qrels.items() for d, s in docs.items()],
+            "qrels/train": [{"query-id": "nope", "corpus-id": "nope", "score": 1.0}]}
+    for name, part in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    (root / "README.md").write_text("\n".join([
+        "---", "configs:", "- config_name: default", "  data_files:", "  - split: dev", "    path: qrels/dev.jsonl",
+        "  - split: train", "    path: qrels/train.jsonl", "- config_name: corpus", "  data_files:",
+        "  - split: corpus", "    path: corpus.jsonl", "- config_name: queries", "  data_files:",
+        "  - split: queries", "    path: queries.jsonl", "---", ""]))
+
+    (data,) = read_eval_sets(EvalDataConfig(source=str(root), format="hf", split="dev")).values()
+    assert data.qrels == beir.qrels and max(g for docs in data.qrels.values() for g in docs.values()) > 1
+    assert data.queries == beir.queries
+    assert data.corpus == {d: f"title {d} {t}" for d, t in beir.corpus.items()}
+    params = tiny_params.model_dump(by_alias=True)
+    params["snapshot"]["eval"].update(source=str(root), format="hf", split="dev")
+    manifest = snapshot.run(Params.model_validate(params))
+    assert manifest["eval"]["sets"]["msmarco"]["judged_queries"] == 5
+    assert snapshot.read_eval_snapshot(workdir / "data/snapshot", "dev") == {"msmarco": data}
