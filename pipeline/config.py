@@ -242,11 +242,24 @@ class CardConfig(Section):
     license: str = "apache-2.0"
 
 
+class GateConfig(Section):
+    """What the model must reach to be pushed, read from its card's main evaluation result (the
+    mean when there are several sets): at least `minimum`, and no more than `max_drop` below the
+    model already pushed to the same repo and branch (same dataset and metric on its card)."""
+
+    metric: str = "dot_ndcg@10"
+    minimum: float | None = None
+    max_drop: float | None = 0.01
+
+
 class PushConfig(Section):
     repo_id: str = "your-username/splade-quickstart"
-    dry_run: bool = True
+    dry_run: bool = True  # false uploads, with the token in the HF_TOKEN environment variable
     private: bool = True
-    revision: str = "main"
+    revision: str = "main"  # the branch to commit to (created from main if missing)
+    gate: GateConfig = GateConfig()
+    attempts: PositiveInt = 5  # tries of each Hub call that fails with a 5xx, a 429 or a timeout
+    backoff_seconds: float = Field(2.0, ge=0)  # wait before the first retry, doubled after each
 
 
 class TrackingConfig(Section):

@@ -18,6 +18,13 @@ def _figure(width: float = 7, height: float = 3.5):
     return plt, *plt.subplots(figsize=(width, height))
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def ndcg_per_dataset(datasets: dict[str, dict[str, dict[str, float]]], path: Path,
                      metric: str = "dot_ndcg@10") -> None:
     """Grouped bars: `metric` of each model (student, base, bm25) on each evaluation set."""
@@ -33,10 +40,7 @@ def ndcg_per_dataset(datasets: dict[str, dict[str, dict[str, float]]], path: Pat
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def active_dims_histogram(active_dims: dict[str, np.ndarray], path: Path) -> None:
@@ -50,7 +54,29 @@ def active_dims_histogram(active_dims: dict[str, np.ndarray], path: Path) -> Non
     ax.set_xlabel("active dimensions per document")
     ax.set_ylabel("documents")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
+
+
+def held_out_score(log_entry: dict) -> float | None:
+    """A training log entry's held-out nDCG@10 (the mean over sets when there are several), if scored."""
+    return log_entry.get("eval_sequential_score", log_entry.get("eval_dot_ndcg@10"))
+
+
+def training_curve(log_history: list[dict], path: Path) -> None:
+    """Training loss per logged step and, where the run scored its held-out set during training,
+    its nDCG@10 on a second axis."""
+    plt, fig, ax = _figure()
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    if losses:  # none when the run had fewer steps than logging_steps
+        ax.plot(*zip(*losses), color=MODEL_COLOURS["student"], label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    scored = [(e["step"], held_out_score(e)) for e in log_history if held_out_score(e) is not None]
+    if scored:
+        right = ax.twinx()
+        right.plot(*zip(*scored), "o-", color=MODEL_COLOURS["bm25"], label="held-out nDCG@10")
+        right.set_ylabel("held-out nDCG@10")
+        right.legend(loc="upper right")
+    if losses:
+        ax.legend(loc="upper left")
+    _save(plt, fig, path)

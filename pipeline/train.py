@@ -174,15 +174,26 @@ class GlobalBatchFlopsLoss(FlopsLoss):
         return torch.sum((all_reduce(embeddings.sum(dim=0)) / count) ** 2)
 
 
+# the teacher's column each loss trains on: margins, score lists, or none (in-batch negatives)
+LABEL_COLUMN = {"margin-mse": "label", "kl-div": "scores", "mnrl": None}
+
+
+def training_rows(cfg: TrainConfig, scored: pd.DataFrame) -> pd.DataFrame:
+    """The columns the trainer sees: the texts, and the loss's teacher column named label."""
+    label = LABEL_COLUMN[cfg.loss]
+    columns = snapshot.text_columns(scored) + ([label] if label and label in scored else [])
+    return scored[columns].rename(columns={"scores": "label"})
+
+
 def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
-    """The loss and the label column it trains on (None for mnrl): the main loss inside SpladeLoss
-    (with FLOPS regularisation) or CSRLoss (with the autoencoder's reconstruction losses)."""
+    """The main loss inside SpladeLoss (with FLOPS regularisation) or CSRLoss (with the autoencoder's
+    reconstruction losses)."""
     from sentence_transformers.sparse_encoder.losses import (CSRLoss, SparseDistillKLDivLoss,
                                                              SparseMarginMSELoss,
                                                              SparseMultipleNegativesRankingLoss,
                                                              SpladeLoss)
 
-    label = {"margin-mse": "label", "kl-div": "scores", "mnrl": None}[cfg.loss]
+    label = LABEL_COLUMN[cfg.loss]
     if label and label not in scored:
         raise StageError(f"train.loss {cfg.loss} needs the teacher's "
                          f"{'margins' if label == 'label' else 'score lists'} ({label!r}), which "
@@ -191,11 +202,26 @@ def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
     inner = (SparseMultipleNegativesRankingLoss(model, scale=cfg.mnrl_scale) if cfg.loss == "mnrl" else
              {"margin-mse": SparseMarginMSELoss, "kl-div": SparseDistillKLDivLoss}[cfg.loss](model))
     if cfg.architecture == "csr":
-        return CSRLoss(model, loss=inner, beta=cfg.csr.beta, gamma=cfg.csr.gamma), label
+        return CSRLoss(model, loss=inner, beta=cfg.csr.beta, gamma=cfg.csr.gamma)
     return SpladeLoss(model, loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,
                       document_regularizer_weight=cfg.document_regularizer_weight,
                       query_regularizer=GlobalBatchFlopsLoss(model),
-                      document_regularizer=GlobalBatchFlopsLoss(model)), label
+                      document_regularizer=GlobalBatchFlopsLoss(model))
+
+
+def loss_facts(loss) -> dict:
+    """What the model card says of the loss: its class, the inner loss's, their parameters, and the
+    BibTeX of every method in it (the losses' and regularisers' own citations)."""
+    parts = [loss, loss.loss] + [getattr(loss, f"{side}_regularizer", None) for side in ("query", "document")]
+    config = {k: type(v).__name__ if isinstance(v, torch.nn.Module) else v
+              for k, v in loss.get_config_dict().items()}
+    inner = loss.loss
+    if hasattr(inner, "get_config_dict"):
+        config["loss_config"] = {k: v for k, v in inner.get_config_dict().items()
+                                 if not isinstance(v, torch.nn.Module)}
+    citations = [part.citation.strip() for part in parts if getattr(part, "citation", None)]
+    return {"name": type(loss).__name__, "inner": type(inner).__name__, "config": config,
+            "citations": list(dict.fromkeys(citations))}
 
 
 class ActiveDimsTrainer(SparseEncoderTrainer):
@@ -320,10 +346,8 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
                 shutil.rmtree(folder, ignore_errors=True)
             model.save_pretrained(str(BASE_MODEL_DIR))
 
-        loss, label = training_loss(cfg, model, scored)
-        columns = snapshot.text_columns(scored) + ([label] if label else [])
-        dataset = Dataset.from_pandas(scored[columns].rename(columns={"scores": "label"}),
-                                      preserve_index=False)
+        loss = training_loss(cfg, model, scored)
+        dataset = Dataset.from_pandas(training_rows(cfg, scored), preserve_index=False)
         checkpoints = checkpoint_folder(cfg, scored_file)
         CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
         for stale in CHECKPOINTS_DIR.glob("*") if main_process else []:  # other trainings'
@@ -354,6 +378,7 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
         }
         record["facts"] = {"log_history": trainer.state.log_history,
                            "device": str(model.device), "training_rows": len(dataset),
+                           "loss": loss_facts(loss), "training_args": trainer.args.to_dict(),
                            # the commit a Hub base model resolved to (a branch revision pins nothing)
                            "base_model_commit": getattr(model[0].auto_model.config, "_commit_hash", None)}
     return record["metrics"]

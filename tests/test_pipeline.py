@@ -90,14 +90,33 @@ def test_card_and_push_folder(finished_run, tiny_params):
     ndcg = next(r for r in index if r.metric_type == "dot_ndcg@10")
     assert ndcg.metric_value == pytest.approx(json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"], abs=1e-6)
     assert tiny_params.push.repo_id in text and "{{" not in text
+    assert card.missing_sections(text) == []
+    student = card.card_metrics(json.loads(EVAL_METRICS.read_text())["student"])
+    assert len(student) == 21 and {r.metric_type for r in index if r.dataset_name == "synthetic"} == set(student)
+    assert parsed.data.base_model is None and parsed.data.datasets is None  # built from config, synthetic data
+    assert {"loss:SpladeLoss", "loss:SparseMarginMSELoss", "splade"} <= set(parsed.data.tags)
+    steps = json.loads((RECORDS_DIR / "train.json").read_text())["metrics"]["steps"]
+    assert f"| **1.0000** | **{steps}** |" in text  # the saved model's row of the training logs
+    assert "`learning_rate`: 0.0003" in text.split("#### All Hyperparameters")[0]  # a non-default
+    for figure in card.FIGURES:
+        assert (CARD_DIR / figure).read_bytes()[:4] == b"\x89PNG" and f"]({figure})" in text
 
     plan = json.loads(push.PLAN_FILE.read_text())
     assert plan["dry_run"] is True and plan["commit"] is None
     uploaded = {f["path"] for f in plan["files"]}
-    assert {"README.md", "model.safetensors", "modules.json", "config_sentence_transformers.json"} <= uploaded
+    assert {"README.md", "model.safetensors", "modules.json", "config_sentence_transformers.json",
+            *card.FIGURES} <= uploaded
     assert (PUSH_DIR / "README.md").read_text() == text
     model_files = {p.relative_to(STUDENT_DIR).as_posix() for p in STUDENT_DIR.rglob("*") if p.is_file()}
     assert model_files - {"README.md"} <= uploaded
+
+
+def test_an_incomplete_card_is_named_section_by_section():
+    complete = "\n".join(f"{section}\n\ntext\n" for section in card.SECTIONS)
+    assert card.missing_sections(complete) == []
+    broken = complete.replace("### Training Logs\n\ntext\n", "").replace("## Usage\n\ntext", "## Usage\n")
+    assert card.missing_sections(broken + "More Information Needed") == [
+        "section '## Usage' is empty", "no section '### Training Logs'", "placeholder 'More Information Needed'"]
 
 
 def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):

@@ -116,3 +116,45 @@ def test_prefect_flow_runs_the_pipeline_to_a_completed_flow_run(project):
     outcome = json.loads(re.search(r"^stages: (.*)$", output, re.M).group(1))
     assert {s for s, o in outcome.items() if o == "ran"} == {"card", "push", "track"}
     assert "quickstart under prefect" in (project / "build/card/README.md").read_text()
+
+
+def test_push_to_a_hub_stand_in_leaks_no_token_and_the_gate_stops_a_regression(project):
+    """`dvc repro` with push.dry_run false and HF_TOKEN set, against a local stand-in for the Hub:
+    one commit with every file, its message carrying the git SHA and the dvc.lock hash; the token's
+    value is in no file of the project (mlruns/, mlflow.db, the card, records, DVC outputs and
+    cache) nor in the output. Then a gate the model cannot pass stops the push, naming both numbers."""
+    from tests.hub_standin import HubStandIn
+    from tests.test_push import SECRET
+
+    hub = HubStandIn()
+    env = {**ENV, "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    params_file = project / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["push"].update(dry_run=False, repo_id="tester/quickstart")
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-5000:]
+        assert stages_run(output) == {"card", "push", "track"}  # the card names the repo
+        (commit,) = hub.repos["tester/quickstart"].branches["main"]
+        plan = json.loads((project / "build/push_plan.json").read_text())
+        assert commit.oid == plan["commit"] and sorted(commit.added) == sorted(f["path"] for f in plan["files"])
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True,
+                             text=True).stdout.strip()
+        assert f"git {sha}, dvc.lock " in commit.message and "dvc.lock none" not in commit.message
+
+        leaks = [str(path.relative_to(project)) for path in project.rglob("*")
+                 if path.is_file() and SECRET.encode() in path.read_bytes()]
+        assert leaks == [] and SECRET not in output
+        assert any(path.is_file() for path in (project / "mlruns").rglob("*"))  # the scan saw the store
+
+        params["push"]["gate"] = {"metric": "dot_ndcg@10", "minimum": 0.999, "max_drop": 0.01}
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True)
+        assert done.returncode != 0
+        value = json.loads((project / "metrics/eval.json").read_text())["student"]["dot_ndcg@10"]
+        assert f"is {value:.4f}, below push.gate.minimum 0.9990; not pushing" in done.stdout + done.stderr
+        assert len(hub.repos["tester/quickstart"].branches["main"]) == 1
+    finally:
+        hub.close()

@@ -90,6 +90,43 @@ def test_splade_tiny_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared
     assert metrics["student"]["corpus_active_dims"] != metrics["base"]["corpus_active_dims"]
 
 
+def test_card_of_a_real_run_on_the_shared_splade_tiny(workdir, shared, cut_beir):
+    """The splade-tiny recipe with its real models (splade-tiny, MiniLM mining negatives) on cut-down
+    SciFact: its card has every section, filled, and the model-index every metric of every result."""
+    from huggingface_hub import ModelCard
+
+    data = load_params(PROJECT / "recipes/splade-tiny-scifact.yaml").model_dump(by_alias=True)
+    data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=40, extra_docs=60, split="train"))
+    data["snapshot"]["eval"]["source"] = str(cut_beir("scifact", queries=20, extra_docs=200))
+    data["teacher"]["model"] = str(shared / "models/all-MiniLM-L6-v2")
+    data["train"].update(base_model=str(shared / "models/splade-tiny"), max_seq_length=64, epochs=1,
+                         save_steps=1000)
+    data["evaluate"]["max_active_dims"] = [16, 64]
+    params = Params.model_validate(data)
+    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+        stage.run(params)
+
+    text = (Path("build/card") / "README.md").read_text()
+    assert card.missing_sections(text) == []
+    parsed = ModelCard(text).data
+    evaluation = json.loads(EVAL_METRICS.read_text())
+    (name,) = evaluation["datasets"]
+    expected = {name: card.card_metrics(evaluation["student"]),
+                **{f"{name} max_active_dims {k}": card.card_metrics(v)
+                   for k, v in evaluation["student_max_active_dims"].items()}}
+    listed = {}
+    for result in parsed.eval_results:
+        listed.setdefault(result.dataset_name, {})[result.metric_type] = result.metric_value
+    assert listed.keys() == expected.keys()
+    for dataset, metrics in expected.items():
+        assert listed[dataset] == pytest.approx(metrics, abs=1e-6), dataset
+    assert parsed.base_model is None and str(shared / "models/splade-tiny") in text  # a local path is no Hub id
+    assert {"loss:SpladeLoss", "loss:SparseMultipleNegativesRankingLoss"} <= set(parsed.tags)
+    assert "| type    | string | string | string | string |" in text  # query, positive, 2 mined negatives
+    assert "oord2019representationlearningcontrastivepredictive" in text and "paria2020minimizing" in text
+    assert "| 16 |" in text and "| 64 |" in text  # the max_active_dims table
+
+
 HUB_RECIPES = [recipe for recipe in RECIPES if load_params(recipe).snapshot.train.format == "hf"]
 
 
@@ -167,8 +204,12 @@ def test_hub_recipe_runs_end_to_end_with_tiny_surrogates(recipe, workdir, shared
     if params.train.loss == "margin-mse":
         scored = pd.read_parquet(Path("data/teacher") / teacher.SCORED_FILE)
         assert scored["label"].abs().gt(0).all()  # the cross-encoder's margins
-    model_index = {r.dataset_name for r in ModelCard((Path("build/card") / "README.md").read_text()).data.eval_results}
-    assert model_index == {"NanoSciFact", "NanoDBPedia", f"{Path(params.snapshot.eval.source).name} mean"}
+    card_text = (Path("build/card") / "README.md").read_text()
+    assert card.missing_sections(card_text) == []
+    model_index = {r.dataset_name for r in ModelCard(card_text).data.eval_results}
+    mean = f"{Path(params.snapshot.eval.source).name} mean"
+    assert model_index == {"NanoSciFact", "NanoDBPedia", mean,
+                           *(f"{mean} max_active_dims {k}" for k in params.evaluate.max_active_dims)}
     student = SparseEncoder(str(STUDENT_DIR))
     if params.train.architecture == "csr":
         assert student.prompts["query"].startswith("Represent this sentence")

@@ -119,9 +119,9 @@ def test_mnrl_scale_reaches_the_contrastive_loss_inside_csr(tiny_dense_model):
 
     cfg = TrainConfig(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl", mnrl_scale=20,
                       csr=CSRConfig(hidden_dim=64, k=8, k_aux=16))
-    loss, label = train.training_loss(cfg, train.csr_encoder(str(tiny_dense_model), cfg),
-                                      pd.DataFrame({"query": ["q"], "positive": ["p"]}))
-    assert label is None and loss.loss.scale == 20
+    rows = pd.DataFrame({"query": ["q"], "positive": ["p"]})
+    loss = train.training_loss(cfg, train.csr_encoder(str(tiny_dense_model), cfg), rows)
+    assert loss.loss.scale == 20 and list(train.training_rows(cfg, rows)) == ["query", "positive"]
 
 
 def test_length_grouped_batches_cover_every_row_once_with_little_padding():
