@@ -264,8 +264,9 @@ class PushConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = "sparse-encoder"
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = "sqlite:///mlflow.db"  # or a tracking server, http://host:5000
     artifact_root: str = "mlruns"
+    registered_model: str = "sparse-encoder"  # the registry name; aliases challenger and champion
     country_iso_code: str = Field("USA", min_length=3, max_length=3)
 
 

@@ -74,22 +74,26 @@ def main_result(card_text: str, metric: str) -> tuple[str, float] | None:
     return None
 
 
-def check_gate(gate: GateConfig, ours: tuple[str, float], previous_card: str | None) -> dict:
-    """The gate's numbers; raises StageError naming both when the model may not be pushed."""
-    dataset, value = ours
+def check_gate(gate: GateConfig, dataset: str, value: float, previous: float | None,
+               previous_name: str = "the pushed model", action: str = "pushing") -> dict:
+    """The gate's numbers; raises StageError naming both when `value` (of gate.metric on `dataset`)
+    is below the minimum or more than max_drop below `previous` (None: nothing to compare with)."""
     verdict = {"metric": gate.metric, "dataset": dataset, "value": value, "minimum": gate.minimum,
-               "max_drop": gate.max_drop, "previous": None}
+               "max_drop": gate.max_drop, "previous": previous}
     if gate.minimum is not None and value < gate.minimum:
         raise StageError(f"evaluation gate: {gate.metric} on {dataset} is {value:.4f}, below "
-                         f"push.gate.minimum {gate.minimum:.4f}; not pushing")
-    previous = main_result(previous_card, gate.metric) if previous_card else None
-    if previous and previous[0] == dataset:
-        verdict["previous"] = previous[1]
-        if gate.max_drop is not None and value < previous[1] - gate.max_drop:
-            raise StageError(f"evaluation gate: {gate.metric} on {dataset} is {value:.4f}, "
-                             f"{previous[1] - value:.4f} below the pushed model's {previous[1]:.4f} "
-                             f"(push.gate.max_drop {gate.max_drop}); not pushing")
+                         f"push.gate.minimum {gate.minimum:.4f}; not {action}")
+    if previous is not None and gate.max_drop is not None and value < previous - gate.max_drop:
+        raise StageError(f"evaluation gate: {gate.metric} on {dataset} is {value:.4f}, "
+                         f"{previous - value:.4f} below {previous_name}'s {previous:.4f} "
+                         f"(push.gate.max_drop {gate.max_drop}); not {action}")
     return verdict
+
+
+def previous_value(card_text: str | None, metric: str, dataset: str) -> float | None:
+    """The pushed card's main result for `metric`, if it is on the same dataset."""
+    previous = main_result(card_text, metric) if card_text else None
+    return previous[1] if previous and previous[0] == dataset else None
 
 
 def transient(error: Exception) -> bool:
@@ -154,7 +158,7 @@ def run(params: Params) -> dict:
                 "dry_run": cfg.dry_run, "commit_message": message, "commit_description": description,
                 "folder": str(PUSH_DIR), "files": files, "commit": None}
         if cfg.dry_run:  # no Hub: the minimum is checked, the pushed model is not read
-            plan["gate"] = check_gate(cfg.gate, ours, None)
+            plan["gate"] = check_gate(cfg.gate, *ours, previous=None)
         else:
             from huggingface_hub import HfApi
 
@@ -162,7 +166,8 @@ def run(params: Params) -> dict:
             if not token:
                 raise StageError("push.dry_run is false but HF_TOKEN is not set in the environment")
             api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
-            plan["gate"] = check_gate(cfg.gate, ours, pushed_card(api, cfg))
+            previous = previous_value(pushed_card(api, cfg), cfg.gate.metric, ours[0])
+            plan["gate"] = check_gate(cfg.gate, *ours, previous=previous)
             plan["commit"] = upload(api, cfg, PUSH_DIR, message, description)
             log.info("pushed %d files to %s@%s: commit %s", len(files), cfg.repo_id, cfg.revision, plan["commit"])
         write_json(PLAN_FILE, plan)

@@ -124,9 +124,10 @@ def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float,
                      artifacts: list[Path],
                      tracking: TrackingConfig, tags: dict[str, str],
                      datasets: list[tuple[Any, str]] = ()) -> str:
-    """One MLflow run holding every stage's params, metrics, emissions and the given artifacts;
-    `step_logs` are (name, value, step) series; `datasets` are (mlflow.data dataset, context) pairs
-    logged as the run's inputs."""
+    """One MLflow run holding every stage's params, metrics, emissions and the given artifacts (the
+    runs of a sweep compare column by column), with a nested run per stage holding that stage's
+    own; `step_logs` are (name, value, step) series; `datasets` are (mlflow.data dataset, context)
+    pairs logged as the run's inputs. `tags` go on every run."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -147,6 +148,12 @@ def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float,
         metrics["emissions_kg_co2eq"] = sum(r["emissions_kg_co2eq"] for r in records.values())
         metrics["energy_kwh"] = sum(r["energy_kwh"] for r in records.values())
         mlflow.log_metrics(metrics)
+        for stage, record in records.items():
+            stage_tags = {k: v for k, v in tags.items() if k != "mlflow.runName"}
+            with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True,
+                                  tags={**stage_tags, "stage": stage}):
+                mlflow.log_params({k: ("" if v is None else v) for k, v in _flatten(stage, record["params"]).items()})
+                mlflow.log_metrics({k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{stage}.")})
 
         # one request per 1000 points (MLflow's batch limit), not one per training step
         now = int(time.time() * 1000)

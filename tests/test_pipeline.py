@@ -12,6 +12,18 @@ from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, RECORDS_DIR, STUDE
 EVAL_STEPS = 4
 
 
+def assert_nested_stage_runs(runs, parent) -> None:
+    """A nested run per stage under `parent`, with the stage's own params and metrics, tagged as it is."""
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(track.STAGES)
+    for stage, child in children.items():
+        assert child.data.tags["git_revision"] == parent.data.tags["git_revision"]
+        assert child.data.tags["dvc_lock"] == parent.data.tags["dvc_lock"]
+        assert child.data.metrics["seconds"] == parent.data.metrics[f"{stage}.seconds"] > 0
+        assert child.data.params and all(k.startswith(f"{stage}.") for k in child.data.params)
+    assert children["evaluate"].data.metrics["dot_ndcg_at_10"] == parent.data.metrics["evaluate.dot_ndcg_at_10"]
+
+
 @pytest.fixture
 def finished_run(workdir, tiny_params):
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
@@ -24,8 +36,9 @@ def finished_run(workdir, tiny_params):
 def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
     mlflow.set_tracking_uri(tiny_params.tracking.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[tiny_params.tracking.experiment], output_format="list")
-    assert [r.info.run_id for r in runs] == [finished_run["run_id"]]
-    run = runs[0]
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert run.info.run_id == finished_run["run_id"]
+    assert_nested_stage_runs(runs, run)
 
     # params of every stage
     for key in ("snapshot.synthetic.topics", "validate.min_rows", "teacher.kind", "train.learning_rate",
@@ -127,3 +140,62 @@ def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):
     assert dataset_input.dataset.digest == manifest["sha256"][:36]
     assert dataset_input.tags[0].value == "training"
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == manifest["rows"]
+
+
+def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, workdir, tiny_params):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend) gets the finished pipeline's run (the
+    track stage pointed at it), with a nested run per stage; the student registered as challenger and
+    champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
+    the gate stays challenger only."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline import registry
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{workdir}/server.db",
+                               "--artifacts-destination", str(workdir / "server-artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        params = tiny_params.model_copy(update={"tracking": tiny_params.tracking.model_copy(
+            update={"tracking_uri": uri, "registered_model": "quickstart-sparse"})})
+        outcome = track.run(params)
+
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert parent.info.run_id == outcome["run_id"]
+        assert_nested_stage_runs(runs, parent)
+        assert outcome["registered"]["promoted"] and outcome["registered"]["version"] == "1"
+
+        champion = mlflow.pyfunc.load_model("models:/quickstart-sparse@champion")
+        train_rows = __import__("pandas").read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+        (query,) = champion.predict([train_rows["query"][0]], params={"side": "query"})
+        assert 0 < len(query["indices"]) == len(query["values"]) and min(query["values"]) > 0
+        from sentence_transformers import SparseEncoder
+        expected = SparseEncoder(str(STUDENT_DIR)).encode_query([train_rows["query"][0]]).coalesce()
+        assert sorted(query["indices"]) == sorted(expected.indices()[1].tolist())
+
+        refused = registry.register(outcome["run_id"], "quickstart-sparse",
+                                    params.push.gate.model_copy(update={"minimum": 0.999}))
+        assert refused["version"] == "2" and not refused["promoted"] and "below push.gate.minimum" in refused["reason"]
+        client = mlflow.MlflowClient()
+        assert client.get_model_version_by_alias("quickstart-sparse", "champion").version == "1"
+        assert client.get_model_version_by_alias("quickstart-sparse", "challenger").version == "2"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

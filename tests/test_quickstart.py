@@ -1,8 +1,10 @@
 """The README's main job on a fresh copy of the project: `dvc repro` of the quickstart profile.
 
-Checks the issue's acceptance: the student learns (gain over its untrained start), the trained model
-loads in a fresh process and ranks training positives first, a no-op repro is quick and runs nothing,
-a training param re-runs only train and what follows, and the Prefect flow completes.
+Checks: the student learns (gain over its untrained start), the trained model loads in a fresh
+process and ranks training positives first, a no-op repro is quick and runs nothing, `dvc exp run`
+sweeps of a training param re-run only train and what follows and compare in MLflow, the Prefect
+flow runs from a scheduled deployment on a real server and fails naming a failed stage, and a push
+to a Hub stand-in leaks no token.
 """
 
 from __future__ import annotations
@@ -95,27 +97,130 @@ def test_second_repro_runs_nothing_quickly(project):
     assert seconds <= 10
 
 
-def test_a_training_param_reruns_train_and_what_follows_only(project):
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["train"]["epochs"] = 2
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    output, seconds = run([str(BIN / "dvc"), "repro"], project)
-    print(f"\nrepro after a train param change: {seconds:.1f} s")
+def exp_run(project, rate: float) -> None:
+    output, seconds = run([str(BIN / "dvc"), "exp", "run", "-S", f"train.learning_rate={rate}"], project)
+    print(f"\ndvc exp run, learning rate {rate}: {seconds:.1f} s")
     assert stages_run(output) == {"train", "evaluate", "card", "push", "track"}
 
 
-def test_prefect_flow_runs_the_pipeline_to_a_completed_flow_run(project):
-    params_file = project / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["card"]["model_name"] = "quickstart under prefect"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    output, seconds = run([sys.executable, "-m", "flows.retrain"], project)
-    print(f"\nprefect flow: {seconds:.1f} s")
-    assert "Finished in state Completed()" in output
-    outcome = json.loads(re.search(r"^stages: (.*)$", output, re.M).group(1))
-    assert {s for s, o in outcome.items() if o == "ran"} == {"card", "push", "track"}
-    assert "quickstart under prefect" in (project / "build/card/README.md").read_text()
+def pipeline_runs(project) -> list:
+    """The project's pipeline runs in MLflow (not the nested stage runs), newest first."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    return [r for r in mlflow.search_runs(experiment_names=["sparse-encoder"], output_format="list")
+            if "mlflow.parentRunId" not in r.data.tags]
+
+
+def assert_comparable(first, second) -> None:
+    assert first.data.params["train.learning_rate"] != second.data.params["train.learning_rate"]
+    assert set(first.data.metrics) == set(second.data.metrics) and "evaluate.dot_ndcg_at_10" in first.data.metrics
+    assert first.data.tags["dvc_lock"] != second.data.tags["dvc_lock"]
+
+
+def test_a_dvc_exp_run_reruns_train_onwards_and_compares_in_mlflow(project):
+    """`dvc exp run -S train.learning_rate=...` re-runs train and what follows only, and its MLflow
+    run has the same metric columns as the first run's."""
+    exp_run(project, 0.001)
+    newest, *_, first = pipeline_runs(project)
+    assert float(newest.data.params["train.learning_rate"]) == 0.001
+    assert_comparable(newest, first)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_dvc_exp_runs_compares_in_mlflow(project):
+    """A sweep: two `dvc exp run -S` points with different learning rates, side by side in MLflow."""
+    for rate in (0.0005, 0.002):
+        exp_run(project, rate)
+    newest, previous = pipeline_runs(project)[:2]
+    assert [float(r.data.params["train.learning_rate"]) for r in (previous, newest)] == [0.0005, 0.002]
+    assert_comparable(newest, previous)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, seconds: int = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+DEPLOYMENT_RUN = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+async def schedules():
+    async with get_client() as client:
+        for _ in range(120):
+            try:
+                deployment = await client.read_deployment_by_name("retrain-sparse-encoder/scheduled-retrain")
+                return [s.schedule.cron for s in deployment.schedules]
+            except Exception:
+                await asyncio.sleep(1)
+
+print("SCHEDULES", json.dumps(asyncio.run(schedules())))
+flow_run = run_deployment("retrain-sparse-encoder/scheduled-retrain", timeout=600)
+print("STATE", flow_run.state.type.value)
+"""
+
+
+def test_prefect_server_a_scheduled_deployment_and_a_failed_stage(project, tmp_path):
+    """Against a real `prefect server` on 127.0.0.1: a deployment served with a cron schedule is
+    registered and a run triggered from it completes. Then a stage failure (the push gate, set out of
+    reach) leaves the flow run Failed naming the stage, the upstream outputs as they were, and the
+    rerun starts at that stage."""
+    import hashlib
+    import signal
+
+    port = free_port()
+    env = {**ENV, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(tmp_path / "prefect")}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    served = None
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/health")
+        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "0 3 * * *"],
+                                  cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        done = subprocess.run([sys.executable, "-c", DEPLOYMENT_RUN], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert json.loads(re.search(r"^SCHEDULES (.*)$", done.stdout, re.M).group(1)) == ["0 3 * * *"]
+        assert re.search(r"^STATE COMPLETED$", done.stdout, re.M), done.stdout[-2000:]
+
+        upstream = {path: hashlib.sha256(path.read_bytes()).hexdigest()
+                    for folder in ("models/student", "metrics", "build/card")
+                    for path in sorted((project / folder).rglob("*")) if path.is_file()}
+        failed = subprocess.run([sys.executable, "-m", "flows.retrain", "-S", "push.gate.minimum=0.999"],
+                                cwd=project, env=env, capture_output=True, text=True, timeout=900)
+        output = failed.stdout + failed.stderr
+        assert failed.returncode != 0 and "stage 'push' failed" in output and "push.gate.minimum 0.9990" in output
+        assert re.search(r"Finished in state Failed\(.*stage 'push' failed", output), output[-3000:]
+        assert upstream == {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in upstream}
+
+        output, _ = run([sys.executable, "-m", "flows.retrain", "-S", "push.gate.minimum=null"], project)
+        outcome = json.loads(re.search(r"^stages: (.*)$", output, re.M).group(1))
+        assert {s for s, o in outcome.items() if o == "ran"} == {"push", "track"}
+    finally:
+        for process in (served, server):
+            if process:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
 
 
 def test_push_to_a_hub_stand_in_leaks_no_token_and_the_gate_stops_a_regression(project):
