@@ -4,20 +4,25 @@ DVC decides what runs: a stage whose code, params and inputs are unchanged is sk
 result caching on top). A stage that fails on something transient (a held DVC lock, a dropped
 connection, a 5xx from the Hub) is retried with exponential backoff; any other failure fails the flow
 run with the stage's name and the end of its output, and leaves the upstream outputs in place, so a
-rerun starts at the failed stage. `overrides` set params as `dvc exp run -S` does (key=value, in
-params.yaml, validated against the schema before anything runs).
+rerun starts at the failed stage. `overrides` set params as `dvc exp run -S` does (key=value,
+validated against the schema before anything runs): params.yaml's values change and nothing else
+(comments and layout stay), and the file is restored byte for byte after the run unless
+`keep_overrides` (--keep-overrides) says otherwise.
 
-    python -m flows.retrain [--force] [-S train.learning_rate=1e-4 ...]
+    python -m flows.retrain [--force] [-S train.learning_rate=1e-4 ...] [--keep-overrides]
     python -m flows.retrain --serve --cron "0 3 * * *"   # a scheduled deployment, served from here
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -74,10 +79,28 @@ def run_stage(stage: str, force: bool = False) -> str:
     return outcome
 
 
+def round_trip_yaml():
+    """ruamel's round-trip YAML, set up to write params.yaml back as it was read: comments, key
+    order, indentation, quotes and `null` kept."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # never re-wrap a long line
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)
+    yaml_rt.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml_rt
+
+
 def apply_overrides(overrides: list[str], params_file: Path = PARAMS_FILE) -> None:
-    """`dvc exp run -S key=value` on params.yaml: each dotted key set to the YAML value, and the
-    result validated against the params schema before the file is written."""
-    data = yaml.safe_load(params_file.read_text())
+    """`dvc exp run -S key=value` on params.yaml: each dotted key set to the YAML value (a missing key
+    is added), the result validated against the params schema before the file is written; the
+    rest of the file (comments, layout) is left as it was."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = round_trip_yaml()
+    data = yaml_rt.load(params_file.read_text())
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
@@ -85,26 +108,51 @@ def apply_overrides(overrides: list[str], params_file: Path = PARAMS_FILE) -> No
         *parents, leaf = key.split(".")
         section = data
         for part in parents:
-            section = section.setdefault(part, {})
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 as text; dvc's YAML 1.2, as a number
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        section[leaf] = parsed
-    Params.model_validate(data)
-    params_file.write_text(yaml.safe_dump(data, sort_keys=False))
+            if part not in section:
+                section[part] = {}
+            section = section[part]
+        section[leaf] = on_one_line(YAML(typ="safe").load(value))  # YAML 1.2, as dvc reads it: 1e-4 is a number
+    text = dump(yaml_rt, data)
+    Params.model_validate(YAML(typ="safe").load(text))
+    params_file.write_text(text)
+
+
+def on_one_line(value):
+    """A list or mapping written in flow style, as it was given on the command line: [16, 32]."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, (list, dict)):
+        value = (CommentedSeq if isinstance(value, list) else CommentedMap)(value)
+        value.fa.set_flow_style()
+    return value
+
+
+def dump(yaml_rt, data) -> str:
+    out = io.StringIO()
+    yaml_rt.dump(data, out)
+    return out.getvalue()
+
+
+@contextmanager
+def overridden(overrides: list[str], keep: bool, params_file: Path = PARAMS_FILE) -> Iterator[None]:
+    """params.yaml with the overrides applied for the duration of a run, then byte for byte as it was
+    (unless `keep`): an overridden run leaves nothing behind in the working tree."""
+    original = params_file.read_bytes()
+    apply_overrides(overrides, params_file)
+    try:
+        yield
+    finally:
+        if not keep:
+            params_file.write_bytes(original)
 
 
 @flow(name="retrain-sparse-encoder")
-def retrain(force: bool = False, overrides: list[str] | None = None) -> dict[str, str]:
+def retrain(force: bool = False, overrides: list[str] | None = None, keep_overrides: bool = False) -> dict[str, str]:
     """Reproduce the pipeline stage by stage; returns {stage: "ran" | "skipped"}."""
-    if overrides:
-        apply_overrides(overrides)
     outcome = {}
-    for stage in stage_names():
-        outcome[stage] = run_stage(stage, force=force)
+    with overridden(overrides or [], keep_overrides):
+        for stage in stage_names():
+            outcome[stage] = run_stage(stage, force=force)
     return outcome
 
 
@@ -112,14 +160,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
-                        help="key=value, as dvc exp run -S (repeatable)")
+                        help="key=value, as dvc exp run -S (repeatable); params.yaml is restored afterwards")
+    parser.add_argument("--keep-overrides", action="store_true",
+                        help="leave the -S values in params.yaml after the run")
     parser.add_argument("--serve", action="store_true", help="serve a deployment on a schedule")
     parser.add_argument("--cron", default="0 3 * * *", help="the deployment's schedule (with --serve)")
     args = parser.parse_args(argv)
     if args.serve:
-        retrain.serve(name=DEPLOYMENT, cron=args.cron, parameters={"force": args.force, "overrides": args.overrides})
+        retrain.serve(name=DEPLOYMENT, cron=args.cron, parameters={
+            "force": args.force, "overrides": args.overrides, "keep_overrides": args.keep_overrides})
         return
-    outcome = retrain(force=args.force, overrides=args.overrides)
+    outcome = retrain(force=args.force, overrides=args.overrides, keep_overrides=args.keep_overrides)
     print("stages:", json.dumps(outcome))
 
 

@@ -1,0 +1,1 @@
+"""The pipeline: one module per DVC stage (see dvc.yaml), and the neutral modules they share."""

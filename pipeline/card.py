@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import plots, teacher
+from pipeline import plots
 from pipeline.cli import StageError, stage_main
-from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEACHER_DIR, Params
-from pipeline.evaluate import HEADLINE
+from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEACHER_SCORED, Params
+from pipeline.dataset import training_rows
+from pipeline.metrics import HEADLINE
 from pipeline.sources import detect_format
-from pipeline.tracking import load_records, stage_record
-from pipeline.train import training_rows
+from pipeline.tracking import evaluation_identity, load_records, main_result_name, stage_record
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "evaluate"]
@@ -128,10 +128,10 @@ def card_facts(params: Params) -> dict:
     synthetic = params.snapshot.train.source == "synthetic"
     teacher_cfg = params.teacher
     eval_sets = manifest["eval"]["sets"]
-    trained_rows = training_rows(train_cfg, pd.read_parquet(TEACHER_DIR / teacher.SCORED_FILE))
+    trained_rows = training_rows(train_cfg, pd.read_parquet(TEACHER_SCORED))
     # model-index entries: the main result first (the push gate reads it), which is the mean over
     # the sets when there are several (as NanoBEIR cards list it), then each set, then each top-k size
-    eval_name = next(iter(eval_sets)) if len(eval_sets) == 1 else f"{Path(params.snapshot.eval.source).name} mean"
+    eval_name = main_result_name(manifest)
     eval_results = {eval_name: student}
     eval_results.update({name: card_metrics(both["student"]) for name, both in evaluation["datasets"].items()})
     sweep = {k: card_metrics(v) for k, v in evaluation.get("student_max_active_dims", {}).items()}
@@ -169,6 +169,9 @@ def card_facts(params: Params) -> dict:
         "samples": sample_rows(trained_rows),
         "sample": manifest["train"]["samples"][0],
         "eval_name": eval_name,
+        # every model-index result names the evaluation it was measured on: the push gate compares
+        # a pushed card's numbers only when this id is the same
+        "eval_id": evaluation_identity(manifest)["id"],
         "eval_source": params.snapshot.eval.source,
         "eval_queries": sum(s["judged_queries"] for s in eval_sets.values()),
         "eval_docs": sum(s["docs"] for s in eval_sets.values()),
@@ -224,7 +227,7 @@ def missing_sections(text: str) -> list[str]:
 
 
 def run(params: Params, out_dir: Path = CARD_DIR) -> dict:
-    with stage_record("card", params.card, params.tracking) as record:
+    with stage_record("card", params) as record:
         facts = card_facts(params)
         text = render(facts)
         problems = missing_sections(text)

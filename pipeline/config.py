@@ -14,9 +14,15 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloa
 PARAMS_FILE = Path("params.yaml")
 
 # Where each stage writes; dvc.yaml declares the same paths as the stage graph's outs.
+INPUTS_DIR = Path("inputs")  # links to the local files and folders params name (pipeline.inputs)
 SNAPSHOT_DIR = Path("data/snapshot")
+SNAPSHOT_TRAIN = SNAPSHOT_DIR / "train.parquet"
+SNAPSHOT_EVAL = SNAPSHOT_DIR / "eval"  # one BEIR folder per evaluation set
+SNAPSHOT_LEXICON = SNAPSHOT_DIR / "lexicon.json"  # the synthetic world's synonyms (quickstart teacher)
+SNAPSHOT_MANIFEST = SNAPSHOT_DIR / "manifest.json"
 VALIDATION_REPORT = Path("data/validation/report.json")
 TEACHER_DIR = Path("data/teacher")
+TEACHER_SCORED = TEACHER_DIR / "train_scored.parquet"
 TEACHER_SHARDS_DIR = Path("data/teacher_shards")  # kept across runs: a crashed run resumes from it
 BASE_MODEL_DIR = Path("models/base")
 STUDENT_DIR = Path("models/student")
@@ -27,7 +33,10 @@ PLOTS_DIR = Path("metrics/plots")
 TRAIN_LOSS = Path("metrics/train_loss.csv")
 CARD_DIR = Path("build/card")
 PUSH_DIR = Path("build/push")
+PUSH_PLAN = Path("build/push_plan.json")
 RECORDS_DIR = Path("records")
+# The stages that keep a record (records/<stage>.json), in the order dvc.yaml runs them
+RECORDED_STAGES = ("snapshot", "validate", "teacher", "train", "evaluate", "card", "push")
 
 
 class Section(BaseModel):
@@ -138,6 +147,9 @@ class TeacherConfig(Section):
     # multiplies the teacher's scores before margins are taken: a bi-encoder's cosine margins are
     # much narrower than a SPLADE student's dot-product margins (MiniLM vs splade-tiny: 58x)
     score_scale: PositiveFloat = 1.0
+    # several ranks: how long one rank waits for another (rank 0 for the next shard, the others for
+    # rank 0's batch-size plan) before failing with the missing shards and ranks named
+    wait_seconds: PositiveFloat = 3600.0
 
     @model_validator(mode="after")
     def _mining_needs_a_bi_encoder(self) -> "TeacherConfig":
@@ -230,7 +242,7 @@ class EvaluateConfig(Section):
     # with AVX512-BF16 or AMX, ranking metrics within about 0.005; auto: bf16 on CUDA, fp32 elsewhere
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # training triplets checked for "positive ranked above negative" (the first N; all if fewer)
-    max_train_triplets: PositiveInt = 5000
+    max_train_triplets: PositiveInt = 1000
     # also score the student keeping only its top-k dimensions, for each k (CSR cards report 4...256)
     max_active_dims: list[PositiveInt] = []
     index: IndexConfig = IndexConfig()
@@ -243,13 +255,17 @@ class CardConfig(Section):
 
 
 class GateConfig(Section):
-    """What the model must reach to be pushed, read from its card's main evaluation result (the
-    mean when there are several sets): at least `minimum`, and no more than `max_drop` below the
-    model already pushed to the same repo and branch (same dataset and metric on its card)."""
+    """What the model must reach to be pushed (and to become the registry's champion), on its main
+    evaluation result (the mean when there are several sets): at least `minimum`, above the
+    untrained model it started from (`beat_base`), and no more than `max_drop` below the model it
+    would replace (the one pushed to the same repo and branch, or the registry's champion), compared
+    only when that model was evaluated on the same evaluation (source, revision, split, sets and
+    content hash)."""
 
     metric: str = "dot_ndcg@10"
     minimum: float | None = None
     max_drop: float | None = 0.01
+    beat_base: bool = True
 
 
 class PushConfig(Section):
@@ -266,7 +282,9 @@ class TrackingConfig(Section):
     experiment: str = "sparse-encoder"
     tracking_uri: str = "sqlite:///mlflow.db"  # or a tracking server, http://host:5000
     artifact_root: str = "mlruns"
-    registered_model: str = "sparse-encoder"  # the registry name; aliases challenger and champion
+    # the registry name (each recipe has its own); aliases challenger, champion and
+    # champion-<evaluation id> (the best version on each evaluation)
+    registered_model: str = "sparse-encoder"
     country_iso_code: str = Field("USA", min_length=3, max_length=3)
 
 
@@ -279,6 +297,10 @@ class Params(Section):
     card: CardConfig = CardConfig()
     push: PushConfig = PushConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    def section(self, stage: str) -> Section:
+        """The params section a stage reads (validate's is stored as validate_)."""
+        return self.validate_ if stage == "validate" else getattr(self, stage)
 
     @model_validator(mode="after")
     def _mining_needs_pairs(self) -> "Params":

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipeline import encoding, plots, snapshot
+from pipeline import encoding, plots
 from pipeline.cli import StageError, run_stage
-from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, SNAPSHOT_DIR,
-                             STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
-from pipeline.metrics import graded_ndcg, mean_metrics, ranking_metrics
+from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, STUDENT_DIR,
+                             EvaluateConfig, IndexConfig, Params)
+from pipeline.dataset import read_eval_snapshot, read_training_snapshot
+from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metrics
 from pipeline.retrieval import build_index, index_kind
 from pipeline.runtime import use_bf16
 from pipeline.sources import RetrievalSet, read_retrieval_set
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1",
-            "dot_graded_ndcg@10"]
 DEPTH = 100  # documents retrieved per query: the deepest cut-off among the metrics (map@100)
 
 
@@ -202,11 +201,11 @@ def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
     return {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking)}
 
 
-def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
+def run(params: Params) -> dict:
     cfg = params.evaluate
-    with stage_record("evaluate", cfg, params.tracking) as record:
-        sets = snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split)
-        train = pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE).head(cfg.max_train_triplets)
+    with stage_record("evaluate", params) as record:
+        sets = read_eval_snapshot(params.snapshot.eval.split)
+        train = read_training_snapshot().head(cfg.max_train_triplets)
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
                                         precision=cfg.precision, index=cfg.index)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from pipeline.sources import RetrievalSet
 
+# the metrics reported side by side (student, untrained start, BM25, gain) in records and cards
+HEADLINE = ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1",
+            "dot_graded_ndcg@10"]
+
 
 def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
                     prefix: str = "dot_") -> dict[str, float]:

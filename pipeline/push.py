@@ -2,9 +2,11 @@
 
 Always writes build/push/ (exactly the files that are uploaded: the model, the card and its figures)
 and build/push_plan.json (repo, branch, commit message with the git SHA and the dvc.lock hash, files
-with sizes and sha256, the evaluation gate's numbers). The gate comes first: a model whose card's
-main result is below push.gate.minimum, or more than push.gate.max_drop below the card already on the
-branch, is not pushed, and the stage fails giving both numbers. Uploads only when push.dry_run is
+with sizes and sha256, the evaluation gate's numbers). The gate comes first (pipeline.gate): a model
+below push.gate.minimum, not above its untrained start, or more than push.gate.max_drop below the card
+already on the branch (when that card was measured on the same evaluation) is not pushed: the plan
+says why, the stage fails naming the numbers (and BM25's), and the run goes to MLflow tagged
+outcome=refused. Uploads only when push.dry_run is
 false, with the token from the HF_TOKEN environment variable (never logged or written), to the
 endpoint in HF_ENDPOINT if set; Hub calls failing with a 5xx, a 429 or a timeout are retried with
 exponential backoff (upload_folder skips files already committed, so a retry after a lost answer
@@ -18,39 +20,18 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline.cli import StageError, stage_main
-from pipeline.config import CARD_DIR, PUSH_DIR, STUDENT_DIR, GateConfig, Params, PushConfig
-from pipeline.tracking import stage_record, write_json
-
-PLAN_FILE = Path("build/push_plan.json")
-DVC_LOCK = Path("dvc.lock")
+from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params, PushConfig
+from pipeline.dataset import read_manifest
+from pipeline.gate import GateRefused, check_gate, comparable_previous, scores_from_evaluation
+from pipeline.tracking import (dvc_lock_hash, evaluation_identity, git_revision, main_result_name, stage_record,
+                               write_json)
 
 log = logging.getLogger(__name__)
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def dvc_lock_hash() -> str:
-    """sha256 (first 12 hex digits) of dvc.lock's entries for the stages that made the model (its
-    data, params and outputs); push and track are left out, their entries are last run's."""
-    import yaml
-
-    if not DVC_LOCK.exists():
-        return "none"
-    stages = yaml.safe_load(DVC_LOCK.read_text()).get("stages", {})
-    upstream = {name: entry for name, entry in stages.items() if name not in ("push", "track")}
-    return hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def stage_upload_folder(out_dir: Path = PUSH_DIR) -> list[dict]:
@@ -62,38 +43,6 @@ def stage_upload_folder(out_dir: Path = PUSH_DIR) -> list[dict]:
     return [{"path": p.relative_to(out_dir).as_posix(), "bytes": p.stat().st_size,
              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
             for p in sorted(out_dir.rglob("*")) if p.is_file()]
-
-
-def main_result(card_text: str, metric: str) -> tuple[str, float] | None:
-    """(dataset name, value) of the first model-index result for `metric` on a card: its main one."""
-    from huggingface_hub import ModelCard
-
-    for result in ModelCard(card_text).data.eval_results or []:
-        if result.metric_type == metric:
-            return result.dataset_name, float(result.metric_value)
-    return None
-
-
-def check_gate(gate: GateConfig, dataset: str, value: float, previous: float | None,
-               previous_name: str = "the pushed model", action: str = "pushing") -> dict:
-    """The gate's numbers; raises StageError naming both when `value` (of gate.metric on `dataset`)
-    is below the minimum or more than max_drop below `previous` (None: nothing to compare with)."""
-    verdict = {"metric": gate.metric, "dataset": dataset, "value": value, "minimum": gate.minimum,
-               "max_drop": gate.max_drop, "previous": previous}
-    if gate.minimum is not None and value < gate.minimum:
-        raise StageError(f"evaluation gate: {gate.metric} on {dataset} is {value:.4f}, below "
-                         f"push.gate.minimum {gate.minimum:.4f}; not {action}")
-    if previous is not None and gate.max_drop is not None and value < previous - gate.max_drop:
-        raise StageError(f"evaluation gate: {gate.metric} on {dataset} is {value:.4f}, "
-                         f"{previous - value:.4f} below {previous_name}'s {previous:.4f} "
-                         f"(push.gate.max_drop {gate.max_drop}); not {action}")
-    return verdict
-
-
-def previous_value(card_text: str | None, metric: str, dataset: str) -> float | None:
-    """The pushed card's main result for `metric`, if it is on the same dataset."""
-    previous = main_result(card_text, metric) if card_text else None
-    return previous[1] if previous and previous[0] == dataset else None
 
 
 def transient(error: Exception) -> bool:
@@ -147,31 +96,40 @@ def upload(api, cfg: PushConfig, folder: Path, message: str, description: str) -
 
 def run(params: Params) -> dict:
     cfg = params.push
-    with stage_record("push", cfg, params.tracking) as record:
-        ours = main_result((CARD_DIR / "README.md").read_text(encoding="utf-8"), cfg.gate.metric)
-        if ours is None:
-            raise StageError(f"push.gate.metric {cfg.gate.metric!r} is not among the card's results")
-        files = stage_upload_folder()
+    with stage_record("push", params) as record:
+        evaluation = json.loads(EVAL_METRICS.read_text())
+        manifest = read_manifest()
+        identity = evaluation_identity(manifest)
+        dataset = main_result_name(manifest)
+        scores = scores_from_evaluation(evaluation, cfg.gate, dataset)
         message = f"Upload {params.card.model_name} (git {git_revision()}, dvc.lock {dvc_lock_hash()})"
-        description = f"{cfg.gate.metric} on {ours[0]}: {ours[1]:.4f}. Pushed by sparse-pipeline."
+        description = f"{cfg.gate.metric} on {dataset}: {scores.value:.4f}. Pushed by sparse-pipeline."
         plan = {"repo_id": cfg.repo_id, "revision": cfg.revision, "private": cfg.private,
                 "dry_run": cfg.dry_run, "commit_message": message, "commit_description": description,
-                "folder": str(PUSH_DIR), "files": files, "commit": None}
-        if cfg.dry_run:  # no Hub: the minimum is checked, the pushed model is not read
-            plan["gate"] = check_gate(cfg.gate, *ours, previous=None)
-        else:
+                "folder": str(PUSH_DIR), "files": [], "commit": None, "eval_id": identity["id"]}
+        api, previous = None, {"value": None, "compared": False, "reason": "a dry run reads no pushed card"}
+        if not cfg.dry_run:
             from huggingface_hub import HfApi
 
             token = os.environ.get("HF_TOKEN")
             if not token:
                 raise StageError("push.dry_run is false but HF_TOKEN is not set in the environment")
             api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
-            previous = previous_value(pushed_card(api, cfg), cfg.gate.metric, ours[0])
-            plan["gate"] = check_gate(cfg.gate, *ours, previous=previous)
+            previous = comparable_previous(pushed_card(api, cfg), cfg.gate.metric, identity["id"])
+        plan["previous"] = previous
+        try:
+            plan["gate"] = check_gate(cfg.gate, scores, previous["value"] if previous["compared"] else None)
+        except GateRefused as refused:
+            plan["gate"] = {"passed": False, "reason": str(refused)}
+            write_json(PUSH_PLAN, plan)
+            raise
+        plan["files"] = stage_upload_folder()
+        if api is not None:
             plan["commit"] = upload(api, cfg, PUSH_DIR, message, description)
-            log.info("pushed %d files to %s@%s: commit %s", len(files), cfg.repo_id, cfg.revision, plan["commit"])
-        write_json(PLAN_FILE, plan)
-        record["metrics"] = {"files": len(files), "bytes": sum(f["bytes"] for f in files)}
+            log.info("pushed %d files to %s@%s: commit %s", len(plan["files"]), cfg.repo_id, cfg.revision,
+                     plan["commit"])
+        write_json(PUSH_PLAN, plan)
+        record["metrics"] = {"files": len(plan["files"]), "bytes": sum(f["bytes"] for f in plan["files"])}
         record["facts"] = {"plan": plan}
     return plan
 

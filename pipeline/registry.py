@@ -1,6 +1,9 @@
 """The MLflow model registry: every trained student is registered as a pyfunc model that encodes text
-to sparse vectors, under the alias `challenger`; it also becomes `champion` when it passes the
-evaluation gate (push.gate) against the current champion.
+to sparse vectors, tagged with the identity of its evaluation (eval.id, eval.source, ...), under the
+alias `challenger`. It becomes champion when it passes the evaluation gate (push.gate) against the
+champion of the same evaluation only: it takes the alias `champion-<eval id>` (the best version on
+that evaluation) and `champion` (the latest promotion). A champion measured on another evaluation
+is reported, never compared.
 
     model = mlflow.pyfunc.load_model("models:/sparse-encoder@champion")
     model.predict(["a query"], params={"side": "query"})  # [{"indices": [...], "values": [...]}]
@@ -14,10 +17,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from pipeline.cli import StageError
 from pipeline.config import STUDENT_DIR, GateConfig
-from pipeline.push import check_gate
-from pipeline.tracking import mlflow_metric_name
+from pipeline.gate import GateRefused, GateScores, check_gate
+from pipeline.tracking import identity_tags, mlflow_metric_name
 
 # what a process that loads the model needs (the project itself is not required)
 REQUIREMENTS = ["sentence-transformers", "transformers", "torch", "pandas"]
@@ -48,11 +50,21 @@ def run_metric(client, run_id: str, metric: str) -> float | None:
     return client.get_run(run_id).data.metrics.get(f"evaluate.{mlflow_metric_name(metric)}")
 
 
-def register(run_id: str, name: str, gate: GateConfig, model_dir: Path = STUDENT_DIR) -> dict:
-    """Log the model into the pipeline's MLflow run, register it as a new version of `name` with the
-    alias challenger, and make it champion if the gate passes against the current champion."""
-    from mlflow import MlflowClient
+def version_by_alias(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias yet
+        return None
+
+
+def register(run_id: str, name: str, gate: GateConfig, scores: GateScores, identity: dict,
+             model_dir: Path = STUDENT_DIR) -> dict:
+    """Log the model into the pipeline's MLflow run and register it as a new version of `name`,
+    tagged with its evaluation's identity, with the alias challenger; promote it when the gate
+    passes against the champion of the same evaluation."""
+    from mlflow import MlflowClient
 
     client = MlflowClient()
     with mlflow.start_run(run_id=run_id):
@@ -60,21 +72,29 @@ def register(run_id: str, name: str, gate: GateConfig, model_dir: Path = STUDENT
             name="model", python_model=SparseEncoderModel(), artifacts={"model": str(model_dir)},
             registered_model_name=name, pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS])
     version = str(info.registered_model_version)
+    for key, value in identity_tags(identity).items():
+        client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "challenger", version)
-    value = run_metric(client, run_id, gate.metric)
+
+    evaluation_alias = f"champion-{identity['id']}"
+    rival = version_by_alias(client, name, evaluation_alias)
+    previous = run_metric(client, rival.run_id, gate.metric) if rival else None
+    outcome = {"name": name, "version": version, "metric": gate.metric, "value": scores.value,
+               "eval_id": identity["id"], "champion_version": rival.version if rival else None,
+               "champion_value": previous}
+    latest = version_by_alias(client, name, "champion")
+    if latest is not None and latest.tags.get("eval.id") != identity["id"]:
+        outcome["not_compared"] = (f"champion version {latest.version} was evaluated on {latest.tags.get('eval.source', '?')} "
+                                   f"(evaluation {latest.tags.get('eval.id')}), this version on {identity['source']} "
+                                   f"(evaluation {identity['id']}): not compared")
     try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:  # no champion yet
-        champion = None
-    previous = run_metric(client, champion.run_id, gate.metric) if champion else None
-    outcome = {"name": name, "version": version, "metric": gate.metric, "value": value,
-               "champion_version": champion.version if champion else None, "champion_value": previous}
-    try:
-        check_gate(gate, "the evaluation set", value, previous, previous_name="the champion", action="promoting")
-    except StageError as refused:
+        check_gate(gate, scores, previous, previous_name=f"champion version {outcome['champion_version']}",
+                   action="promoting")
+    except GateRefused as refused:
         outcome.update(promoted=False, reason=str(refused))
     else:
-        client.set_registered_model_alias(name, "champion", version)
+        for alias in (evaluation_alias, "champion"):
+            client.set_registered_model_alias(name, alias, version)
         outcome.update(promoted=True, reason="passed the gate")
     client.set_model_version_tag(name, version, "gate", outcome["reason"])
     return outcome

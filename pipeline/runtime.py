@@ -1,5 +1,5 @@
 """What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16,
-and content hashes of large files."""
+and content hashes of large files (model weights)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a local model folder's weight files (safetensors, bin), in path order: what its
+    outputs depend on, without its README or other metadata."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in {".safetensors", ".bin"} and path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            update_with_file(digest, path)
+    return digest.hexdigest()
 
 
 def import_bm25s():

@@ -1,6 +1,7 @@
 """Stage 3: label every training row with the teacher's scores for distillation.
 
-Writes data/teacher/train_scored.parquet: the snapshot's rows (query, positive, negative[, negative_N])
+Refuses a snapshot whose validation failed (data/validation/report.json). Writes
+data/teacher/train_scored.parquet: the snapshot's rows (query, positive, negative[, negative_N])
 plus one `<column>_score` per document column, `scores` ([positive, negatives...], for KL-div) and
 `label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
 A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
@@ -37,16 +38,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import snapshot
 from pipeline.cli import StageError, stage_main
-from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig
+from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, VALIDATION_REPORT,
+                             Params, TeacherConfig)
+from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
 from pipeline.metrics import mean_metrics, ranking_metrics
-from pipeline.runtime import import_bm25s, process_rank, update_with_file, use_bf16
-from pipeline.tracking import stage_record, write_json
+from pipeline.runtime import import_bm25s, process_rank, use_bf16, weights_digest
+from pipeline.tracking import stage_record, write_atomically, write_json
 
 log = logging.getLogger(__name__)
-
-SCORED_FILE = "train_scored.parquet"
 # bench/teacher.py --batch-sizes on a 2-core CPU (MiniLM-L6, SciFact lengths): 8 to 32 score alike
 # (17-24 pairs/s, run-to-run noise included), 64 and 128 slower (13.9-17.2)
 CPU_BATCH_SIZE = 16
@@ -54,7 +54,7 @@ GPU_MAX_BATCH_SIZE = 1024
 
 
 def document_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in snapshot.text_columns(frame) if c != "query"]
+    return [c for c in text_columns(frame) if c != "query"]
 
 
 def unique_pairs(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -119,11 +119,7 @@ def check_model(cfg: TeacherConfig) -> None:
 def model_identity(cfg: TeacherConfig) -> dict:
     """What the scores depend on: a local folder by the sha256 of its weights, a Hub id by revision."""
     if Path(cfg.model).is_dir():
-        digest = hashlib.sha256()
-        for path in sorted(Path(cfg.model).rglob("*")):
-            if path.suffix in {".safetensors", ".bin"}:
-                update_with_file(digest, path)
-        return {"model": cfg.model, "weights_sha256": digest.hexdigest()}
+        return {"model": cfg.model, "weights_sha256": weights_digest(Path(cfg.model))}
     return {"model": cfg.model, "revision": cfg.revision}
 
 
@@ -275,7 +271,7 @@ class ShardPlan:
         self.folder, self.pairs = folder, pairs
         folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = teacher.cfg.shard_size
-        key = {"pairs": snapshot.frame_digest(pairs), "teacher": teacher.identity,
+        key = {"pairs": frame_digest(pairs), "teacher": teacher.identity,
                "bf16": teacher.bf16, "batch_size": teacher.cfg.batch_size,
                "shard_size": self.shard_size, "max_length": teacher.model.max_seq_length}
         self.key = key
@@ -291,23 +287,25 @@ class ShardPlan:
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.path(i).exists()]
 
-    def batch_size(self, teacher: "Teacher") -> int:
-        """The configured size, or the automatic one found once and kept with the plan, so a
-        resumed run batches (and so rounds) exactly as the interrupted one did."""
+    def batch_size(self, teacher: "Teacher", rank: int) -> int:
+        """The configured size, or the automatic one that rank 0 finds once and keeps with the plan
+        (the only writer), so every rank, and a resumed run, batches (and so rounds) alike."""
         if teacher.cfg.batch_size != "auto":
             return teacher.cfg.batch_size
         plan_file = self.folder / f"{self.digest}-plan.json"
-        if plan_file.exists():
-            return json.loads(plan_file.read_text())["batch_size"]
-        size = teacher.auto_batch_size(self.pairs)
-        write_json(plan_file, {**self.key, "batch_size": size})
-        return size
+        if rank == 0 and not plan_file.exists():
+            write_json(plan_file, {**self.key, "batch_size": teacher.auto_batch_size(self.pairs)})
+        deadline = time.monotonic() + teacher.cfg.wait_seconds
+        while not plan_file.exists():
+            if time.monotonic() > deadline:
+                raise StageError(f"rank {rank}: rank 0's batch-size plan {plan_file} did not appear within "
+                                 f"{teacher.cfg.wait_seconds:g} s (teacher.wait_seconds): is rank 0 running?")
+            time.sleep(1)
+        return json.loads(plan_file.read_text())["batch_size"]
 
     def write(self, index: int, scores: np.ndarray) -> None:
-        path = self.path(index)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        pd.DataFrame({"score": scores}).to_parquet(tmp, index=False)
-        tmp.replace(path)  # atomic: a killed run leaves no half-written shard
+        # atomic, under a name no other process uses: a killed run leaves no half-written shard
+        write_atomically(self.path(index), lambda tmp: pd.DataFrame({"score": scores}).to_parquet(tmp, index=False))
 
     def merged(self) -> np.ndarray:
         parts = [pd.read_parquet(self.path(i))["score"].to_numpy() for i in range(self.count)]
@@ -327,7 +325,7 @@ def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int
     """Score this rank's missing shards; returns what it did."""
     from tqdm.auto import tqdm
 
-    batch_size = plan.batch_size(teacher)
+    batch_size = plan.batch_size(teacher, rank)
     mine = range(rank, plan.count, world_size)
     todo = [i for i in mine if not plan.path(i).exists()]
     total = sum(len(plan.rows(i)) for i in todo)
@@ -342,14 +340,25 @@ def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int
             "batch_size": batch_size}
 
 
-def wait_for_shards(plan: ShardPlan, poll_seconds: float = 2.0) -> None:
-    """Rank 0 merges once the other ranks' shards are in (torchrun stops every rank if one fails)."""
+def wait_for_shards(plan: ShardPlan, world_size: int, wait_seconds: float, poll_seconds: float = 2.0) -> None:
+    """Rank 0 merges once the other ranks' shards are in. When none has arrived for `wait_seconds`
+    (a rank died, or was never started) it stops, naming the missing shards and the ranks that owe them."""
     missing = plan.missing()
     if missing:
         log.info("waiting for %d shard(s) from the other ranks", len(missing))
+    progress = time.monotonic()
     while missing:
-        time.sleep(poll_seconds)
-        missing = plan.missing()
+        if time.monotonic() - progress > wait_seconds:
+            ranks = sorted({index % world_size for index in missing})
+            raise StageError(
+                f"no new teacher shard for {wait_seconds:g} s (teacher.wait_seconds): shard(s) {missing} of "
+                f"{plan.count} ({plan.folder}/{plan.digest}-*) are missing, owed by rank(s) {ranks} of {world_size}. "
+                f"Restart those ranks (RANK=r WORLD_SIZE={world_size} python -m pipeline.teacher) and rerun")
+        time.sleep(min(poll_seconds, wait_seconds))
+        still = plan.missing()
+        if len(still) < len(missing):
+            progress = time.monotonic()
+        missing = still
 
 
 def distributed_rank() -> tuple[int, int, str | None]:
@@ -361,24 +370,36 @@ def distributed_rank() -> tuple[int, int, str | None]:
     return rank, world_size, device
 
 
-def read_snapshot(snapshot_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(snapshot_dir / snapshot.TRAIN_FILE)
+def check_validated() -> None:
+    """Refuse a snapshot whose validation failed, or was never run on it (the teacher is the first
+    stage that spends compute on the rows)."""
+    if not VALIDATION_REPORT.exists():
+        raise StageError(f"{VALIDATION_REPORT} not found: validate the snapshot first (dvc repro validate)")
+    report = json.loads(VALIDATION_REPORT.read_text())
+    if report.get("snapshot_sha256") != read_manifest()["train"]["sha256"]:
+        raise StageError(f"{VALIDATION_REPORT} is the report of another snapshot: validate this one first "
+                         "(dvc repro validate)")
+    if not report["success"]:
+        failed = sorted({f["check"] for f in report["findings"] if f["severity"] == "error"})
+        raise StageError(f"the snapshot failed validation ({report['errors']} error(s): {', '.join(failed)}; "
+                         f"see {VALIDATION_REPORT}): not labelling it. Fix the data, or set validate.severity, "
+                         "and rerun validate")
 
 
-def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACHER_DIR,
-        shards_dir: Path = TEACHER_SHARDS_DIR) -> dict:
+def run(params: Params) -> dict:
     cfg = params.teacher
     rank, world_size, device = distributed_rank()
-    shards_dir.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
+    TEACHER_SHARDS_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
+    check_validated()
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
         if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
             return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
-        pairs, _ = unique_pairs(read_snapshot(snapshot_dir))
+        pairs, _ = unique_pairs(read_training_snapshot())
         teacher = MODEL_TEACHERS[cfg.kind](cfg, device)
-        return score_shards(teacher, ShardPlan(shards_dir, pairs, teacher), rank, world_size)
+        return score_shards(teacher, ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher), rank, world_size)
 
-    with stage_record("teacher", cfg, params.tracking) as record:
-        train = read_snapshot(snapshot_dir)
+    with stage_record("teacher", params) as record:
+        train = read_training_snapshot()
         mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
         if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled
             record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
@@ -394,17 +415,18 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
                 record["facts"]["mined_negatives"] = cfg.hard_negatives
             pairs, pair_index = unique_pairs(train)
             if teacher is None:
-                lexicon = read_lexicon(snapshot_dir)
+                lexicon = read_lexicon()
                 started = time.perf_counter()
                 scores = LexiconBM25(pairs["document"].unique().tolist(), lexicon).score_pairs(pairs)
                 record["metrics"] = {"pairs_scored": len(pairs),
                                      "pairs_per_second": len(pairs) / (time.perf_counter() - started)}
-                record["metrics"].update(lexicon_eval_metrics(params, snapshot_dir, lexicon))
+                record["metrics"].update(lexicon_eval_metrics(params, lexicon))
                 record["facts"]["teacher"] = {"model": "lexicon-bm25 over the snapshot's lexicon"}
             else:
-                plan = ShardPlan(shards_dir, pairs, teacher)
-                record["metrics"] = score_shards(teacher, plan, *((0, 1) if mining else (rank, world_size)))
-                wait_for_shards(plan)
+                plan = ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher)
+                ranks = (0, 1) if mining else (rank, world_size)  # mined pairs: rank 0 alone knows them
+                record["metrics"] = score_shards(teacher, plan, *ranks)
+                wait_for_shards(plan, ranks[1], cfg.wait_seconds)
                 scores = plan.merged()
                 plan.remove_stale()
                 record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
@@ -416,23 +438,22 @@ def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR, out_dir: Path = TEACH
                                      pair_occurrences=pair_index.size,
                                      margin_mean=float(margins.mean()),
                                      margin_positive_fraction=float((margins > 0).mean()))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        train.to_parquet(out_dir / SCORED_FILE, index=False)
+        TEACHER_DIR.mkdir(parents=True, exist_ok=True)
+        train.to_parquet(TEACHER_SCORED, index=False)
     return record["metrics"]
 
 
-def read_lexicon(snapshot_dir: Path) -> dict[str, str]:
-    path = snapshot_dir / snapshot.LEXICON_FILE
-    if not path.exists():
-        raise StageError(f"{path} not found: the lexicon-bm25 teacher needs the synthetic training "
+def read_lexicon() -> dict[str, str]:
+    if not SNAPSHOT_LEXICON.exists():
+        raise StageError(f"{SNAPSHOT_LEXICON} not found: the lexicon-bm25 teacher needs the synthetic training "
                          "set; use teacher.kind: cross-encoder")
-    return json.loads(path.read_text())
+    return json.loads(SNAPSHOT_LEXICON.read_text())
 
 
-def lexicon_eval_metrics(params: Params, snapshot_dir: Path, lexicon: dict[str, str]) -> dict:
+def lexicon_eval_metrics(params: Params, lexicon: dict[str, str]) -> dict:
     """The lexicon teacher is cheap enough to rank the whole eval corpus: how good is the teacher?"""
     per_set = []
-    for evaluation in snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split).values():
+    for evaluation in read_eval_snapshot(params.snapshot.eval.split).values():
         doc_ids = list(evaluation.corpus)
         ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
         ranking = {qid: dict(zip(doc_ids, ranker.scores(text))) for qid, text in evaluation.queries.items()}

@@ -2,9 +2,12 @@
 
 Gathers every stage's record (params, metrics, time, energy), the training loss curve at step
 resolution, and the card, metrics, validation report, manifest and push plan as artifacts, with a
-nested run per stage; every run is tagged with the git revision and the dvc.lock hash. Registers the
-student (pipeline.registry: alias challenger, and champion when it passes the gate). Writes the run
-id and the registration to records/mlflow_run.json.
+nested run per stage; every run is tagged with the git revision, the dvc.lock hash and the identity
+of its evaluation (eval.id, eval.source, eval.revision, eval.split, eval.sets, eval.sha256), and
+outcome=ok (a run that a stage stopped is put into MLflow by that stage, tagged refused or failed).
+Registers the student (pipeline.registry: alias challenger, and champion when it passes the gate
+against the champion of the same evaluation). Writes the run id and the registration to
+records/mlflow_run.json.
 """
 
 from __future__ import annotations
@@ -12,44 +15,48 @@ from __future__ import annotations
 import json
 import warnings
 
-from pipeline import push, registry, snapshot
+from pipeline import registry
 from pipeline.cli import stage_main
-from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, RECORDS_DIR, SNAPSHOT_DIR,
-                             TRAIN_LOSS, VALIDATION_REPORT, Params)
-from pipeline.tracking import load_records, log_pipeline_run, step_metrics, write_json
+from pipeline.config import EVAL_METRICS, RECORDED_STAGES, RECORDS_DIR, Params
+from pipeline.dataset import read_manifest, read_training_snapshot
+from pipeline.gate import GateScores, scores_from_evaluation
+from pipeline.tracking import (OUTCOME_TAG, STAGE_ARTIFACTS, evaluation_identity, load_records, log_pipeline_run,
+                               main_result_name, pipeline_tags, write_json)
 
-STAGES = ["snapshot", "validate", "teacher", "train", "evaluate", "card", "push"]
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
 
 
-def training_dataset(params: Params):
+def training_dataset(manifest: dict):
     """The snapshot as an mlflow.data dataset, named by its source and carrying its content hash."""
     import mlflow.data
-    import pandas as pd
 
-    manifest = json.loads((SNAPSHOT_DIR / snapshot.MANIFEST_FILE).read_text())["train"]
-    frame = pd.read_parquet(SNAPSHOT_DIR / snapshot.TRAIN_FILE)
-    source = manifest["source"] + (f"@{manifest['revision']}" if manifest["revision"] else "")
+    train = manifest["train"]
+    source = train["source"] + (f"@{train['revision']}" if train["revision"] else "")
     with warnings.catch_warnings():  # "synthetic" or a Hub id reads as several source types
         warnings.simplefilter("ignore", UserWarning)
         # MLflow keeps at most 36 characters of a digest
-        return mlflow.data.from_pandas(frame, source=source, name=f"train ({manifest['kind']})",
-                                       digest=manifest["sha256"][:36])
+        return mlflow.data.from_pandas(read_training_snapshot(), source=source, name=f"train ({train['kind']})",
+                                       digest=train["sha256"][:36])
+
+
+def gate_inputs(params: Params) -> tuple[GateScores, dict]:
+    """What the registry's gate reads: this run's numbers, and the identity of their evaluation."""
+    manifest = read_manifest()
+    scores = scores_from_evaluation(json.loads(EVAL_METRICS.read_text()), params.push.gate,
+                                    main_result_name(manifest))
+    return scores, evaluation_identity(manifest)
 
 
 def run(params: Params) -> dict:
-    records = load_records(STAGES)
-    artifacts = [CARD_DIR / "README.md", EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, TRAIN_LOSS, VALIDATION_REPORT,
-                 SNAPSHOT_DIR / snapshot.MANIFEST_FILE, push.PLAN_FILE]
-    revision = push.git_revision()
-    tags = {"git_revision": revision, "dvc_lock": push.dvc_lock_hash(), "model_name": params.card.model_name}
-    # which teacher produced the labels: a folder's weights sha256 or a Hub id's revision
-    tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
-    steps = step_metrics(records["train"]["facts"]["log_history"])
-    run_id = log_pipeline_run(records, steps, artifacts, params.tracking,
-                              {**tags, "mlflow.runName": f"{params.card.model_name} @ {revision}"},
-                              [(training_dataset(params), "training")])
-    registered = registry.register(run_id, params.tracking.registered_model, params.push.gate)
+    import mlflow
+
+    records = load_records(list(RECORDED_STAGES))
+    tags = {**pipeline_tags(params, records), OUTCOME_TAG: "ok"}
+    artifacts = [path for stage in records for path in STAGE_ARTIFACTS.get(stage, [])]
+    run_id = log_pipeline_run(records, params, tags, artifacts, [(training_dataset(read_manifest()), "training")])
+    registered = registry.register(run_id, params.tracking.registered_model, params.push.gate, *gate_inputs(params))
+    mlflow.MlflowClient().set_tag(run_id, "registry", f"{registered['name']} version {registered['version']}, "
+                                  + ("champion" if registered["promoted"] else "challenger"))
     out = {"run_id": run_id, "experiment": params.tracking.experiment,
            "tracking_uri": params.tracking.tracking_uri, "registered": registered}
     write_json(RUN_FILE, out)
@@ -58,6 +65,8 @@ def run(params: Params) -> dict:
           f"{params.tracking.tracking_uri}")
     print(f"registered {registered['name']} version {registered['version']} (challenger); "
           + ("champion" if registered["promoted"] else f"not champion: {registered['reason']}"))
+    if "not_compared" in registered:
+        print(registered["not_compared"])
     return out
 
 

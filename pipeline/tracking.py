@@ -2,25 +2,34 @@
 
 Every stage runs inside `stage_record`, which writes records/<stage>.json when the stage succeeds.
 The last stage (`pipeline.track`) turns the records of all stages into one MLflow run, so one
-pipeline execution gives one run even when DVC skipped the stages that had not changed.
+pipeline execution gives one run even when DVC skipped the stages that had not changed. A stage
+that fails (or whose gate refuses the model) puts its run in MLflow itself, with the records of the
+stages before it and a tag naming what stopped it: no run is lost from a sweep.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel
-
-from pipeline.config import RECORDS_DIR, TrackingConfig
+from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
+                             SNAPSHOT_MANIFEST, TRAIN_LOSS, VALIDATION_REPORT, Params, TrackingConfig)
 from pipeline.runtime import is_main_process
 
 log = logging.getLogger(__name__)
+
+DVC_LOCK = Path("dvc.lock")
+# the outcome tag of a pipeline run: ok, refused (by the evaluation gate) or failed (a stage)
+OUTCOME_TAG = "outcome"
 
 
 def record_path(stage: str, records_dir: Path = RECORDS_DIR) -> Path:
@@ -32,47 +41,77 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write atomically, so a crash never leaves a half-written file behind for DVC to cache."""
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary path)`, then rename it to `path`: a crash never leaves a half-written file
+    for DVC to cache, and processes writing at once (ranks) never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_lock_hash() -> str:
+    """sha256 (first 12 hex digits) of dvc.lock's entries for the stages that made the model (its
+    data, params and outputs); push and track are left out, their entries are last run's."""
+    import yaml
+
+    if not DVC_LOCK.exists():
+        return "none"
+    stages = yaml.safe_load(DVC_LOCK.read_text()).get("stages", {})
+    upstream = {name: entry for name, entry in stages.items() if name not in ("push", "track")}
+    return hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# what each stage leaves that the MLflow run keeps as artifacts
+STAGE_ARTIFACTS = {"snapshot": [SNAPSHOT_MANIFEST], "validate": [VALIDATION_REPORT], "train": [TRAIN_LOSS],
+                   "evaluate": [EVAL_METRICS, NDCG_TABLE, PLOTS_DIR], "card": [CARD_DIR / "README.md"],
+                   "push": [PUSH_PLAN]}
 
 
 @contextmanager
-def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
-                 records_dir: Path = RECORDS_DIR) -> Iterator[dict]:
-    """Measure a stage; the caller fills record["metrics"] (numbers) and record["facts"] (anything)."""
+def stage_record(stage: str, params: Params, records_dir: Path = RECORDS_DIR) -> Iterator[dict]:
+    """Measure a stage; the caller fills record["metrics"] (numbers) and record["facts"] (anything).
+    When the stage raises, its run goes to MLflow as failed (or refused, by the gate) before the
+    error goes on."""
     from codecarbon import OfflineEmissionsTracker
 
     logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its start-up notices come before log_level
-    emissions_dir = records_dir / "emissions"
-    emissions_dir.mkdir(parents=True, exist_ok=True)  # codecarbon silently records nothing without it
-    tracker = OfflineEmissionsTracker(
-        project_name=stage, country_iso_code=tracking.country_iso_code,
-        output_dir=str(emissions_dir), output_methods=[], log_level="error",
-    )
-    record: dict[str, Any] = {
-        "stage": stage,
-        "params": section.model_dump(mode="json", by_alias=True),
-        "metrics": {},
-        "facts": {},
-    }
-    started = time.perf_counter()
-    tracker.start()
-    try:
-        yield record
-    finally:
-        emissions_kg = tracker.stop()
-    data = tracker.final_emissions_data
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    record["emissions_kg_co2eq"] = float(emissions_kg or 0.0)
-    record["energy_kwh"] = float(data.energy_consumed) if data else 0.0
-    record["hardware"] = {
-        "cpu_model": getattr(data, "cpu_model", None), "gpu_model": getattr(data, "gpu_model", None),
-        "ram_total_gb": getattr(data, "ram_total_size", None), "country": tracking.country_iso_code,
-    }
+    record: dict[str, Any] = {"stage": stage, "params": params.section(stage).model_dump(mode="json", by_alias=True),
+                              "metrics": {}, "facts": {}}
+    started_at = time.time()
+    # codecarbon needs an existing output folder (or silently records nothing); it writes nothing there
+    with tempfile.TemporaryDirectory() as emissions_dir:
+        tracker = OfflineEmissionsTracker(
+            project_name=stage, country_iso_code=params.tracking.country_iso_code,
+            output_dir=emissions_dir, output_methods=[], log_level="error")
+        started = time.perf_counter()
+        tracker.start()
+        try:
+            yield record
+        except Exception as error:
+            measure(record, tracker, started, params.tracking)
+            if is_main_process():
+                record_stopped_run(stage, params, record, error, started_at, records_dir)
+            raise
+        measure(record, tracker, started, params.tracking)
     for name, value in record["metrics"].items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"stage {stage}: metric {name!r} is not a finite number: {value!r}")
@@ -81,11 +120,98 @@ def stage_record(stage: str, section: BaseModel, tracking: TrackingConfig,
     log.info("%s finished in %.1f s (%.3g kWh)", stage, record["seconds"], record["energy_kwh"])
 
 
+def measure(record: dict, tracker, started: float, tracking: TrackingConfig) -> None:
+    """The stage's wall time, energy, emissions and hardware, into its record."""
+    emissions_kg = tracker.stop()
+    data = tracker.final_emissions_data
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["emissions_kg_co2eq"] = float(emissions_kg or 0.0)
+    record["energy_kwh"] = float(data.energy_consumed) if data else 0.0
+    record["hardware"] = {
+        "cpu_model": getattr(data, "cpu_model", None), "gpu_model": getattr(data, "gpu_model", None),
+        "ram_total_gb": getattr(data, "ram_total_size", None), "country": tracking.country_iso_code,
+    }
+
+
+def record_stopped_run(stage: str, params: Params, record: dict, error: Exception, started_at: float,
+                       records_dir: Path = RECORDS_DIR) -> str | None:
+    """Put a run that `stage` stopped into MLflow: every param, the records (metrics, emissions) of
+    the stages before it and its own, the artifacts they left, and tags saying what stopped it
+    (outcome refused or failed, stopped_by, reason). A failure to log is reported, never raised:
+    the stage's own error is what the user needs to see."""
+    from pipeline.gate import GateRefused
+
+    try:
+        before = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage in RECORDED_STAGES else RECORDED_STAGES
+        records = load_records([s for s in before if record_path(s, records_dir).exists()], records_dir)
+        records[stage] = {**record, "metrics": {k: v for k, v in record["metrics"].items()
+                                                if isinstance(v, (int, float)) and math.isfinite(v)}}
+        refused = isinstance(error, GateRefused)
+        tags = {**pipeline_tags(params, records), OUTCOME_TAG: "refused" if refused else "failed",
+                "stopped_by": f"{stage}.gate" if refused else stage, "reason": str(error)[:4000]}
+        tags["mlflow.runName"] += " (refused)" if refused else f" (failed at {stage})"
+        # what this attempt of the stage wrote (a validation report, a push plan) is evidence too
+        artifacts = [path for s in records for path in STAGE_ARTIFACTS.get(s, [])
+                     if s != stage or (path.exists() and path.stat().st_mtime >= started_at)]
+        run_id = log_pipeline_run(records, params, tags, artifacts, status="FAILED")
+        log.warning("the stopped run is in MLflow: run %s, %s=%s (%s)", run_id, OUTCOME_TAG,
+                    tags[OUTCOME_TAG], params.tracking.tracking_uri)
+        return run_id
+    except Exception as logging_error:  # noqa: BLE001  (the stage's error matters more)
+        log.warning("could not put the stopped run into MLflow (%s: %s)", type(logging_error).__name__,
+                    logging_error)
+        return None
+
+
+def evaluation_identity(manifest: dict) -> dict:
+    """What a score was measured on: the evaluation's source, revision, split, set names and content
+    hash, and a short id of all of them. Scores compare only between equal identities."""
+    evaluation = manifest["eval"]
+    identity = {"source": evaluation["source"], "revision": evaluation["revision"],
+                "split": evaluation["split"], "sets": sorted(evaluation["sets"]),
+                "sha256": evaluation["sha256"]}
+    identity["id"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return identity
+
+
+def main_result_name(manifest: dict) -> str:
+    """The name of an evaluation's main result: its set, or "<source> mean" over several sets (as
+    NanoBEIR cards list it)."""
+    sets = list(manifest["eval"]["sets"])
+    return sets[0] if len(sets) == 1 else f"{Path(manifest['eval']['source']).name} mean"
+
+
+def identity_tags(identity: dict) -> dict[str, str]:
+    """The identity as MLflow tags: eval.id, eval.source, eval.revision, eval.split, eval.sets, eval.sha256."""
+    return {f"eval.{key}": ",".join(value) if isinstance(value, list) else str(value or "")
+            for key, value in identity.items()}
+
+
+def pipeline_tags(params: Params, records: dict[str, dict]) -> dict[str, str]:
+    """Tags of a pipeline run: the git revision and dvc.lock hash it ran at, the teacher that labelled
+    its data, and the identity of its evaluation."""
+    revision = git_revision()
+    tags = {"git_revision": revision, "dvc_lock": dvc_lock_hash(), "model_name": params.card.model_name,
+            "mlflow.runName": f"{params.card.model_name} @ {revision}"}
+    if "teacher" in records:  # a folder's weights sha256 or a Hub id's revision
+        tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
+    if "snapshot" in records:
+        tags.update(identity_tags(evaluation_identity(records["snapshot"]["facts"]["manifest"])))
+    return tags
+
+
 def load_records(stages: list[str], records_dir: Path = RECORDS_DIR) -> dict[str, dict]:
     missing = [s for s in stages if not record_path(s, records_dir).exists()]
     if missing:
         raise FileNotFoundError(f"no record for stage(s) {missing} in {records_dir}/: run them first")
     return {s: json.loads(record_path(s, records_dir).read_text()) for s in stages}
+
+
+def _flatten_sections(sections: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, section in sections.items():
+        out.update(_flatten(name, section))
+    return out
 
 
 def _flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -120,23 +246,19 @@ def step_metrics(log_history: list[dict], prefix: str = "train_") -> list[tuple[
             if key not in {"step", "epoch"} and isinstance(value, (int, float)) and math.isfinite(value)]
 
 
-def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float, int]],
-                     artifacts: list[Path],
-                     tracking: TrackingConfig, tags: dict[str, str],
-                     datasets: list[tuple[Any, str]] = ()) -> str:
-    """One MLflow run holding every stage's params, metrics, emissions and the given artifacts (the
-    runs of a sweep compare column by column), with a nested run per stage holding that stage's
-    own; `step_logs` are (name, value, step) series; `datasets` are (mlflow.data dataset, context)
+def log_pipeline_run(records: dict[str, dict], params: Params, tags: dict[str, str], artifacts: list[Path],
+                     datasets: list[tuple[Any, str]] = (), status: str = "FINISHED") -> str:
+    """One MLflow run holding every param, every stage's metrics and emissions, the training curve at
+    step resolution and the given artifacts (the runs of a sweep compare column by column), with a
+    nested run per stage holding that stage's own; `datasets` are (mlflow.data dataset, context)
     pairs logged as the run's inputs. `tags` go on every run."""
     import mlflow
     from mlflow.entities import Metric
 
-    experiment_id = configure_mlflow(tracking)
+    experiment_id = configure_mlflow(params.tracking)
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
-        params: dict[str, Any] = {}
-        for stage, record in records.items():
-            params.update(_flatten(stage, record["params"]))
-        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        flat = _flatten_sections(params.model_dump(mode="json", by_alias=True))
+        mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
 
         metrics: dict[str, float] = {}
         for stage, record in records.items():
@@ -155,9 +277,10 @@ def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float,
                 mlflow.log_params({k: ("" if v is None else v) for k, v in _flatten(stage, record["params"]).items()})
                 mlflow.log_metrics({k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{stage}.")})
 
-        # one request per 1000 points (MLflow's batch limit), not one per training step
+        # the training curve: one request per 1000 points (MLflow's batch limit), not one per step
         now = int(time.time() * 1000)
-        points = [Metric(name, value, now, step) for name, value, step in step_logs]
+        points = [Metric(name, value, now, step) for name, value, step in
+                  step_metrics(records["train"]["facts"]["log_history"] if "train" in records else [])]
         for start in range(0, len(points), 1000):
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=points[start:start + 1000])
 
@@ -167,6 +290,8 @@ def log_pipeline_run(records: dict[str, dict], step_logs: list[tuple[str, float,
         for path in artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
-            else:
+            elif path.exists():
                 mlflow.log_artifact(str(path))
-        return run.info.run_id
+    if status != "FINISHED":
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+    return run.info.run_id

@@ -7,8 +7,11 @@ models/base (the baseline the evaluation compares against) and the trained one t
 both are ordinary SparseEncoder folders. With train.base_model "synthetic", the student is a
 BertForMaskedLM built from config with a WordPiece vocabulary learnt from the snapshot's text.
 
-Checkpoints go to models/checkpoints/<digest of the train params and labels>/ every `save_steps`;
-a rerun after a crash resumes from the newest complete one (the step count continues).
+Checkpoints go to models/checkpoints/<resume key>/ every `save_steps`. The key names everything
+that changes the training: the train params, the labels, the weights of a local base model, the
+world size and global batch, the library versions. A rerun after a crash resumes from the newest
+complete checkpoint of the same key, and continues exactly (the same final weights as an
+uninterrupted run); checkpoints of another key are removed, saying which of their settings differed.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from sentence_transformers import SparseEncoderTrainer
 from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSampler
 from sentence_transformers.sparse_encoder.losses import FlopsLoss, SpladeLoss
 
-from pipeline import snapshot, teacher
 from pipeline.cli import StageError, stage_main
-from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, SNAPSHOT_DIR, STUDENT_DIR, TEACHER_DIR,
-                             TRAIN_LOSS, Params, StudentConfig, TrainConfig)
-from pipeline.runtime import is_main_process, update_with_file, use_bf16
-from pipeline.tracking import stage_record
+from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params,
+                             StudentConfig, TrainConfig)
+from pipeline.dataset import LABEL_COLUMN, read_eval_snapshot, text_columns, training_rows
+from pipeline.runtime import is_main_process, process_rank, update_with_file, use_bf16, weights_digest
+from pipeline.tracking import stage_record, write_json
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
         return csr_encoder(cfg.base_model, cfg)
     if cfg.base_model != "synthetic":
         return splade_encoder(cfg.base_model, cfg.max_seq_length, cfg.revision)
-    texts = list(dict.fromkeys(v for c in snapshot.text_columns(train) for v in train[c].tolist()))
+    texts = list(dict.fromkeys(v for c in text_columns(train) for v in train[c].tolist()))
     build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
     return splade_encoder(str(scratch), cfg.max_seq_length)
 
@@ -136,11 +139,53 @@ def write_loss_curve(curve: list[dict], path: Path) -> None:
         writer.writerows(curve)
 
 
-def checkpoint_folder(cfg: TrainConfig, scored_file: Path) -> Path:
-    """Checkpoints of this exact training (params and labels), so a rerun never resumes a different one."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    update_with_file(digest, scored_file)
-    return CHECKPOINTS_DIR / digest.hexdigest()[:16]
+# train params that change what is saved or logged, not what is learnt: a resume may change them
+NOT_TRAINING = {"save_steps", "logging_steps", "eval_steps"}
+KEY_FILE = "resume_key.json"
+
+
+def resume_key(cfg: TrainConfig, scored_file: Path, world_size: int) -> dict:
+    """Everything the trained weights depend on. train.batch_size is per process, so the world size
+    changes the global batch (and the data each process sees)."""
+    from importlib import metadata
+
+    labels = hashlib.sha256()
+    update_with_file(labels, scored_file)
+    return {"train": cfg.model_dump(mode="json", exclude=NOT_TRAINING),
+            "labels_sha256": labels.hexdigest(),
+            "base_model_weights_sha256": weights_digest(Path(cfg.base_model)) if Path(cfg.base_model).is_dir() else None,
+            "world_size": world_size, "global_batch": cfg.batch_size * world_size,
+            "versions": {name: metadata.version(name) for name in ("torch", "transformers", "sentence-transformers")}}
+
+
+def checkpoint_folder(key: dict) -> Path:
+    return CHECKPOINTS_DIR / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def key_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between two resume keys, as "name old -> new" (nested keys dotted)."""
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += key_differences(before, after, f"{prefix}{name}.")
+        elif before != after:
+            changes.append(f"{prefix}{name} {before} -> {after}")
+    return changes
+
+
+def clear_other_checkpoints(current: Path, key: dict) -> list[str]:
+    """Remove checkpoints of other trainings, logging why each cannot be resumed; returns the reasons."""
+    reasons = []
+    for stale in sorted(p for p in CHECKPOINTS_DIR.glob("*") if p != current and p.is_dir()):
+        newest = latest_checkpoint(stale)
+        if newest is not None and (stale / KEY_FILE).exists():
+            reason = (f"not resuming {newest} (another training: "
+                      + "; ".join(key_differences(json.loads((stale / KEY_FILE).read_text()), key)) + "): starting fresh")
+            log.warning(reason)
+            reasons.append(reason)
+        shutil.rmtree(stale)
+    return reasons
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -172,17 +217,6 @@ class GlobalBatchFlopsLoss(FlopsLoss):
         count = torch.tensor([len(embeddings)], dtype=embeddings.dtype, device=embeddings.device)
         dist.all_reduce(count)
         return torch.sum((all_reduce(embeddings.sum(dim=0)) / count) ** 2)
-
-
-# the teacher's column each loss trains on: margins, score lists, or none (in-batch negatives)
-LABEL_COLUMN = {"margin-mse": "label", "kl-div": "scores", "mnrl": None}
-
-
-def training_rows(cfg: TrainConfig, scored: pd.DataFrame) -> pd.DataFrame:
-    """The columns the trainer sees: the texts, and the loss's teacher column named label."""
-    label = LABEL_COLUMN[cfg.loss]
-    columns = snapshot.text_columns(scored) + ([label] if label and label in scored else [])
-    return scored[columns].rename(columns={"scores": "label"})
 
 
 def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
@@ -320,7 +354,7 @@ def held_out_evaluator(params: Params):
     from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
-    sets = snapshot.read_eval_snapshot(SNAPSHOT_DIR, params.snapshot.eval.split)
+    sets = read_eval_snapshot(params.snapshot.eval.split)
     evaluators = [SparseInformationRetrievalEvaluator(
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()},
         batch_size=params.evaluate.batch_size, write_csv=False, name=name if len(sets) > 1 else "")
@@ -330,14 +364,12 @@ def held_out_evaluator(params: Params):
     return SequentialEvaluator(evaluators, main_score_function=lambda scores: sum(scores) / len(scores))
 
 
-def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
+def run(params: Params) -> dict:
     from datasets import Dataset
 
     cfg = params.train
-    with stage_record("train", cfg, params.tracking) as record, \
-            tempfile.TemporaryDirectory() as scratch:
-        scored_file = teacher_dir / teacher.SCORED_FILE
-        scored = pd.read_parquet(scored_file)
+    with stage_record("train", params) as record, tempfile.TemporaryDirectory() as scratch:
+        scored = pd.read_parquet(TEACHER_SCORED)
         model = initial_model(cfg, scored, Path(scratch) / "mlm")
         model.max_active_dims = cfg.max_active_dims
         main_process = is_main_process()
@@ -348,11 +380,12 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
 
         loss = training_loss(cfg, model, scored)
         dataset = Dataset.from_pandas(training_rows(cfg, scored), preserve_index=False)
-        checkpoints = checkpoint_folder(cfg, scored_file)
-        CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
-        for stale in CHECKPOINTS_DIR.glob("*") if main_process else []:  # other trainings'
-            if stale != checkpoints:
-                shutil.rmtree(stale)
+        key = resume_key(cfg, TEACHER_SCORED, process_rank()[1])
+        checkpoints = checkpoint_folder(key)
+        if main_process:
+            CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+            record["facts"]["not_resumed"] = clear_other_checkpoints(checkpoints, key)
+            write_json(checkpoints / KEY_FILE, key)
         trainer = build_trainer(cfg, model, dataset, loss, checkpoints,
                                 evaluator=held_out_evaluator(params) if cfg.eval_steps else None)
         resume = latest_checkpoint(checkpoints) if checkpoints.exists() else None
@@ -376,11 +409,11 @@ def run(params: Params, teacher_dir: Path = TEACHER_DIR) -> dict:
             "runtime_seconds": float(result.metrics["train_runtime"]),
             "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0,
         }
-        record["facts"] = {"log_history": trainer.state.log_history,
+        record["facts"].update({"log_history": trainer.state.log_history, "resume_key": key,
                            "device": str(model.device), "training_rows": len(dataset),
                            "loss": loss_facts(loss), "training_args": trainer.args.to_dict(),
                            # the commit a Hub base model resolved to (a branch revision pins nothing)
-                           "base_model_commit": getattr(model[0].auto_model.config, "_commit_hash", None)}
+                           "base_model_commit": getattr(model[0].auto_model.config, "_commit_hash", None)})
     return record["metrics"]
 
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import snapshot
 from pipeline.cli import StageError, run_stage
-from pipeline.config import (PARAMS_FILE, SNAPSHOT_DIR, VALIDATION_REPORT, Params, TrainDataConfig,
-                             ValidateConfig, load_params)
+from pipeline.config import PARAMS_FILE, VALIDATION_REPORT, Params, TrainDataConfig, ValidateConfig, load_params
+from pipeline.dataset import read_eval_snapshot, read_manifest, read_training_snapshot, row_hashes, text_columns
 from pipeline.sources import RetrievalSet, SourceError, load_training, read_retrieval_set
 from pipeline.tracking import stage_record, write_json
 
@@ -48,7 +47,7 @@ def with_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
         derived["check_score_is_finite"] = frame["score"].map(
             lambda s: s is not None and bool(np.all(np.isfinite(np.asarray(s, dtype=float)))))
     # duplicates are found on one 64-bit hash per row, so the check sees all rows at once cheaply
-    derived["check_row_hash"] = snapshot.row_hashes(frame[snapshot.text_columns(frame)])
+    derived["check_row_hash"] = row_hashes(frame[text_columns(frame)])
     return derived
 
 
@@ -57,7 +56,7 @@ def expectations(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[list, list]:
     import great_expectations as gx
 
     ex = gx.expectations
-    texts = snapshot.text_columns(frame)
+    texts = text_columns(frame)
     per_row = []
     for column in texts + (["score"] if "score" in frame else []):
         per_row.append(("not_null", ex.ExpectColumnValuesToNotBeNull(column=column)))
@@ -173,10 +172,20 @@ def describe(findings: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(findings: list[dict], rows: int) -> dict:
+def report(findings: list[dict], rows: int, snapshot_sha256: str | None = None) -> dict:
+    """The validation report; `snapshot_sha256` names the snapshot it checked (the teacher refuses
+    to label a snapshot without a passing report of its own)."""
     errors = [f for f in findings if f["severity"] == "error"]
     return {"success": not errors, "rows_checked": rows, "errors": len(errors),
-            "warnings": len(findings) - len(errors), "findings": findings}
+            "warnings": len(findings) - len(errors), "findings": findings, "snapshot_sha256": snapshot_sha256}
+
+
+def failing_rows(findings: list[dict]) -> dict[str, int]:
+    """<check>_rows: the failing rows of each check, summed over the columns and files it ran on."""
+    counts: dict[str, int] = {}
+    for f in findings:
+        counts[f"{f['check']}_rows"] = counts.get(f"{f['check']}_rows", 0) + (f["failing_count"] or 0)
+    return counts
 
 
 def raise_on_errors(result: dict, report_path: Path | None = None) -> None:
@@ -189,23 +198,21 @@ def raise_on_errors(result: dict, report_path: Path | None = None) -> None:
         raise StageError(f"{len(errors)} validation check(s) failed:\n{describe(errors)}{where}")
 
 
-def run(params: Params, snapshot_dir: Path = SNAPSHOT_DIR) -> dict:
+def run(params: Params) -> dict:
     cfg = params.validate_
-    with stage_record("validate", cfg, params.tracking) as record:
-        train_path = snapshot_dir / snapshot.TRAIN_FILE
-        frame = pd.read_parquet(train_path)
-        evaluation = snapshot.read_eval_snapshot(snapshot_dir, params.snapshot.eval.split)
+    with stage_record("validate", params) as record:
+        frame = read_training_snapshot()
+        evaluation = read_eval_snapshot(params.snapshot.eval.split)
         # name the user's files in the findings, not the snapshot's copies
         findings = check_rows(frame, params.snapshot.train.source, cfg)
         source = params.snapshot.eval.source
         for name, data in evaluation.items():
             findings += check_eval_set(data, source if len(evaluation) == 1 else f"{source} [{name}]", cfg,
                                        set(frame["query"].dropna()))
-        result = report(findings, len(frame))
+        result = report(findings, len(frame), read_manifest()["train"]["sha256"])
         write_json(VALIDATION_REPORT, result)
+        record["metrics"] = {"rows_checked": len(frame), "warnings": result["warnings"], **failing_rows(findings)}
         raise_on_errors(result, VALIDATION_REPORT)
-        record["metrics"] = {"rows_checked": len(frame), "warnings": result["warnings"],
-                             **{f"{f['check']}_rows": f["failing_count"] or 0 for f in findings}}
     return result
 
 

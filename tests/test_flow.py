@@ -5,7 +5,7 @@ import pytest
 import yaml
 from prefect.states import Completed, Failed
 
-from flows.retrain import StageFailed, apply_overrides, retry_if_transient, run_stage
+from flows.retrain import StageFailed, apply_overrides, overridden, retry_if_transient, run_stage
 from tests.conftest import PROJECT
 
 
@@ -35,3 +35,27 @@ def test_overrides_set_params_as_dvc_exp_run_does_and_are_validated_first(tmp_pa
     with pytest.raises(ValueError, match="not key=value"):
         apply_overrides(["train.learning_rate"], params_file)
     assert params_file.read_text() == before  # nothing written
+
+
+def test_overrides_change_values_and_nothing_else_and_are_undone_after_the_run(tmp_path):
+    """params.yaml keeps its comments (the schema's documentation) and layout: only the overridden
+    lines differ, a new key is one new line; after the run the file is back byte for byte."""
+    import difflib
+
+    params_file = tmp_path / "params.yaml"
+    original = (PROJECT / "params.yaml").read_bytes()
+    params_file.write_bytes(original)
+    with overridden(["train.learning_rate=0.001", "push.gate.minimum=0.5", "evaluate.max_active_dims=[16, 32]"],
+                    keep=False, params_file=params_file):
+        changed = [line for line in difflib.unified_diff(original.decode().splitlines(), params_file.read_text().splitlines(),
+                                                          lineterm="", n=0) if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        assert changed == ["-  learning_rate: 0.0003", "+  learning_rate: 0.001",
+                           "+  max_active_dims: [16, 32]",
+                           "-    minimum: null             #   this value", "+    minimum: 0.5              #   this value"]
+    assert params_file.read_bytes() == original
+    with pytest.raises(RuntimeError), overridden(["train.epochs=2"], keep=False, params_file=params_file):
+        raise RuntimeError("a stage failed")
+    assert params_file.read_bytes() == original  # restored after a failure too
+    with overridden(["train.epochs=2"], keep=True, params_file=params_file):
+        pass
+    assert yaml.safe_load(params_file.read_text())["train"]["epochs"] == 2  # --keep-overrides

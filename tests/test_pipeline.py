@@ -1,21 +1,29 @@
-"""All stages in-process on the shrunken quickstart, then the MLflow run they leave behind."""
+"""All stages in-process on the shrunken quickstart (once for the module), then the MLflow run they
+leave behind; a run the gate refuses or a stage fails; the registry's champions per evaluation."""
 
+import hashlib
 import json
+import os
+import shutil
 
 import mlflow
 import pytest
 
-from pipeline import card, evaluate, push, snapshot, teacher, track, train, validate
-from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, RECORDS_DIR, STUDENT_DIR
-
+from pipeline import card, evaluate, inputs, push, snapshot, teacher, track, train, validate
+from pipeline.cli import StageError
+from pipeline.config import (CARD_DIR, EVAL_METRICS, PUSH_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
+                             SNAPSHOT_MANIFEST, SNAPSHOT_TRAIN, STUDENT_DIR, Params, load_params)
+from pipeline.gate import GateRefused
+from tests.conftest import PROJECT, shrink
 
 EVAL_STEPS = 4
+STAGES = (inputs, snapshot, validate, teacher, train, evaluate, card, push)
 
 
 def assert_nested_stage_runs(runs, parent) -> None:
     """A nested run per stage under `parent`, with the stage's own params and metrics, tagged as it is."""
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == set(track.STAGES)
+    assert set(children) == set(RECORDED_STAGES)
     for stage, child in children.items():
         assert child.data.tags["git_revision"] == parent.data.tags["git_revision"]
         assert child.data.tags["dvc_lock"] == parent.data.tags["dvc_lock"]
@@ -24,13 +32,43 @@ def assert_nested_stage_runs(runs, parent) -> None:
     assert children["evaluate"].data.metrics["dot_ndcg_at_10"] == parent.data.metrics["evaluate.dot_ndcg_at_10"]
 
 
-@pytest.fixture
+def with_changes(params: Params, **sections) -> Params:
+    """`params` with some keys of some sections changed: with_changes(p, push={"gate": {...}})."""
+    data = params.model_dump(by_alias=True)
+
+    def merge(into: dict, changes: dict) -> None:
+        for key, value in changes.items():
+            merge(into[key], value) if isinstance(value, dict) and isinstance(into.get(key), dict) else into.update({key: value})
+
+    merge(data, sections)
+    return Params.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def tiny_params() -> Params:
+    return with_changes(shrink(load_params(PROJECT / "params.yaml")), train={"eval_steps": EVAL_STEPS})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One working folder for the module's pipeline run (stages write relative to it)."""
+    before = os.getcwd()
+    folder = tmp_path_factory.mktemp("pipeline")
+    os.chdir(folder)
+    yield folder
+    os.chdir(before)
+
+
+@pytest.fixture(scope="module")
 def finished_run(workdir, tiny_params):
-    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
-        update={"eval_steps": EVAL_STEPS})})
-    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
-        stage.run(params)
-    return track.run(params)
+    for stage in STAGES:
+        stage.run(tiny_params)
+    return track.run(tiny_params)
+
+
+def file_hashes(*folders) -> dict:
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest()
+            for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
@@ -114,7 +152,7 @@ def test_card_and_push_folder(finished_run, tiny_params):
     for figure in card.FIGURES:
         assert (CARD_DIR / figure).read_bytes()[:4] == b"\x89PNG" and f"]({figure})" in text
 
-    plan = json.loads(push.PLAN_FILE.read_text())
+    plan = json.loads(PUSH_PLAN.read_text())
     assert plan["dry_run"] is True and plan["commit"] is None
     uploaded = {f["path"] for f in plan["files"]}
     assert {"README.md", "model.safetensors", "modules.json", "config_sentence_transformers.json",
@@ -136,13 +174,13 @@ def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):
     mlflow.set_tracking_uri(tiny_params.tracking.tracking_uri)
     run = mlflow.get_run(finished_run["run_id"])
     (dataset_input,) = run.inputs.dataset_inputs
-    manifest = json.loads((snapshot.SNAPSHOT_DIR / snapshot.MANIFEST_FILE).read_text())["train"]
+    manifest = json.loads(SNAPSHOT_MANIFEST.read_text())["train"]
     assert dataset_input.dataset.digest == manifest["sha256"][:36]
     assert dataset_input.tags[0].value == "training"
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == manifest["rows"]
 
 
-def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, workdir, tiny_params):
+def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, tiny_params, tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend) gets the finished pipeline's run (the
     track stage pointed at it), with a nested run per stage; the student registered as challenger and
     champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
@@ -160,9 +198,10 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         port = probe.getsockname()[1]
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{workdir}/server.db",
-                               "--artifacts-destination", str(workdir / "server-artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # up in ~7 s, not ~22
     uri = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -183,15 +222,15 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         assert outcome["registered"]["promoted"] and outcome["registered"]["version"] == "1"
 
         champion = mlflow.pyfunc.load_model("models:/quickstart-sparse@champion")
-        train_rows = __import__("pandas").read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+        train_rows = __import__("pandas").read_parquet(SNAPSHOT_TRAIN)
         (query,) = champion.predict([train_rows["query"][0]], params={"side": "query"})
         assert 0 < len(query["indices"]) == len(query["values"]) and min(query["values"]) > 0
         from sentence_transformers import SparseEncoder
         expected = SparseEncoder(str(STUDENT_DIR)).encode_query([train_rows["query"][0]]).coalesce()
         assert sorted(query["indices"]) == sorted(expected.indices()[1].tolist())
 
-        refused = registry.register(outcome["run_id"], "quickstart-sparse",
-                                    params.push.gate.model_copy(update={"minimum": 0.999}))
+        gate = params.push.gate.model_copy(update={"minimum": 0.999})
+        refused = registry.register(outcome["run_id"], "quickstart-sparse", gate, *track.gate_inputs(params))
         assert refused["version"] == "2" and not refused["promoted"] and "below push.gate.minimum" in refused["reason"]
         client = mlflow.MlflowClient()
         assert client.get_model_version_by_alias("quickstart-sparse", "champion").version == "1"
@@ -199,3 +238,73 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def stopped_runs(params: Params) -> list:
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    return [r for r in mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+            if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("outcome") != "ok"]
+
+
+def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_untouched(finished_run, tiny_params):
+    """Push refused by the gate: the run is in MLflow with every param, the evaluation's metrics and
+    tags saying what refused it and why; the model, metrics and card files are as they were. A stage
+    failing on bad params is on record the same way, as failed."""
+    before = file_hashes(STUDENT_DIR, EVAL_METRICS.parent, CARD_DIR)
+    refusing = with_changes(tiny_params, push={"gate": {"minimum": 0.999}})
+    with pytest.raises(GateRefused, match="below push.gate.minimum 0.9990"):
+        push.run(refusing)
+    assert file_hashes(STUDENT_DIR, EVAL_METRICS.parent, CARD_DIR) == before
+    (refused,) = stopped_runs(tiny_params)
+    assert refused.info.status == "FAILED"
+    assert refused.data.tags["outcome"] == "refused" and refused.data.tags["stopped_by"] == "push.gate"
+    assert "below push.gate.minimum 0.9990" in refused.data.tags["reason"]
+    evaluation = json.loads(EVAL_METRICS.read_text())
+    assert refused.data.metrics["evaluate.dot_ndcg_at_10"] == pytest.approx(evaluation["student"]["dot_ndcg@10"])
+    assert refused.data.params["push.gate.minimum"] == "0.999" and "train.learning_rate" in refused.data.params
+    finished = mlflow.get_run(finished_run["run_id"])
+    assert set(finished.data.params) == set(refused.data.params)  # they compare column by column
+    assert refused.data.tags["eval.id"] == finished.data.tags["eval.id"]
+    assert "plots/ndcg_per_dataset.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(
+        refused.info.run_id, "plots")}
+    assert json.loads(PUSH_PLAN.read_text())["gate"]["passed"] is False
+
+    with pytest.raises(StageError, match="push.gate.metric 'ndcg' is not among"):
+        push.run(with_changes(tiny_params, push={"gate": {"metric": "ndcg"}}))
+    failed = next(r for r in stopped_runs(tiny_params) if r.data.tags["outcome"] == "failed")
+    assert failed.data.tags["stopped_by"] == "push" and "'ndcg' is not among" in failed.data.tags["reason"]
+    assert failed.data.metrics["train.steps"] > 0
+
+
+def test_a_version_evaluated_on_another_set_is_champion_of_its_own_evaluation(finished_run, tiny_params,
+                                                                              cut_beir, tmp_path):
+    """The quickstart's champion scores high on its synthetic set; the same student evaluated on
+    SciFact scores far lower. Registered under the same name it still becomes champion (of SciFact,
+    and the latest), reported, not compared with the synthetic number; the synthetic champion keeps
+    its own alias."""
+    copy = tmp_path / "copy"
+    shutil.copytree(os.getcwd(), copy)
+    os.chdir(copy)
+    params = with_changes(tiny_params, snapshot={"eval": {"source": str(cut_beir("scifact", queries=10, extra_docs=100))}},
+                          push={"gate": {"beat_base": False}},
+                          tracking={"tracking_uri": f"sqlite:///{copy}/mlflow.db"})  # not the cached store
+    try:
+        snapshot.run(params)
+        evaluate.run(params)
+        outcome = track.run(params)["registered"]
+    finally:
+        os.chdir(tmp_path)
+    first = finished_run["registered"]
+    assert outcome["value"] < first["value"] - params.push.gate.max_drop  # a cross-set comparison would refuse
+    assert outcome["promoted"] and outcome["champion_version"] is None and outcome["eval_id"] != first["eval_id"]
+    assert f"champion version {first['version']} was evaluated on synthetic" in outcome["not_compared"]
+    client = mlflow.MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    name = params.tracking.registered_model
+    def holder(alias: str) -> str:
+        return str(client.get_model_version_by_alias(name, alias).version)
+
+    assert holder("champion") == holder(f"champion-{outcome['eval_id']}") == outcome["version"]
+    assert holder(f"champion-{first['eval_id']}") == first["version"]
+    tags = client.get_model_version(name, outcome["version"]).tags
+    assert tags["eval.source"] == params.snapshot.eval.source
+    assert tags["eval.sets"] == os.path.basename(params.snapshot.eval.source)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from pipeline import snapshot
-from pipeline.config import EvalDataConfig, Params, TrainDataConfig
+from pipeline.config import SNAPSHOT_TRAIN, EvalDataConfig, Params, TrainDataConfig
+from pipeline.dataset import frame_digest, read_eval_snapshot
 from pipeline.sources import SourceError, load_training, read_eval_sets, read_retrieval_set
 
 TRIPLET_COLUMNS = ["query", "positive", "negative"]
@@ -28,7 +29,7 @@ def test_msmarco_triplets_tsv_snapshot(workdir, tiny_params, shared):
     assert 1 <= train["lengths"]["query"]["min_words"] < train["lengths"]["query"]["mean_words"] \
         < train["lengths"]["positive"]["mean_words"]
     assert len(train["samples"]) == 3 and len(train["sha256"]) == 64
-    frame = pd.read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+    frame = pd.read_parquet(SNAPSHOT_TRAIN)
     assert list(frame.columns) == TRIPLET_COLUMNS and len(frame) == 100
     # same source, same hash
     again = snapshot_of(workdir, tiny_params, source=str(shared / "data/msmarco-toy-triplets/triplets.tsv"),
@@ -41,7 +42,7 @@ def test_scifact_train_qrels_become_pairs(workdir, tiny_params, shared):
                            split="train")
     qrels = pd.read_csv(shared / "data/beir/scifact/qrels/train.tsv", sep="\t")
     assert manifest["train"]["rows"] == int((qrels["score"] > 0).sum())
-    frame = pd.read_parquet(snapshot.SNAPSHOT_DIR / snapshot.TRAIN_FILE)
+    frame = pd.read_parquet(SNAPSHOT_TRAIN)
     assert list(frame.columns) == ["query", "positive"]
 
 
@@ -121,7 +122,7 @@ def test_scored_rows_with_a_list_of_scores(tmp_path):
                   "scores": [[3.0, 1.0], [2.0, float("inf")]]}).to_parquet(path)
     frame = load_training(TrainDataConfig(source=str(path), kind="scored"))
     assert list(frame.columns) == ["query", "positive", "negative", "score"]
-    assert snapshot.frame_digest(frame) == snapshot.frame_digest(frame.copy())
+    assert frame_digest(frame) == frame_digest(frame.copy())
     findings = validate.check_rows(frame, str(path), ValidateConfig(min_rows=1))
     (finite,) = [f for f in findings if f["check"] == "finite_scores"]
     assert finite["failing_count"] == 1 and list(finite["example_rows"]) == [1]
@@ -155,4 +156,4 @@ def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_para
     params["snapshot"]["eval"].update(source=str(root), format="hf", split="dev")
     manifest = snapshot.run(Params.model_validate(params))
     assert manifest["eval"]["sets"]["msmarco"]["judged_queries"] == 5
-    assert snapshot.read_eval_snapshot(workdir / "data/snapshot", "dev") == {"msmarco": data}
+    assert read_eval_snapshot("dev") == {"msmarco": data}

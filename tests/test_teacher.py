@@ -14,7 +14,8 @@ import yaml
 
 from pipeline import snapshot, teacher, validate
 from pipeline.cli import StageError
-from pipeline.config import RECORDS_DIR, TEACHER_SHARDS_DIR, Params, TeacherConfig, TrainDataConfig
+from pipeline.config import RECORDS_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, Params, TeacherConfig, TrainDataConfig
+from pipeline.dataset import read_training_snapshot
 from pipeline.sources import load_training
 
 TOY_TRIPLETS = "data/msmarco-toy-triplets/triplets.tsv"
@@ -33,7 +34,7 @@ def test_quickstart_labels_are_margins(workdir, tiny_params):
     snapshot.run(tiny_params)
     validate.run(tiny_params)
     metrics = teacher.run(tiny_params)
-    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    scored = pd.read_parquet(TEACHER_SCORED)
     assert np.allclose(scored["label"], scored["positive_score"] - scored["negative_score"])
     # the teacher knows relevance: positives outrank negatives, and it ranks the held-out set well
     assert metrics["margin_positive_fraction"] > 0.95
@@ -116,8 +117,9 @@ def test_stage_scores_many_negatives_once_and_resumes_from_shards(workdir, tiny_
                                  negative_2=np.roll(toy["negative"], 3))], ignore_index=True)
     params = stage_params(tiny_params, write_rows(workdir / "rows.jsonl", rows), cross_encoder, 64)
     snapshot.run(params)
+    validate.run(params)
     metrics = teacher.run(params)
-    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    scored = pd.read_parquet(TEACHER_SCORED)
 
     distinct = {(r["query"], r[c]) for _, r in rows.iterrows() for c in ("positive", "negative", "negative_2")}
     assert metrics["pair_occurrences"] == 3 * len(rows) and metrics["unique_pairs"] == len(distinct)
@@ -133,14 +135,14 @@ def test_stage_scores_many_negatives_once_and_resumes_from_shards(workdir, tiny_
     assert np.allclose(labels[:, 1], scored["positive_score"] - scored["negative_2_score"])
     assert np.allclose(np.stack(scored["scores"].to_numpy())[:, 2], scored["negative_2_score"])
     facts = json.loads((RECORDS_DIR / "teacher.json").read_text())["facts"]["teacher"]
-    weights = hashlib.sha256((cross_encoder / "model.safetensors").read_bytes()).hexdigest()
+    weights = hashlib.sha256(b"model.safetensors\x00" + (cross_encoder / "model.safetensors").read_bytes()).hexdigest()
     assert facts["model"] == str(cross_encoder) and facts["weights_sha256"] == weights
     shards = sorted(TEACHER_SHARDS_DIR.glob("*-of-*.parquet"))
     assert len(shards) == metrics["shards"] == -(-metrics["unique_pairs"] // 64)
 
     again = teacher.run(params)  # nothing left to score: every shard is reused
     assert again["pairs_scored"] == 0 and again["shards_reused"] == metrics["shards"]
-    pd.testing.assert_frame_equal(pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE), scored)
+    pd.testing.assert_frame_equal(pd.read_parquet(TEACHER_SCORED), scored)
 
     other = stage_params(tiny_params, workdir / "rows.jsonl", cross_encoder, 50)
     assert teacher.run(other)["shards_reused"] == 0  # another shard plan is not mixed in
@@ -154,8 +156,9 @@ def test_scored_snapshot_passes_its_labels_through(workdir, tiny_params, shared)
     params = stage_params(tiny_params, write_rows(workdir / "scored.jsonl", rows), "no-such-model",
                           64, kind="scored")
     snapshot.run(params)
+    validate.run(params)
     assert teacher.run(params)["pairs_scored"] == 0
-    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    scored = pd.read_parquet(TEACHER_SCORED)
     assert scored["label"].tolist() == rows["score"].tolist()
 
 
@@ -175,10 +178,11 @@ def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny
     data["teacher"].update(kind="bi-encoder", hard_negatives=2, score_scale=2.5)
     params = Params.model_validate(data)
     snapshot.run(params)
+    validate.run(params)
     metrics = teacher.run(params)
-    scored = pd.read_parquet(teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    scored = pd.read_parquet(TEACHER_SCORED)
 
-    pairs = teacher.read_snapshot(snapshot.SNAPSHOT_DIR)
+    pairs = read_training_snapshot()
     assert len(scored) == len(pairs) and metrics["pairs_scored"] == metrics["unique_pairs"]
     own = rows.groupby("query")["positive"].apply(set)
     pool = set(rows["positive"])
@@ -208,9 +212,10 @@ def scifact_rows(shared, queries: int) -> pd.DataFrame:
     query_text = {q["_id"]: q["text"] for q in map(json.loads, (shared / "data/beir/scifact/queries.jsonl").open())}
     qrels = pd.read_csv(shared / "data/beir/scifact/qrels/train.tsv", sep="\t", dtype=str)
     qrels = qrels.drop_duplicates("query-id").head(queries)
-    return pd.DataFrame({"query": [query_text[q] for q in qrels["query-id"]],
+    rows = pd.DataFrame({"query": [query_text[q] for q in qrels["query-id"]],
                          "positive": [texts[position[d]] for d in qrels["corpus-id"]],
                          "negative": [texts[(position[d] + 7) % len(texts)] for d in qrels["corpus-id"]]})
+    return rows.drop_duplicates().reset_index(drop=True)  # SciFact repeats a claim under two ids
 
 
 def run_stage_process(workdir, params: Params, env: dict | None = None, torchrun: int = 0):
@@ -230,17 +235,18 @@ def finished(process) -> str:
 
 @pytest.fixture
 def scifact_stage(workdir, tiny_params, shared, cross_encoder):
-    rows = scifact_rows(shared, 200)
+    rows = scifact_rows(shared, 120)
     params = stage_params(tiny_params, write_rows(workdir / "rows.jsonl", rows), cross_encoder, 20)
     snapshot.run(params)
+    validate.run(params)
     return params
 
 
 def scores_file(workdir) -> pd.DataFrame:
-    return pd.read_parquet(workdir / teacher.TEACHER_DIR / teacher.SCORED_FILE)
+    return pd.read_parquet(workdir / TEACHER_SCORED)
 
 
-def test_kill_half_way_then_rerun_loses_at_most_one_shard(workdir, scifact_stage):
+def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_match_one(workdir, scifact_stage):
     finished(run_stage_process(workdir, scifact_stage))
     uninterrupted = scores_file(workdir)
     shard_files = sorted((workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet"))
@@ -264,17 +270,53 @@ def test_kill_half_way_then_rerun_loses_at_most_one_shard(workdir, scifact_stage
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in survivors.items())  # not redone
     pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)  # bit for bit
 
-
-def test_two_processes_match_one(workdir, scifact_stage):
-    finished(run_stage_process(workdir, scifact_stage))
-    one_process = scores_file(workdir)
+    # the same shards split between two processes (torchrun): the same scores
     for path in (workdir / TEACHER_SHARDS_DIR).iterdir():
         path.unlink()
-    (workdir / teacher.TEACHER_DIR / teacher.SCORED_FILE).unlink()
-
+    (workdir / TEACHER_SCORED).unlink()
     output = finished(run_stage_process(workdir, scifact_stage, torchrun=2))
     record = json.loads((workdir / "records/teacher.json").read_text())
-    shards = record["metrics"]["shards"]
-    assert record["metrics"]["shards_scored"] == (shards + 1) // 2  # rank 0 did every other shard
-    assert "rank 1/2" in output
-    pd.testing.assert_frame_equal(scores_file(workdir), one_process)
+    assert record["metrics"]["shards"] == total and record["metrics"]["shards_scored"] == (total + 1) // 2
+    assert "rank 1/2" in output  # rank 1 scored the other half
+    pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)
+
+
+def test_teacher_refuses_a_snapshot_whose_validation_failed_or_is_missing(workdir, tiny_params, shared):
+    """`dvc repro --single-item teacher` after a failed validation (or none) labels nothing."""
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS), columns=["query", "positive", "negative"]))
+    bad = toy.assign(positive=toy["query"])  # every positive equals its query: an error
+    params = stage_params(tiny_params, write_rows(workdir / "bad.jsonl", bad), "no-such-model", 64)
+    snapshot.run(params)
+    with pytest.raises(StageError, match="validate the snapshot first"):
+        teacher.run(params)  # no report yet
+    with pytest.raises(StageError, match="check_query_equals_positive"):
+        validate.run(params)
+    with pytest.raises(StageError, match=r"failed validation \(1 error\(s\): query_is_positive; see "
+                                         r"data/validation/report.json\)"):
+        teacher.run(params)
+    assert not TEACHER_SCORED.exists()
+
+    good = stage_params(tiny_params, write_rows(workdir / "good.jsonl", toy), "no-such-model", 64)
+    snapshot.run(good)  # a new snapshot: the failed report is another snapshot's
+    with pytest.raises(StageError, match="the report of another snapshot"):
+        teacher.run(good)
+
+
+def test_waits_are_bounded_and_name_the_missing_shards_and_ranks(workdir, cross_encoder, shared):
+    """Rank 0 stops waiting for a dead rank's shards, naming them; a helper rank stops waiting for
+    rank 0's batch-size plan; the plan has one writer, rank 0."""
+    cfg = TeacherConfig(kind="cross-encoder", model=str(cross_encoder), precision="fp32", shard_size=40,
+                        wait_seconds=0.5)
+    scorer = teacher.CrossEncoderTeacher(cfg)
+    plan = teacher.ShardPlan(TEACHER_SHARDS_DIR, toy_pairs(shared), scorer)  # 200 pairs: 5 shards
+    teacher.score_shards(scorer, plan, rank=0, world_size=2)  # shards 0, 2, 4; rank 1 never comes
+    started = time.monotonic()
+    with pytest.raises(StageError, match=r"shard\(s\) \[1, 3\] of 5 .* owed by rank\(s\) \[1\] of 2"):
+        teacher.wait_for_shards(plan, world_size=2, wait_seconds=0.5, poll_seconds=0.1)
+    assert time.monotonic() - started < 5
+
+    other = teacher.ShardPlan(workdir / "other-shards", toy_pairs(shared).head(80), scorer)
+    with pytest.raises(StageError, match="rank 1: rank 0's batch-size plan .* did not appear within 0.5 s"):
+        other.batch_size(scorer, rank=1)  # batch_size auto: only rank 0 decides it
+    assert other.batch_size(scorer, rank=0) == teacher.CPU_BATCH_SIZE == other.batch_size(scorer, rank=1)
+    assert [p.name for p in other.folder.iterdir()] == [f"{other.digest}-plan.json"]  # no temporary left

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from sentence_transformers import SparseEncoder
 from transformers import BertTokenizerFast
@@ -61,31 +62,57 @@ def checkpoint_steps(workdir) -> list[int]:
                   for p in (workdir / CHECKPOINTS_DIR).glob("*/checkpoint-*/trainer_state.json"))
 
 
-def test_kill_mid_training_then_rerun_resumes_from_the_last_checkpoint(workdir, tiny_params):
-    params = prepared(tiny_params, epochs=40, save_steps=20)
+TRAIN_COMMAND = [sys.executable, "-m", "pipeline.train", "--params", "params.yaml"]
+
+
+def write_params(workdir, params: Params) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
-    command = [sys.executable, "-m", "pipeline.train", "--params", "params.yaml"]
-    process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+
+
+def kill_after_checkpoint(workdir, step: int) -> int:
+    """Start the train stage and kill -9 it once a checkpoint at `step` or later is complete;
+    returns the newest complete checkpoint's step."""
+    process = subprocess.Popen(TRAIN_COMMAND, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    while not [s for s in checkpoint_steps(workdir) if s >= 60]:
+    while not [s for s in checkpoint_steps(workdir) if s >= step]:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)  # kill -9
+    process.send_signal(signal.SIGKILL)
     process.wait()
-    last = max(checkpoint_steps(workdir))
+    return max(checkpoint_steps(workdir))
 
-    rerun = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+
+def weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kill_mid_training_then_rerun_ends_with_the_uninterrupted_runs_weights(workdir, tiny_params):
+    """kill -9 mid-training, rerun: the resumed run continues the step count, the optimiser, the
+    scheduler, the FLOPS warm-up and the data order, so its final weights equal an uninterrupted
+    run's (dropout off: nothing else is random)."""
+    student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
+    params = prepared(tiny_params, epochs=10, save_steps=10, student=student)
+    train.run(params)
+    uninterrupted = weights(workdir / STUDENT_DIR)
+
+    write_params(workdir, params)
+    last = kill_after_checkpoint(workdir, 30)  # kill -9
+    rerun = subprocess.run(TRAIN_COMMAND, cwd=workdir, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     record = json.loads((workdir / RECORDS_DIR / "train.json").read_text())
-    assert record["metrics"]["resumed_from_step"] == last
-    steps = 40 * -(-record["facts"]["training_rows"] // 16)
-    assert record["metrics"]["steps"] == steps and 60 <= last < steps  # killed mid-training
+    steps = 10 * -(-record["facts"]["training_rows"] // 16)
+    assert record["metrics"]["resumed_from_step"] == last and 30 <= last < steps  # killed mid-training
+    assert record["metrics"]["steps"] == steps
     # the step count continued: one loss per step, 1..N, the first `last` from before the kill
-    logged = [e["step"] for e in record["facts"]["log_history"] if "loss" in e]
-    assert logged == list(range(1, steps + 1))
+    assert [e["step"] for e in record["facts"]["log_history"] if "loss" in e] == list(range(1, steps + 1))
     assert not checkpoint_steps(workdir)  # finished: nothing left to resume
-    model = SparseEncoder(str(workdir / STUDENT_DIR))
-    assert model.encode_document(["a document"]).shape[-1] == model.get_embedding_dimension()
+    resumed = weights(workdir / STUDENT_DIR)
+    base = weights(workdir / BASE_MODEL_DIR)
+    for name, value in uninterrupted.items():
+        assert not torch.equal(value, base[name]) or "bias" in name  # it trained
+        assert (resumed[name] - value).abs().max() <= 1e-6 * value.abs().max() + 1e-12, name
 
 
 def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, shared, tiny_dense_model):
@@ -148,7 +175,8 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
     """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
     model, because FLOPS is taken over the whole batch (per-process FLOPS would differ). Dropout is
     off so that the only difference is how the batch is split; the regulariser weights are large so
-    that FLOPS shapes the result."""
+    that FLOPS shapes the result. The checkpoints a killed one-process run left (batch 16 on one
+    process) are not resumed under 2 processes: the global batch differs, and the run says so."""
     student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
     weights = {"query_regularizer_weight": 0.5, "document_regularizer_weight": 0.3,
                "regularizer_warmup_ratio": 0.0, "epochs": 3, "student": student}
@@ -157,14 +185,19 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
     single = SparseEncoder(str(STUDENT_DIR))
 
     data = one.model_dump(by_alias=True)
-    data["train"]["batch_size"] = 16  # per process
-    (workdir / "params.yaml").write_text(yaml.safe_dump(data))
+    data["train"].update(batch_size=16, save_steps=2)  # per process
+    write_params(workdir, Params.model_validate(data))
+    left = kill_after_checkpoint(workdir, 2)  # one process, batch 16: killed, checkpoints left
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node=2", "-m", "pipeline.train", "--params", "params.yaml"],
                          cwd=workdir, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     record = json.loads((RECORDS_DIR / "train.json").read_text())
     assert record["metrics"]["steps"] == 3 * -(-record["facts"]["training_rows"] // 32)
+    assert record["metrics"]["resumed_from_step"] == 0  # started fresh, and said why:
+    (reason,) = record["facts"]["not_resumed"]
+    assert f"checkpoint-{left} (another training: global_batch 16 -> 32; world_size 1 -> 2)" in reason
+    assert reason in ddp.stderr
     distributed = SparseEncoder(str(STUDENT_DIR))
     base = SparseEncoder(str(BASE_MODEL_DIR))
     for (name, a), b, start in zip(single.named_parameters(), distributed.parameters(), base.parameters()):

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import snapshot, validate
 from pipeline.cli import StageError
-from pipeline.config import TEACHER_DIR, VALIDATION_REPORT, Params
+from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, VALIDATION_REPORT, Params
 
 GOOD = [{"query": f"query number {i}", "positive": f"relevant passage {i} text",
          "negative": f"other passage {i} text"} for i in range(12)]
@@ -100,7 +100,7 @@ EXPECTED = {  # the check each malformed input must fail, and text from the offe
 @pytest.mark.parametrize("case", list(EXPECTED))
 def test_each_bad_training_input_stops_before_the_teacher(case, workdir, tiny_params):
     snapshot.run(tiny_params)  # a good earlier snapshot, which a bad source must leave as it is
-    before = {p: p.read_bytes() for p in snapshot.SNAPSHOT_DIR.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in SNAPSHOT_DIR.rglob("*") if p.is_file()}
     kwargs = dict(bad_cases(workdir))[case]
     params = params_for(tiny_params, **kwargs)
     with pytest.raises(StageError) as err:
@@ -111,7 +111,7 @@ def test_each_bad_training_input_stops_before_the_teacher(case, workdir, tiny_pa
     assert expectation in message and example in message, message
     assert not TEACHER_DIR.exists()
     if not VALIDATION_REPORT.exists():  # failed while reading: the old snapshot is untouched
-        assert before == {p: p.read_bytes() for p in snapshot.SNAPSHOT_DIR.rglob("*") if p.is_file()}
+        assert before == {p: p.read_bytes() for p in SNAPSHOT_DIR.rglob("*") if p.is_file()}
 
 
 def write_beir(folder, corpus, queries, qrels):

@@ -1,0 +1,168 @@
+"""What DVC sees: every stage depends on the pipeline modules it imports (directly or through others)
+and on the local files and folders its params name (through inputs/), no stage imports another, and
+the committed dvc.lock matches dvc.yaml and the code."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import INPUTS_DIR, Params
+from tests.conftest import PROJECT, make_project_copy
+
+PACKAGE = PROJECT / "pipeline"
+STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+BIN = Path(sys.executable).parent
+
+
+@functools.cache
+def imported_modules(module: str) -> frozenset[str]:
+    """The pipeline modules `module` imports anywhere in its code (function-level imports run too)."""
+    found = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")}
+        elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module.split(".")[1])
+    return frozenset(found)
+
+
+def module_closure(module: str) -> set[str]:
+    """`module` and every pipeline module it imports, directly or through other modules."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += imported_modules(current)
+    return seen
+
+
+def stage_module(stage: str) -> str:
+    return STAGES[stage]["cmd"].removeprefix("python -m pipeline.")
+
+
+def expected_module_deps(stage: str) -> set[str]:
+    return {"pipeline/__init__.py"} | {f"pipeline/{m}.py" for m in module_closure(stage_module(stage))}
+
+
+def importers(module_path: str) -> set[str]:
+    """The stages whose code includes `module_path` (pipeline/x.py)."""
+    return {stage for stage in STAGES if module_path in expected_module_deps(stage)}
+
+
+def test_every_stage_depends_on_exactly_the_modules_it_imports():
+    for stage, definition in STAGES.items():
+        listed = {d for d in definition["deps"] if d.startswith("pipeline/") and d.endswith(".py")}
+        expected = expected_module_deps(stage)
+        assert listed == expected, (f"dvc.yaml stage {stage}: add {sorted(expected - listed)}, "
+                                    f"remove {sorted(listed - expected)}")
+
+
+def test_no_stage_imports_another_stage():
+    stage_modules = {stage_module(stage) for stage in STAGES}
+    for stage in STAGES:
+        others = module_closure(stage_module(stage)) & stage_modules - {stage_module(stage)}
+        assert not others, f"pipeline/{stage_module(stage)}.py imports the stage module(s) {sorted(others)}"
+
+
+def test_every_module_belongs_to_a_stage():
+    for path in PACKAGE.glob("*.py"):
+        assert importers(f"pipeline/{path.name}"), f"no stage imports {path.name}: dead code?"
+
+
+def test_the_committed_dvc_lock_is_in_step_with_dvc_yaml_and_the_code():
+    """dvc.lock is the record of the last run of the committed pipeline: every stage with the same
+    command, deps, params and outs as dvc.yaml, and the code it ran is the code committed."""
+    lock = yaml.safe_load((PROJECT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert set(lock) == set(STAGES)
+    for stage, definition in STAGES.items():
+        entry = lock[stage]
+        assert entry["cmd"] == definition["cmd"], stage
+        assert sorted(d["path"] for d in entry["deps"]) == sorted(definition["deps"]), stage
+        declared = [next(iter(o)) if isinstance(o, dict) else o
+                    for kind in ("outs", "metrics", "plots") for o in definition.get(kind, [])]
+        assert sorted(o["path"] for o in entry["outs"]) == sorted(declared), stage
+        for key in definition.get("params", []):
+            value = params
+            for part in key.split("."):
+                value = value[part]
+            assert entry["params"]["params.yaml"][key] == value, (stage, key)
+        for dep in entry["deps"]:
+            if dep["path"].startswith("pipeline/"):
+                current = hashlib.md5((PROJECT / dep["path"]).read_bytes()).hexdigest()
+                assert dep["md5"] == current, (f"dvc.lock ran another {dep['path']}: run `dvc repro` and commit "
+                                               "dvc.lock, inputs/ and metrics/")
+
+
+def test_inputs_link_the_local_folders_and_name_the_rest(tmp_path, monkeypatch, shared):
+    from pipeline import inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    params = Params.model_validate({
+        "snapshot": {"train": {"source": "rows.jsonl"}, "eval": {"source": str(shared / "data/beir/scifact")}},
+        "teacher": {"kind": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L6-v2", "revision": "abc"},
+        "train": {"base_model": os.path.relpath(shared / "models/splade-tiny")}})
+    written = inputs.run(params)
+    assert os.readlink(INPUTS_DIR / "train_data") == "../rows.jsonl"  # relative: the same in every clone
+    assert os.readlink(INPUTS_DIR / "eval_data") == str(shared / "data/beir/scifact")
+    assert (INPUTS_DIR / "base_model" / "config.json").read_bytes() == (shared / "models/splade-tiny/config.json").read_bytes()
+    assert (INPUTS_DIR / "teacher_model").read_text() == "hub: cross-encoder/ms-marco-MiniLM-L6-v2 @ abc\n"
+    assert (INPUTS_DIR / "train_corpus").read_text() == "none\n"
+    assert written["base_model"].startswith("link to ")
+    inputs.run(params)  # again: the links are replaced, their targets untouched
+    assert (shared / "models/splade-tiny/config.json").exists()
+
+
+def dvc(project: Path, *args: str) -> str:
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+def test_an_edit_inside_a_local_file_or_model_folder_reruns_the_stages_that_read_it(tmp_path, shared,
+                                                                                    cross_encoder):
+    """Local training rows and a local teacher folder, named in params.yaml: after `dvc repro
+    teacher`, an edit inside the folder makes the teacher (only) out of date, an edit of the rows
+    file the snapshot."""
+    import shutil
+
+    import pandas as pd
+
+    project = make_project_copy(tmp_path / "project")
+    rows = pd.read_csv(shared / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,
+                       names=["query", "positive", "negative"], dtype=str, quoting=3)
+    rows.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
+    shutil.copytree(cross_encoder, tmp_path / "teacher")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["snapshot"]["train"]["source"] = "../rows.jsonl"
+    params["validate"]["severity"]["mojibake"] = "off"
+    params["teacher"].update(kind="cross-encoder", model="../teacher", precision="fp32")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(project, "repro", "teacher")
+    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {}
+
+    with (tmp_path / "teacher" / "config.json").open("a") as handle:
+        handle.write("\n")  # a changed file inside the teacher's folder
+    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {
+        "teacher": [{"changed deps": {"inputs/teacher_model": "modified"}}]}
+    with (tmp_path / "rows.jsonl").open("a") as handle:
+        handle.write(json.dumps({"query": "q", "positive": "p", "negative": "n"}) + "\n")
+    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {
+        # inputs/ holds the links: DVC hashes a file (not a folder) through its link there too
+        "inputs": [{"changed outs": {"inputs": "modified"}}],
+        "snapshot": [{"changed deps": {"inputs/train_data": "modified"}}],
+        "teacher": [{"changed deps": {"inputs/teacher_model": "modified"}}]}
