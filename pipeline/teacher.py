@@ -390,15 +390,16 @@ def run(params: Params) -> dict:
     cfg = params.teacher
     rank, world_size, device = distributed_rank()
     TEACHER_SHARDS_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
-    check_validated()
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
         if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
             return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
+        check_validated()
         pairs, _ = unique_pairs(read_training_snapshot())
         teacher = MODEL_TEACHERS[cfg.kind](cfg, device)
         return score_shards(teacher, ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher), rank, world_size)
 
     with stage_record("teacher", params) as record:
+        check_validated()
         train = read_training_snapshot()
         mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
         if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled

@@ -153,7 +153,8 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
         # what this attempt of the stage wrote (a validation report, a push plan) is evidence too
         artifacts = [path for s in records for path in STAGE_ARTIFACTS.get(s, [])
                      if s != stage or (path.exists() and path.stat().st_mtime >= started_at)]
-        run_id = log_pipeline_run(records, params, tags, artifacts, status="FAILED")
+        with patient_at_most(seconds=10):  # an unreachable server must not hold back the stage's error
+            run_id = log_pipeline_run(records, params, tags, artifacts, status="FAILED")
         log.warning("the stopped run is in MLflow: run %s, %s=%s (%s)", run_id, OUTCOME_TAG,
                     tags[OUTCOME_TAG], params.tracking.tracking_uri)
         return run_id
@@ -161,6 +162,20 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
         log.warning("could not put the stopped run into MLflow (%s: %s)", type(logging_error).__name__,
                     logging_error)
         return None
+
+
+@contextmanager
+def patient_at_most(seconds: int) -> Iterator[None]:
+    """MLflow's HTTP calls give up after `seconds` and one retry (its defaults retry for minutes),
+    unless the user set these limits."""
+    limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(seconds), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+    chosen = {name: value for name, value in limits.items() if name not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for name in chosen:
+            os.environ.pop(name, None)
 
 
 def evaluation_identity(manifest: dict) -> dict:
@@ -195,7 +210,7 @@ def pipeline_tags(params: Params, records: dict[str, dict]) -> dict[str, str]:
             "mlflow.runName": f"{params.card.model_name} @ {revision}"}
     if "teacher" in records:  # a folder's weights sha256 or a Hub id's revision
         tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
-    if "snapshot" in records:
+    if "manifest" in records.get("snapshot", {}).get("facts", {}):  # not when the snapshot itself failed
         tags.update(identity_tags(evaluation_identity(records["snapshot"]["facts"]["manifest"])))
     return tags
 

@@ -16,7 +16,7 @@ def test_every_metric_equals_the_stock_evaluator_on_splade_tiny(shared, cut_beir
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
-    data = read_retrieval_set(cut_beir("dbpedia-subset", queries=12, extra_docs=200), "test")
+    data = read_retrieval_set(cut_beir("dbpedia-subset", queries=12, extra_docs=100), "test")
     model_dir = shared / "models/splade-tiny"
     ours = evaluate.evaluate_model(model_dir, {"dbpedia": data}, pd.DataFrame({"query": [], "positive": []}),
                                    batch_size=32, max_active_dims=[32], max_seq_length=256)

@@ -320,11 +320,11 @@ def test_prefect_server_a_scheduled_deployment_a_failed_stage_and_overrides(proj
                 process.wait(timeout=60)
 
 
-def test_push_to_a_hub_stand_in_leaks_no_token_and_the_gate_stops_a_regression(project):
+def test_push_to_a_hub_stand_in_leaks_no_token(project):
     """`dvc repro` with push.dry_run false and HF_TOKEN set, against a local stand-in for the Hub:
     one commit with every file, its message carrying the git SHA and the dvc.lock hash; the token's
     value is in no file of the project (mlruns/, mlflow.db, the card, records, DVC outputs and
-    cache) nor in the output. Then a gate the model cannot pass stops the push, naming both numbers."""
+    cache) nor in the output. (A gate that refuses: test_prefect_server_..., test_push.)"""
     from tests.hub_standin import HubStandIn
     from tests.test_push import SECRET
 
@@ -350,13 +350,5 @@ def test_push_to_a_hub_stand_in_leaks_no_token_and_the_gate_stops_a_regression(p
                  if path.is_file() and SECRET.encode() in path.read_bytes()]
         assert leaks == [] and SECRET not in output
         assert any(path.is_file() for path in (project / "mlruns").rglob("*"))  # the scan saw the store
-
-        params["push"]["gate"] = {"metric": "dot_ndcg@10", "minimum": 0.999, "max_drop": 0.01}
-        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-        done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True)
-        assert done.returncode != 0
-        value = json.loads((project / "metrics/eval.json").read_text())["student"]["dot_ndcg@10"]
-        assert f"is {value:.4f}, below push.gate.minimum 0.9990 (BM25: " in done.stdout + done.stderr
-        assert len(hub.repos["tester/quickstart"].branches["main"]) == 1
     finally:
         hub.close()

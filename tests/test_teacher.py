@@ -247,7 +247,7 @@ def scores_file(workdir) -> pd.DataFrame:
 
 
 def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_match_one(workdir, scifact_stage):
-    finished(run_stage_process(workdir, scifact_stage))
+    teacher.run(scifact_stage)  # uninterrupted, in this process
     uninterrupted = scores_file(workdir)
     shard_files = sorted((workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet"))
     total = len(shard_files)
@@ -263,7 +263,7 @@ def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_matc
     survivors = {p: p.stat().st_mtime_ns for p in (workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet")}
     assert total // 2 <= len(survivors) < total
 
-    finished(run_stage_process(workdir, scifact_stage))
+    teacher.run(scifact_stage)  # the rerun
     record = json.loads((workdir / "records/teacher.json").read_text())
     assert record["metrics"]["shards_reused"] == len(survivors)
     assert record["metrics"]["shards_scored"] == total - len(survivors)

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import snapshot, validate
 from pipeline.cli import StageError
-from pipeline.config import SNAPSHOT_DIR, TEACHER_DIR, VALIDATION_REPORT, Params
+from pipeline.config import RECORDS_DIR, SNAPSHOT_DIR, TEACHER_DIR, VALIDATION_REPORT, Params
 
 GOOD = [{"query": f"query number {i}", "positive": f"relevant passage {i} text",
          "negative": f"other passage {i} text"} for i in range(12)]
@@ -48,6 +48,9 @@ def test_msmarco_mojibake_is_a_warning_with_its_count(workdir, tiny_params, shar
     mojibake = {f["kwargs"]["column"]: f["failing_count"] for f in result["findings"] if f["check"] == "mojibake"}
     assert mojibake["positive"] > 0 and sum(mojibake.values()) >= 20
     assert all(f["severity"] == "warning" for f in result["findings"])
+    # what MLflow gets: the check's rows over every column, not the last column's
+    record = json.loads((RECORDS_DIR / "validate.json").read_text())
+    assert len(mojibake) > 1 and record["metrics"]["mojibake_rows"] == sum(mojibake.values())
     print(f"\nmojibake rows per column in the MS MARCO toy triplets: {mojibake}")
 
 
