@@ -1,6 +1,6 @@
 """A stand-in for the Hugging Face Hub endpoints that huggingface_hub calls to create a repo and a
-branch, commit files and download one, served on 127.0.0.1 for the tests (clients reach it through
-HF_ENDPOINT). It keeps repos in memory, records every request (method, path, Authorization header)
+branch, commit files, read a branch's last commit and download a file, served on 127.0.0.1 for the
+tests (clients reach it through HF_ENDPOINT). It keeps repos in memory, records every request (method, path, Authorization header)
 and can answer the next N requests of a kind (create, preupload, commit, resolve) with a 503."""
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ class HubStandIn:
                         self._body()
                         repo.branches.setdefault(revision, list(repo.branches["main"]))
                         return self._answer(200, {})
+                if self.command == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
+                    return self._repo_info("/".join(parts[2:4]), "/".join(parts[5:]))
                 if self.command in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
                     return self._download("/".join(parts[:2]), parts[3], "/".join(parts[4:]))
                 return self._answer(404, {"error": f"the stand-in does not serve {self.command} {path}"})
@@ -136,6 +138,16 @@ class HubStandIn:
                                                       files, added))
                 return self._answer(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                           "pullRequestUrl": None})
+
+            def _repo_info(self, repo_id: str, revision: str):
+                """What huggingface_hub asks when an upload changes nothing: the branch's last commit."""
+                repo = hub.repos.get(repo_id)
+                if repo is None or not repo.branches.get(revision):
+                    return self._answer(404, {"error": "Repository or revision not found"},
+                                        {"X-Error-Code": "RevisionNotFound" if repo else "RepoNotFound"})
+                return self._answer(200, {"id": repo_id, "sha": repo.branches[revision][-1].oid,
+                                          "private": repo.private,
+                                          "siblings": [{"rfilename": name} for name in repo.files(revision)]})
 
             def _download(self, repo_id: str, revision: str, path: str):
                 repo = hub.repos.get(repo_id)

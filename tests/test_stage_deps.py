@@ -133,11 +133,21 @@ def dvc(project: Path, *args: str) -> str:
     return done.stdout
 
 
-def test_an_edit_inside_a_local_file_or_model_folder_reruns_the_stages_that_read_it(tmp_path, shared,
-                                                                                    cross_encoder):
-    """Local training rows and a local teacher folder, named in params.yaml: after `dvc repro
-    teacher`, an edit inside the folder makes the teacher (only) out of date, an edit of the rows
-    file the snapshot."""
+def test_each_stage_depends_on_the_links_of_what_it_reads():
+    """The slots pipeline/inputs.py writes, and the stage that reads what each names."""
+    from pipeline import inputs
+
+    readers = {"train_data": "snapshot", "train_corpus": "snapshot", "train_queries": "snapshot",
+               "eval_data": "snapshot", "teacher_model": "teacher", "base_model": "train"}
+    assert set(inputs.slots(Params())) == set(readers)
+    for slot, stage in readers.items():
+        assert [s for s in STAGES if f"inputs/{slot}" in STAGES[s]["deps"]] == [stage], slot
+
+
+def test_an_edit_inside_a_local_file_or_folder_reruns_the_stage_that_reads_it(tmp_path, shared, cut_beir):
+    """Local training rows and a local evaluation folder, named in params.yaml: after `dvc repro
+    snapshot`, an edit inside the folder makes the snapshot out of date through its link (a model
+    folder is linked the same way), and so does an edit of the rows file."""
     import shutil
 
     import pandas as pd
@@ -146,23 +156,22 @@ def test_an_edit_inside_a_local_file_or_model_folder_reruns_the_stages_that_read
     rows = pd.read_csv(shared / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,
                        names=["query", "positive", "negative"], dtype=str, quoting=3)
     rows.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
-    shutil.copytree(cross_encoder, tmp_path / "teacher")
+    shutil.copytree(cut_beir("scifact", queries=5, extra_docs=20), tmp_path / "scifact")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["snapshot"]["train"]["source"] = "../rows.jsonl"
-    params["validate"]["severity"]["mojibake"] = "off"
-    params["teacher"].update(kind="cross-encoder", model="../teacher", precision="fp32")
+    params["snapshot"]["eval"]["source"] = "../scifact"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(project, "repro", "teacher")
-    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {}
+    dvc(project, "repro", "snapshot")
+    assert os.readlink(project / "inputs/eval_data") == "../../scifact"
+    assert json.loads(dvc(project, "status", "snapshot", "--with-deps", "--json")) == {}
 
-    with (tmp_path / "teacher" / "config.json").open("a") as handle:
-        handle.write("\n")  # a changed file inside the teacher's folder
-    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {
-        "teacher": [{"changed deps": {"inputs/teacher_model": "modified"}}]}
+    with (tmp_path / "scifact" / "queries.jsonl").open("a") as handle:
+        handle.write(json.dumps({"_id": "new", "text": "a new query"}) + "\n")  # inside the folder
+    assert json.loads(dvc(project, "status", "snapshot", "--with-deps", "--json")) == {
+        "snapshot": [{"changed deps": {"inputs/eval_data": "modified"}}]}
     with (tmp_path / "rows.jsonl").open("a") as handle:
         handle.write(json.dumps({"query": "q", "positive": "p", "negative": "n"}) + "\n")
-    assert json.loads(dvc(project, "status", "teacher", "--with-deps", "--json")) == {
+    assert json.loads(dvc(project, "status", "snapshot", "--with-deps", "--json")) == {
         # inputs/ holds the links: DVC hashes a file (not a folder) through its link there too
         "inputs": [{"changed outs": {"inputs": "modified"}}],
-        "snapshot": [{"changed deps": {"inputs/train_data": "modified"}}],
-        "teacher": [{"changed deps": {"inputs/teacher_model": "modified"}}]}
+        "snapshot": [{"changed deps": {"inputs/eval_data": "modified", "inputs/train_data": "modified"}}]}

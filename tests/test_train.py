@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 from sentence_transformers import SparseEncoder
@@ -170,11 +171,29 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     assert batches != list(sampler)
 
 
-def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params):
+def crash_after_first_checkpoint(monkeypatch) -> None:
+    """The train stage's trainer raises once its first checkpoint is complete, as a crash would."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise RuntimeError(f"crashed after checkpoint-{state.global_step}")
+
+    build = train.build_trainer
+
+    def crashing(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Crash())
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", crashing)
+
+
+def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params, monkeypatch):
     """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
     model, because FLOPS is taken over the whole batch (per-process FLOPS would differ). Dropout is
     off so that the only difference is how the batch is split; the regulariser weights are large so
-    that FLOPS shapes the result. The checkpoints a killed one-process run left (batch 16 on one
+    that FLOPS shapes the result. The checkpoints a crashed one-process run left (batch 16 on one
     process) are not resumed under 2 processes: the global batch differs, and the run says so."""
     student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
     weights = {"query_regularizer_weight": 0.5, "document_regularizer_weight": 0.3,
@@ -185,8 +204,12 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
 
     data = one.model_dump(by_alias=True)
     data["train"].update(batch_size=16, save_steps=2)  # per process
-    write_params(workdir, Params.model_validate(data))
-    left = kill_after_checkpoint(workdir, 2)  # one process, batch 16: killed, checkpoints left
+    ddp = Params.model_validate(data)
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="crashed"):
+        crash_after_first_checkpoint(patch)
+        train.run(ddp)  # one process, batch 16: crashed, checkpoints left
+    left = max(checkpoint_steps(workdir))
+    write_params(workdir, ddp)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node=2", "-m", "pipeline.train", "--params", "params.yaml"],
                          cwd=workdir, capture_output=True, text=True)
