@@ -110,9 +110,12 @@ def test_kill_mid_training_then_rerun_ends_with_the_uninterrupted_runs_weights(w
     assert not checkpoint_steps(workdir)  # finished: nothing left to resume
     resumed = weights(workdir / STUDENT_DIR)
     base = weights(workdir / BASE_MODEL_DIR)
+    worst = 0.0
     for name, value in uninterrupted.items():
         assert not torch.equal(value, base[name]) or "bias" in name  # it trained
         assert (resumed[name] - value).abs().max() <= 1e-6 * value.abs().max() + 1e-12, name
+        worst = max(worst, float((resumed[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)))
+    print(f"\nresumed from step {last} of {steps}: largest relative weight difference {worst:.2e}")
 
 
 def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, shared, tiny_dense_model):
