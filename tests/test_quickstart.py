@@ -174,7 +174,8 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     the project (mlruns/, mlflow.db, the card, records, DVC outputs and cache) nor in the output.
     `dvc metrics diff`, `dvc params diff` and `dvc plots diff` against the commit show the old value
     beside the new; the two MLflow runs have the same columns. Committed as a retrain, the diffs
-    against HEAD~1 are the same (what the CI workflow's summary prints)."""
+    against HEAD~1 are the same (what the CI workflow's summary prints), and `dvc exp show` lists
+    both commits' numbers."""
     from tests.test_push import SECRET
 
     hub, env = hub_env
@@ -222,6 +223,11 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
 
     git(project, "commit", "-qam", "retrain: learning rate 0.001, 1 epoch")  # dvc.lock and metrics/
     assert diffs("HEAD~1") == (ndcg, params)
+    # and `dvc exp show` lists both commits with their numbers
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json", "-n", "2"], project)[0])
+    by_commit = {entry["rev"][:7]: entry["data"]["metrics"]["metrics/eval.json"]["data"]["student"]["dot_ndcg@10"]
+                 for entry in shown if entry["rev"] != "workspace"}
+    assert sorted(by_commit.values()) == pytest.approx(sorted([before, after]))
 
 
 def exp_run(project, rate: float) -> None:
