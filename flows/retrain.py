@@ -8,9 +8,10 @@ name and the end of its output, and leaves the upstream outputs in place, so a r
 failed stage. `overrides` set params as `dvc exp run -S` does (key=value,
 validated against the schema before anything runs): params.yaml's values change and nothing else
 (comments and layout stay), and the file is restored byte for byte after the run unless
-`keep_overrides` (--keep-overrides) says otherwise.
+`keep_overrides` (--keep-overrides) says otherwise. `--pull` and `--push` keep data and outputs in
+the default DVC remote: `dvc pull` before the stages, `dvc push` after them (only when all passed).
 
-    python -m flows.retrain [--force] [-S train.learning_rate=1e-4 ...] [--keep-overrides]
+    python -m flows.retrain [--pull] [--push] [--force] [-S train.learning_rate=1e-4 ...] [--keep-overrides]
     python -m flows.retrain --serve --cron "0 3 * * *"   # a scheduled deployment, served from here
 """
 
@@ -37,13 +38,16 @@ DEPLOYMENT = "scheduled-retrain"
 # output of a stage worth running again: another process holds DVC's lock, the network dropped
 TRANSIENT = ("Unable to acquire lock", "Connection reset", "Connection refused", "timed out",
              "Temporary failure in name resolution", "502 Bad Gateway", "503 Service Unavailable",
-             "504 Gateway Timeout")
+             "504 Gateway Timeout", "Could not connect to the endpoint URL")
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, code: int, output: str):
-        self.stage, self.transient = stage, any(marker in output for marker in TRANSIENT)
-        super().__init__(f"stage {stage!r} failed (exit {code}):\n{output}")
+    """A DVC command that failed: a stage (`what` is its name) or a transfer (`dvc pull`, `dvc push`)."""
+
+    def __init__(self, what: str, code: int, output: str):
+        self.stage, self.transient = what, any(marker in output for marker in TRANSIENT)
+        name = what if what.startswith("dvc ") else f"stage {what!r}"
+        super().__init__(f"{name} failed (exit {code}):\n{output}")
 
 
 def stage_names(dvc_file: Path = DVC_FILE) -> list[str]:
@@ -70,18 +74,33 @@ def run_stage(stage: str, force: bool = False, up_to_date: bool = False) -> str:
     if up_to_date:
         logger.info("%s: up to date (dvc status), skipped", stage)
         return "skipped"
-    command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    output = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), stage)
+    outcome = "skipped" if "didn't change, skipping" in output else "ran"
+    logger.info("%s: %s", stage, "unchanged, skipped by DVC" if outcome == "skipped" else "ran")
+    return outcome
+
+
+def run_dvc(args: list[str], what: str) -> str:
+    """`dvc <args>`, its output streamed live; the end of the output, or StageFailed naming `what`."""
     tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail.append(line)
     output = "".join(tail)
     if proc.returncode != 0:
-        raise StageFailed(stage, proc.returncode, output)
-    outcome = "skipped" if "didn't change, skipping" in output else "ran"
-    logger.info("%s: %s", stage, "unchanged, skipped by DVC" if outcome == "skipped" else "ran")
-    return outcome
+        raise StageFailed(what, proc.returncode, output)
+    return output
+
+
+@task(name="dvc-remote", task_run_name="dvc {direction}", retries=2,
+      retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_if_transient)
+def sync_remote(direction: str) -> None:
+    """`dvc pull` (what the remote holds of this commit's data and outputs; what it lacks is left to
+    the stages) or `dvc push` (everything this run made) with the default DVC remote."""
+    args = ["pull", "--allow-missing"] if direction == "pull" else ["push"]
+    run_dvc(args, f"dvc {direction}")
+    get_run_logger().info("dvc %s: done", direction)
 
 
 def round_trip_yaml():
@@ -162,17 +181,24 @@ def stale_stages() -> set[str] | None:
 
 
 @flow(name="retrain-sparse-encoder")
-def retrain(force: bool = False, overrides: list[str] | None = None, keep_overrides: bool = False) -> dict[str, str]:
-    """Reproduce the pipeline stage by stage; returns {stage: "ran" | "skipped"}. One `dvc status`
-    first: the stages before the first out-of-date one (dvc.yaml lists them upstream first) are up
+def retrain(force: bool = False, overrides: list[str] | None = None, keep_overrides: bool = False,
+            pull: bool = False, push: bool = False) -> dict[str, str]:
+    """Reproduce the pipeline stage by stage; returns {stage: "ran" | "skipped"}. With `pull`, `dvc
+    pull` first (a stage whose outputs the remote holds is then up to date); with `push`, `dvc push`
+    last, only after every stage succeeded (a failed run pushes nothing). One `dvc status` before
+    the stages: those before the first out-of-date one (dvc.yaml lists them upstream first) are up
     to date and need no DVC process each, so a run with nothing to do takes seconds."""
     outcome = {}
     with overridden(overrides or [], keep_overrides):
+        if pull:
+            sync_remote("pull")
         stages = stage_names()
         stale = None if force else stale_stages()
         first = next((i for i, stage in enumerate(stages) if stale is None or stage in stale), len(stages))
         for i, stage in enumerate(stages):
             outcome[stage] = run_stage(stage, force=force, up_to_date=i < first)
+        if push:
+            sync_remote("push")
     return outcome
 
 
@@ -183,14 +209,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="key=value, as dvc exp run -S (repeatable); params.yaml is restored afterwards")
     parser.add_argument("--keep-overrides", action="store_true",
                         help="leave the -S values in params.yaml after the run")
+    parser.add_argument("--pull", action="store_true", help="dvc pull from the default DVC remote first")
+    parser.add_argument("--push", action="store_true", help="dvc push to the default DVC remote after a successful run")
     parser.add_argument("--serve", action="store_true", help="serve a deployment on a schedule")
     parser.add_argument("--cron", default="0 3 * * *", help="the deployment's schedule (with --serve)")
     args = parser.parse_args(argv)
     if args.serve:
         retrain.serve(name=DEPLOYMENT, cron=args.cron, parameters={
-            "force": args.force, "overrides": args.overrides, "keep_overrides": args.keep_overrides})
+            "force": args.force, "overrides": args.overrides, "keep_overrides": args.keep_overrides,
+            "pull": args.pull, "push": args.push})
         return
-    outcome = retrain(force=args.force, overrides=args.overrides, keep_overrides=args.keep_overrides)
+    outcome = retrain(force=args.force, overrides=args.overrides, keep_overrides=args.keep_overrides,
+                      pull=args.pull, push=args.push)
     print("stages:", json.dumps(outcome))
 
 

@@ -1,12 +1,12 @@
 """The MLflow model registry: every trained student is registered as a pyfunc model that encodes text
-to sparse vectors, tagged with the identity of its evaluation (eval.id, eval.source, ...), under the
+to sparse vectors (MLflow "models from code": pipeline/sparse_encoder_model.py, no pickle, loads
+without this project), tagged with the identity of its evaluation (eval.id, eval.source, ...), under the
 alias `challenger`. It becomes champion when it passes the evaluation gate (push.gate) against the
 champion of the same evaluation only: it takes the alias `champion-<eval id>` (the best version on
 that evaluation) and `champion` (the latest promotion). A champion measured on another evaluation
 is reported, never compared.
 
-    model = mlflow.pyfunc.load_model("models:/sparse-encoder@champion")
-    model.predict(["a query"], params={"side": "query"})  # [{"indices": [...], "values": [...]}]
+A rerun of a registration (after a failure half-way) reuses the version already made from its run.
 """
 
 from __future__ import annotations
@@ -15,35 +15,14 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 
+from pipeline import sparse_encoder_model
 from pipeline.config import STUDENT_DIR, GateConfig
 from pipeline.gate import GateRefused, GateScores, check_gate
 from pipeline.tracking import identity_tags, mlflow_metric_name
 
 # what a process that loads the model needs (the project itself is not required)
 REQUIREMENTS = ["sentence-transformers", "transformers", "torch", "pandas"]
-
-
-class SparseEncoderModel(mlflow.pyfunc.PythonModel):
-    """A SparseEncoder as an MLflow pyfunc: texts in (a list, or a DataFrame's `text` column), one
-    sparse vector out per text, as its active dimensions and their weights. params side: "query"
-    (encode_query) or "document" (encode_document, the default)."""
-
-    def load_context(self, context):
-        from sentence_transformers import SparseEncoder
-
-        self.model = SparseEncoder(context.artifacts["model"])
-
-    def predict(self, context, model_input, params: dict | None = None) -> list[dict[str, list]]:
-        texts = model_input["text"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
-        side = (params or {}).get("side", "document")
-        encode = self.model.encode_query if side == "query" else self.model.encode_document
-        vectors = encode(texts, convert_to_sparse_tensor=True).coalesce().cpu()
-        rows, columns = vectors.indices()
-        values = vectors.values()
-        return [{"indices": columns[rows == i].tolist(), "values": values[rows == i].tolist()}
-                for i in range(len(texts))]
 
 
 def run_metric(client, run_id: str, metric: str) -> float | None:
@@ -59,6 +38,17 @@ def version_by_alias(client, name: str, alias: str):
         return None
 
 
+def version_of_run(client, name: str, run_id: str) -> str | None:
+    """The version of `name` already registered from `run_id`, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return str(versions[0].version) if versions else None
+
+
 def register(run_id: str, name: str, gate: GateConfig, scores: GateScores, identity: dict,
              model_dir: Path = STUDENT_DIR) -> dict:
     """Log the model into the pipeline's MLflow run and register it as a new version of `name`,
@@ -67,11 +57,13 @@ def register(run_id: str, name: str, gate: GateConfig, scores: GateScores, ident
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=SparseEncoderModel(), artifacts={"model": str(model_dir)},
-            registered_model_name=name, pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS])
-    version = str(info.registered_model_version)
+    version = version_of_run(client, name, run_id)
+    if version is None:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=sparse_encoder_model.__file__, artifacts={"model": str(model_dir)},
+                registered_model_name=name, pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS])
+        version = str(info.registered_model_version)
     for key, value in identity_tags(identity).items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "challenger", version)

@@ -7,7 +7,9 @@ of its evaluation (eval.id, eval.source, eval.revision, eval.split, eval.sets, e
 outcome=ok (a run that a stage stopped is put into MLflow by that stage, tagged refused or failed).
 Registers the student (pipeline.registry: alias challenger, and champion when it passes the gate
 against the champion of the same evaluation). Writes the run id and the registration to
-records/mlflow_run.json.
+records/mlflow_run.json. Runs go to tracking.tracking_uri, or to MLFLOW_TRACKING_URI when that is set
+(a shared server, in CI from a secret); a server that does not answer fails the stage naming it,
+after a bounded number of retries, and a rerun logs the run exactly once.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import json
 import warnings
 
 from pipeline import registry
-from pipeline.cli import stage_main
+from pipeline.cli import StageError, stage_main
 from pipeline.config import EVAL_METRICS, RECORDED_STAGES, RECORDS_DIR, Params
 from pipeline.dataset import read_manifest, read_training_snapshot
 from pipeline.gate import GateScores, scores_from_evaluation
-from pipeline.tracking import (OUTCOME_TAG, STAGE_ARTIFACTS, evaluation_identity, load_records, log_pipeline_run,
-                               main_result_name, pipeline_tags, write_json)
+from pipeline.tracking import (OUTCOME_TAG, STAGE_ARTIFACTS, evaluation_identity, is_server, load_records,
+                               log_pipeline_run, main_result_name, patient_at_most, pipeline_tags, server_answers,
+                               shown_uri, tracking_uri, write_json)
 
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
+# an MLflow server that drops out: each call waits HTTP_TIMEOUT s, retried with backoff 2, 4, 8 s
+HTTP_TIMEOUT, HTTP_RETRIES = 30, 3
 
 
 def training_dataset(manifest: dict):
@@ -48,6 +53,21 @@ def gate_inputs(params: Params) -> tuple[GateScores, dict]:
 
 
 def run(params: Params) -> dict:
+    """Log and register, each MLflow call retried at most HTTP_RETRIES times: a server that stays
+    down fails the stage naming it, and the rerun logs the run once (pipeline.tracking's run key)."""
+    uri = tracking_uri(params.tracking)
+    with patient_at_most(seconds=HTTP_TIMEOUT, retries=HTTP_RETRIES):
+        try:
+            return log_and_register(params)
+        except Exception as error:
+            if is_server(uri) and not server_answers(uri):
+                raise StageError(f"the MLflow server {shown_uri(uri)} does not answer (each call retried "
+                                 f"{HTTP_RETRIES} times, with backoff): {type(error).__name__}. Nothing was "
+                                 "registered; rerun when it is back, the run is logged once") from error
+            raise
+
+
+def log_and_register(params: Params) -> dict:
     import mlflow
 
     records = load_records(list(RECORDED_STAGES))
@@ -57,12 +77,11 @@ def run(params: Params) -> dict:
     registered = registry.register(run_id, params.tracking.registered_model, params.push.gate, *gate_inputs(params))
     mlflow.MlflowClient().set_tag(run_id, "registry", f"{registered['name']} version {registered['version']}, "
                                   + ("champion" if registered["promoted"] else "challenger"))
-    out = {"run_id": run_id, "experiment": params.tracking.experiment,
-           "tracking_uri": params.tracking.tracking_uri, "registered": registered}
+    uri = shown_uri(tracking_uri(params.tracking))
+    out = {"run_id": run_id, "experiment": params.tracking.experiment, "tracking_uri": uri, "registered": registered}
     write_json(RUN_FILE, out)
-    print(f"MLflow run {run_id} in experiment {params.tracking.experiment!r} "
-          f"({params.tracking.tracking_uri}); see it with: mlflow ui --backend-store-uri "
-          f"{params.tracking.tracking_uri}")
+    print(f"MLflow run {run_id} in experiment {params.tracking.experiment!r} ({uri}); see it "
+          + (f"at {uri}" if is_server(uri) else f"with: mlflow ui --backend-store-uri {uri}"))
     print(f"registered {registered['name']} version {registered['version']} (challenger); "
           + ("champion" if registered["promoted"] else f"not champion: {registered['reason']}"))
     if "not_compared" in registered:

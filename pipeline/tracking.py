@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
                              SNAPSHOT_MANIFEST, TRAIN_LOSS, VALIDATION_REPORT, Params, TrackingConfig)
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 DVC_LOCK = Path("dvc.lock")
 # the outcome tag of a pipeline run: ok, refused (by the evaluation gate) or failed (a stage)
 OUTCOME_TAG = "outcome"
+RUN_KEY_TAG = "run_key"
+# MLFLOW_TRACKING_URI as the user (or CI) set it, read once: mlflow.set_tracking_uri() rewrites the
+# variable in this process
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def record_path(stage: str, records_dir: Path = RECORDS_DIR) -> Path:
@@ -153,10 +158,10 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
         # what this attempt of the stage wrote (a validation report, a push plan) is evidence too
         artifacts = [path for s in records for path in STAGE_ARTIFACTS.get(s, [])
                      if s != stage or (path.exists() and path.stat().st_mtime >= started_at)]
-        with patient_at_most(seconds=10):  # an unreachable server must not hold back the stage's error
+        with patient_at_most(seconds=10, retries=1):  # an unreachable server must not hold back the stage's error
             run_id = log_pipeline_run(records, params, tags, artifacts, status="FAILED")
         log.warning("the stopped run is in MLflow: run %s, %s=%s (%s)", run_id, OUTCOME_TAG,
-                    tags[OUTCOME_TAG], params.tracking.tracking_uri)
+                    tags[OUTCOME_TAG], shown_uri(tracking_uri(params.tracking)))
         return run_id
     except Exception as logging_error:  # noqa: BLE001  (the stage's error matters more)
         log.warning("could not put the stopped run into MLflow (%s: %s)", type(logging_error).__name__,
@@ -165,10 +170,11 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
 
 
 @contextmanager
-def patient_at_most(seconds: int) -> Iterator[None]:
-    """MLflow's HTTP calls give up after `seconds` and one retry (its defaults retry for minutes),
-    unless the user set these limits."""
-    limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(seconds), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+def patient_at_most(seconds: int, retries: int) -> Iterator[None]:
+    """Each MLflow HTTP call waits at most `seconds` for an answer and is retried `retries` times with
+    exponential backoff (2, 4, 8 s...) on a dropped connection or a 5xx (MLflow's defaults retry
+    for minutes), unless the user set these limits."""
+    limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(seconds), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries)}
     chosen = {name: value for name, value in limits.items() if name not in os.environ}
     os.environ.update(chosen)
     try:
@@ -202,12 +208,20 @@ def identity_tags(identity: dict) -> dict[str, str]:
             for key, value in identity.items()}
 
 
+def run_key(lock_hash: str, params: Params) -> str:
+    """What identifies one pipeline run: the dvc.lock entries of the stages that made its model and
+    every param. Logging a run again under the same key (a rerun after a failure) replaces the
+    earlier attempt instead of adding a second run."""
+    flat = _flatten_sections(params.model_dump(mode="json", by_alias=True))
+    return hashlib.sha256(json.dumps([lock_hash, flat], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pipeline_tags(params: Params, records: dict[str, dict]) -> dict[str, str]:
-    """Tags of a pipeline run: the git revision and dvc.lock hash it ran at, the teacher that labelled
-    its data, and the identity of its evaluation."""
-    revision = git_revision()
-    tags = {"git_revision": revision, "dvc_lock": dvc_lock_hash(), "model_name": params.card.model_name,
-            "mlflow.runName": f"{params.card.model_name} @ {revision}"}
+    """Tags of a pipeline run: the git revision and dvc.lock hash it ran at, its run key, the teacher
+    that labelled its data, and the identity of its evaluation."""
+    revision, lock_hash = git_revision(), dvc_lock_hash()
+    tags = {"git_revision": revision, "dvc_lock": lock_hash, RUN_KEY_TAG: run_key(lock_hash, params),
+            "model_name": params.card.model_name, "mlflow.runName": f"{params.card.model_name} @ {revision}"}
     if "teacher" in records:  # a folder's weights sha256 or a Hub id's revision
         tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
     if "manifest" in records.get("snapshot", {}).get("facts", {}):  # not when the snapshot itself failed
@@ -238,17 +252,56 @@ def _flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def tracking_uri(tracking: TrackingConfig) -> str:
+    """Where runs go: the MLFLOW_TRACKING_URI environment variable when set (a CI secret, a shared
+    server), else tracking.tracking_uri. Where a run is recorded changes none of its numbers."""
+    return USER_TRACKING_URI or tracking.tracking_uri
+
+
+def is_server(uri: str) -> bool:
+    return urlsplit(uri).scheme in ("http", "https")
+
+
+def server_answers(uri: str) -> bool:
+    """Whether the MLflow server at `uri` answers its health check within 5 s."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` fit for a log: a password in it replaced by ***."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
 def configure_mlflow(tracking: TrackingConfig) -> str:
-    """Point MLflow at the sqlite store and make sure the experiment keeps artifacts in mlruns/."""
+    """Point MLflow at the store and return the experiment's id, creating the experiment if needed: on
+    a local store its artifacts go to tracking.artifact_root; a server keeps them where it was told
+    (mlflow server --artifacts-destination)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.tracking_uri)
+    uri = tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
-    if experiment is None:
-        artifact_root = Path(tracking.artifact_root).resolve()
-        artifact_root.mkdir(parents=True, exist_ok=True)
-        return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_root.as_uri())
-    return experiment.experiment_id
+    if experiment is not None:
+        return experiment.experiment_id
+    if is_server(uri):
+        return mlflow.create_experiment(tracking.experiment)
+    artifact_root = Path(tracking.artifact_root).resolve()
+    artifact_root.mkdir(parents=True, exist_ok=True)
+    return mlflow.create_experiment(tracking.experiment, artifact_location=artifact_root.as_uri())
+
+
+def earlier_attempts(client, experiment_id: str, key: str) -> list:
+    """The runs (pipeline runs and their nested stage runs) logged before under this run key."""
+    return client.search_runs([experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'", max_results=1000)
 
 
 def step_metrics(log_history: list[dict], prefix: str = "train_") -> list[tuple[str, float, int]]:
@@ -266,11 +319,33 @@ def log_pipeline_run(records: dict[str, dict], params: Params, tags: dict[str, s
     """One MLflow run holding every param, every stage's metrics and emissions, the training curve at
     step resolution and the given artifacts (the runs of a sweep compare column by column), with a
     nested run per stage holding that stage's own; `datasets` are (mlflow.data dataset, context)
-    pairs logged as the run's inputs. `tags` go on every run."""
+    pairs logged as the run's inputs. `tags` go on every run.
+
+    Exactly one run per run key (tags["run_key"]): a finished run already logged under the key with
+    the same outcome is kept and returned (a rerun after a failure further on); other earlier
+    attempts (cut short by a crash or a lost server, or stopped) are deleted once this one is in."""
+    import mlflow
+
+    experiment_id = configure_mlflow(params.tracking)
+    client = mlflow.MlflowClient()
+    earlier = earlier_attempts(client, experiment_id, tags[RUN_KEY_TAG])
+    done = [r for r in earlier if "mlflow.parentRunId" not in r.data.tags and r.info.status == status == "FINISHED"
+            and r.data.tags.get(OUTCOME_TAG) == tags.get(OUTCOME_TAG)]
+    run_id = done[0].info.run_id if done else new_pipeline_run(experiment_id, records, params, tags, artifacts,
+                                                               datasets, status)
+    for attempt in earlier:
+        if run_id not in (attempt.info.run_id, attempt.data.tags.get("mlflow.parentRunId")):
+            client.delete_run(attempt.info.run_id)
+    if done:
+        log.info("run key %s: run %s already logged, kept", tags[RUN_KEY_TAG], run_id)
+    return run_id
+
+
+def new_pipeline_run(experiment_id: str, records: dict[str, dict], params: Params, tags: dict[str, str],
+                     artifacts: list[Path], datasets: list[tuple[Any, str]], status: str) -> str:
     import mlflow
     from mlflow.entities import Metric
 
-    experiment_id = configure_mlflow(params.tracking)
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         flat = _flatten_sections(params.model_dump(mode="json", by_alias=True))
         mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})

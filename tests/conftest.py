@@ -25,6 +25,18 @@ PROJECT_FILES = ["pipeline", "flows", "dvc.yaml", "params.yaml", ".dvc/config", 
                  ".gitignore", "pyproject.toml"]
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which a stage started later reads as
+    the user's choice of server: no test leaves it set for the next one's subprocesses."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.exists():

@@ -191,8 +191,6 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
     import time
     from pathlib import Path
 
-    from pipeline import registry
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -229,8 +227,13 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         expected = SparseEncoder(str(STUDENT_DIR)).encode_query([train_rows["query"][0]]).coalesce()
         assert sorted(query["indices"]) == sorted(expected.indices()[1].tolist())
 
-        gate = params.push.gate.model_copy(update={"minimum": 0.999})
-        refused = registry.register(outcome["run_id"], "quickstart-sparse", gate, *track.gate_inputs(params))
+        again = track.run(params)  # the same pipeline run tracked again: logged and registered once
+        assert (again["run_id"], again["registered"]["version"]) == (outcome["run_id"], "1")
+        assert len(mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")) == len(runs)
+
+        strict = params.model_copy(update={"push": params.push.model_copy(update={
+            "gate": params.push.gate.model_copy(update={"minimum": 0.999})})})
+        refused = track.run(strict)["registered"]
         assert refused["version"] == "2" and not refused["promoted"] and "below push.gate.minimum" in refused["reason"]
         client = mlflow.MlflowClient()
         assert client.get_model_version_by_alias("quickstart-sparse", "champion").version == "1"
