@@ -42,3 +42,14 @@ def test_the_workflow_triggers_and_steps_are_the_readmes():
     assert any(f"&& {main_job}" in run for run in runs) and main_job in readme_commands()
     summary = next(run for run in runs if "GITHUB_STEP_SUMMARY" in run)
     assert "dvc params diff" in summary and "dvc metrics diff" in summary
+
+
+def test_hf_token_is_given_to_the_hub_push_step_only():
+    """Not to the job (every step, `pip install` of some 300 packages included), only where the
+    push stage runs."""
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    job = workflow["jobs"]["retrain"]
+    assert "HF_TOKEN" not in str(workflow.get("env", {})) and "HF_TOKEN" not in str(job.get("env", {}))
+    holders = [step for step in job["steps"] if "HF_TOKEN" in str(step.get("env", {}))]
+    assert [step["run"].split("&&")[-1].strip() for step in holders] == ["dvc repro push"]
+    assert [step for step in job["steps"] if "HF_TOKEN" in str(step)] == holders  # no step's command reads it
