@@ -68,15 +68,22 @@ def retry_if_transient(task, task_run, state) -> bool:
 @task(name="dvc-stage", task_run_name="{stage}", retries=3,
       retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=retry_if_transient)
 def run_stage(stage: str, force: bool = False, up_to_date: bool = False) -> str:
-    """`dvc repro --single-item <stage>`, its output streamed live; returns "ran" or "skipped".
+    """`dvc repro --single-item <stage>`, its output streamed live; returns "ran", "skipped" or
+    "restored" (from DVC's run cache: the stage ran on exactly these inputs before).
     A stage `dvc status` already found up to date is skipped without asking DVC again."""
     logger = get_run_logger()
     if up_to_date:
         logger.info("%s: up to date (dvc status), skipped", stage)
         return "skipped"
     output = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), stage)
-    outcome = "skipped" if "didn't change, skipping" in output else "ran"
-    logger.info("%s: %s", stage, "unchanged, skipped by DVC" if outcome == "skipped" else "ran")
+    if "didn't change, skipping" in output:
+        outcome = "skipped"
+    elif "is cached - skipping run" in output:  # DVC's run cache: this stage ran on these inputs before
+        outcome = "restored"
+    else:
+        outcome = "ran"
+    logger.info("%s: %s", stage, {"skipped": "unchanged, skipped by DVC", "ran": "ran",
+                                  "restored": "outputs restored from DVC's run cache"}[outcome])
     return outcome
 
 
@@ -183,7 +190,7 @@ def stale_stages() -> set[str] | None:
 @flow(name="retrain-sparse-encoder")
 def retrain(force: bool = False, overrides: list[str] | None = None, keep_overrides: bool = False,
             pull: bool = False, push: bool = False) -> dict[str, str]:
-    """Reproduce the pipeline stage by stage; returns {stage: "ran" | "skipped"}. With `pull`, `dvc
+    """Reproduce the pipeline stage by stage; returns {stage: "ran" | "skipped" | "restored"}. With `pull`, `dvc
     pull` first (a stage whose outputs the remote holds is then up to date); with `push`, `dvc push`
     last, only after every stage succeeded (a failed run pushes nothing). One `dvc status` before
     the stages: those before the first out-of-date one (dvc.yaml lists them upstream first) are up

@@ -364,7 +364,9 @@ def test_prefect_server_a_scheduled_deployment_a_failed_stage_and_overrides(proj
                                cwd=project, env=env, capture_output=True, text=True, timeout=900)
         assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
         outcome = json.loads(re.search(r"^stages: (.*)$", rerun.stdout, re.M).group(1))
-        assert {s for s, o in outcome.items() if o == "ran"} == {"push", "track"}
+        # push ran on these very inputs in the retrain test: DVC restores its outputs from the run
+        # cache (no second upload), and track, whose inputs are then unchanged, is up to date
+        assert {s: o for s, o in outcome.items() if o != "skipped"} == {"push": "restored"}
         assert (project / "params.yaml").read_text() == previous
     finally:
         git(project, "checkout", "params.yaml")
