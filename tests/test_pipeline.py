@@ -185,29 +185,17 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
     track stage pointed at it), with a nested run per stage; the student registered as challenger and
     champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
     the gate stays challenger only."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    from tests.services import BIN, Server, free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # up in ~7 s, not ~22
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
+    server = Server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                     "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                    {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # up in ~7 s, not ~22
+                    f"{uri}/health", tmp_path / "server.log")
+    server.start()
     try:
-        for _ in range(120):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
         params = tiny_params.model_copy(update={"tracking": tiny_params.tracking.model_copy(
             update={"tracking_uri": uri, "registered_model": "quickstart-sparse"})})
         outcome = track.run(params)
@@ -239,8 +227,7 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         assert client.get_model_version_by_alias("quickstart-sparse", "champion").version == "1"
         assert client.get_model_version_by_alias("quickstart-sparse", "challenger").version == "2"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def stopped_runs(params: Params) -> list:

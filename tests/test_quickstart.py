@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project_copy
+from tests.services import answers, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -273,28 +274,6 @@ def test_a_sweep_of_two_dvc_exp_runs_compares_in_mlflow(project):
     assert evaluation and evaluation <= set(newest.data.metrics)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(url: str, seconds: int = 180) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 DEPLOYMENT_RUN = """
 import asyncio, json
 from prefect.client.orchestration import get_client
@@ -333,7 +312,7 @@ def test_prefect_server_a_scheduled_deployment_a_failed_stage_and_overrides(proj
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     served = None
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/health")
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/api/health"), "prefect server", 180)
         served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "0 3 * * *"],
                                   cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
