@@ -81,6 +81,8 @@ def stock_scores(model: Path, rows: pd.DataFrame, batch_size: int) -> tuple[np.n
 def main() -> None:
     import torch
 
+    from pipeline.runtime import native_bf16
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -116,7 +118,7 @@ def main() -> None:
         "bf16_max_dev_over_score_std": float(np.abs(bf16 - ours).max() / ours.std()),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
         or "cpu", "threads": torch.get_num_threads(),
-        "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpu_native_bf16": native_bf16("cpu"),
     }
     if sweep:
         result["project_pairs_per_s_by_batch_size"] = sweep

@@ -209,6 +209,9 @@ class TrainConfig(Section):
     # auto: bf16 autocast on CUDA, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # SPLADE through pipeline.splade_head: no (texts, tokens, vocabulary) logits, a sparse backward
+    # (the same vectors and gradients, several times faster); false: sentence-transformers' own head
+    fused_head: bool = True
     # random; no-duplicates (no text twice in a batch: in-batch negatives stay negative, for mnrl);
     # length-grouped (rows of similar length together: less padding, faster)
     batch_sampler: Literal["random", "no-duplicates", "length-grouped"] = "random"

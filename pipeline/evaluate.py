@@ -12,7 +12,7 @@ retrieval metrics at each top-k size ("student_max_active_dims": {"16": {...}, .
 beside them ("bm25"). Also metrics/ndcg_per_dataset.csv and two figures in metrics/plots/: nDCG@10
 per set and model, and the documents' active dimensions.
 
-SPLADE models are encoded without their full logits tensor (pipeline.encoding); each query's top 100
+SPLADE models are encoded without their full logits tensor (pipeline.splade_head); each query's top 100
 comes from pipeline.retrieval: exact sparse products, or past evaluate.index.exact_max_docs documents
 (MS MARCO's 8.8M passages) the approximate seismic index ("index" in eval.json says which ran).
 evaluate.precision bf16 trades exactness for speed.
@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipeline import encoding, plots
+from pipeline import plots, splade_head
 from pipeline.cli import StageError, run_stage
 from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, STUDENT_DIR,
                              EvaluateConfig, IndexConfig, Params)
 from pipeline.dataset import read_eval_snapshot, read_training_snapshot
 from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metrics
+from pipeline.models import load_encoder
 from pipeline.retrieval import build_index, index_kind
 from pipeline.runtime import use_bf16
 from pipeline.sources import RetrievalSet, read_retrieval_set
@@ -79,8 +80,8 @@ def encode(model, data: RetrievalSet, batch_size: int, bf16: bool = False,
 
     query_ids = [q for q in data.qrels if q in data.queries]
     doc_ids = list(data.corpus)
-    queries = to_csr(encoding.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
-    chunks = [to_csr(encoding.encode(model, [data.corpus[d] for d in doc_ids[start:start + chunk_docs]],
+    queries = to_csr(splade_head.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
+    chunks = [to_csr(splade_head.encode(model, [data.corpus[d] for d in doc_ids[start:start + chunk_docs]],
                                      "document", batch_size, bf16, show_progress_bar=True))
               for start in range(0, len(doc_ids), chunk_docs)]
     return Encoded(query_ids, queries, doc_ids, vstack(chunks, format="csr"))
@@ -156,12 +157,9 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
     """Retrieval metrics of the model as saved, and at each top-k size (each set encoded once), per
     set and pooled over the sets, plus the training triplets' accuracy where the training set
     has negatives."""
-    from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.evaluation import SparseTripletEvaluator
 
-    model = SparseEncoder(str(model_dir))
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
+    model = load_encoder(model_dir, max_seq_length)
     bf16 = use_bf16(precision, model.device.type)
     per_set, sweeps, doc_dims = {}, [], []
     for name, data in sets.items():
@@ -175,7 +173,8 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
         triplets = SparseTripletEvaluator(
             train["query"].tolist(), train["positive"].tolist(), train["negative"].tolist(),
             similarity_fn_names=["dot"], batch_size=batch_size, write_csv=False)
-        metrics.update({f"train_triplets_{k}": float(v) for k, v in triplets(model).items()})
+        with splade_head.fused_head(model):  # the same vectors, without the full logits
+            metrics.update({f"train_triplets_{k}": float(v) for k, v in triplets(model).items()})
     return {"metrics": metrics, "datasets": {name: scores.metrics for name, scores in per_set.items()},
             "max_active_dims": {str(k): pooled_metrics([sweep[k] for sweep in sweeps])
                                 for k in max_active_dims},

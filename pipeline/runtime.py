@@ -1,4 +1,5 @@
-"""What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16,
+"""What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16
+(and whether the hardware has it),
 and content hashes of large files (model weights)."""
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ def is_main_process() -> bool:
 def use_bf16(precision: str, device_type: str) -> bool:
     """precision auto means bf16 autocast on CUDA and fp32 elsewhere; bf16 and fp32 mean themselves."""
     return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 runs natively: CUDA (Ampere on), or a CPU with AVX512-BF16 or AMX. (mkldnn's
+    "bf16 supported" is also true on plain AVX-512 CPUs, which emulate it, slower than fp32.)"""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def update_with_file(digest: "hashlib._Hash", path: Path) -> None:

@@ -43,7 +43,7 @@ from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_DIR, TEACHER_SCORED, TEAC
                              Params, TeacherConfig)
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
 from pipeline.metrics import mean_metrics, ranking_metrics
-from pipeline.runtime import import_bm25s, process_rank, use_bf16, weights_digest
+from pipeline.runtime import import_bm25s, native_bf16, process_rank, use_bf16, weights_digest
 from pipeline.tracking import stage_record, write_atomically, write_json
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ class CrossEncoderTeacher:
                              "needs a cross-encoder with one relevance logit (num_labels=1)")
         device_type = self.model.device.type
         self.bf16 = use_bf16(cfg.precision, device_type)
-        if self.bf16 and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            log.warning("teacher.precision bf16 on a CPU without native bf16: expect it to be slower")
+        if self.bf16 and not native_bf16(device_type):
+            log.warning("teacher.precision bf16 without native bf16 on %s: expect it to be slower", device_type)
 
     @cached_property
     def identity(self) -> dict:

@@ -5,7 +5,9 @@ margins) or SparseDistillKLDivLoss (its score lists), and FLOPS regularisation w
 quadratically over the first `regularizer_warmup_ratio` of the steps. The initial model is saved to
 models/base (the baseline the evaluation compares against) and the trained one to models/student;
 both are ordinary SparseEncoder folders. With train.base_model "synthetic", the student is a
-BertForMaskedLM built from config with a WordPiece vocabulary learnt from the snapshot's text.
+BertForMaskedLM built from config with a WordPiece vocabulary learnt from the snapshot's text
+(models are built by pipeline.models). SPLADE trains through pipeline.splade_head's fused head
+(train.fused_head): no (texts, tokens, vocabulary) logits in the forward or the backward pass.
 
 Checkpoints go to models/checkpoints/<resume key>/ every `save_steps`. The key names everything
 that changes the training: the train params, the labels, the weights of a local base model, the
@@ -23,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,90 +36,14 @@ from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSample
 from sentence_transformers.sparse_encoder.losses import FlopsLoss, SpladeLoss
 
 from pipeline.cli import StageError, stage_main
-from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params,
-                             StudentConfig, TrainConfig)
+from pipeline.config import BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params, TrainConfig
 from pipeline.dataset import LABEL_COLUMN, read_eval_snapshot, text_columns, training_rows
+from pipeline.models import build_synthetic_mlm, csr_encoder, splade_encoder
+from pipeline.splade_head import fused_head
 from pipeline.runtime import is_main_process, process_rank, update_with_file, use_bf16, weights_digest
 from pipeline.tracking import stage_record, write_json
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def wordpiece_vocabulary(texts: list[str], size: int) -> list[str]:
-    """A WordPiece vocabulary learnt from `texts`: every character (as a word start and as a ##
-    continuation) so that any word can be spelt, then the most frequent whole words.
-
-    Deterministic by construction (ties go alphabetically); the `tokenizers` WordPiece trainer
-    breaks ties in hash-map order, which gave a different vocabulary on every run."""
-    from collections import Counter
-
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
-    counts = Counter(word for text in texts
-                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-    characters = sorted({c for word in counts for c in word})
-    vocabulary = SPECIAL_TOKENS + characters + [f"##{c}" for c in characters]
-    known = set(vocabulary)
-    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-        if len(vocabulary) >= size:
-            break
-        if word not in known:
-            vocabulary.append(word)
-    return vocabulary
-
-
-def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
-    """A randomly initialised BertForMaskedLM with a WordPiece vocabulary learnt from `texts`."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("\n".join(wordpiece_vocabulary(texts, cfg.vocab_size)) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"), model_max_length=max_seq_length)
-    torch.manual_seed(cfg.seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                        intermediate_size=4 * cfg.hidden_size,
-                        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                        max_position_embeddings=max(64, max_seq_length))
-    BertForMaskedLM(config).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-
-
-def hub_kwargs(revision: str | None) -> dict:
-    return {"revision": revision} if revision else {}
-
-
-def splade_encoder(mlm_path: str, max_seq_length: int, revision: str | None = None):
-    """SPLADE = MLM logits, log1p(relu), max over tokens."""
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
-
-    pinned = hub_kwargs(revision)
-    transformer = Transformer(mlm_path, transformer_task="fill-mask", max_seq_length=max_seq_length,
-                              model_kwargs=pinned, processor_kwargs=pinned, config_kwargs=pinned)
-    vocab_size = transformer.auto_model.config.vocab_size
-    # without the dimension SpladePooling reports the hidden size until saved and reloaded
-    return SparseEncoder(modules=[transformer, SpladePooling("max", embedding_dimension=vocab_size)])
-
-
-def csr_encoder(dense_path: str, cfg: TrainConfig):
-    """CSR = a dense sentence-transformers model and a top-k sparse autoencoder on its embedding."""
-    from sentence_transformers import SentenceTransformer, SparseEncoder
-    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
-
-    dense = SentenceTransformer(dense_path, **hub_kwargs(cfg.revision))
-    dense.max_seq_length = cfg.max_seq_length
-    torch.manual_seed(cfg.seed)  # the autoencoder's initial weights
-    head = SparseAutoEncoder(dense.get_embedding_dimension(), hidden_dim=cfg.csr.hidden_dim,
-                             k=cfg.csr.k, k_aux=cfg.csr.k_aux)
-    # the dense model's prompts (mxbai's query instruction) stay: encode_query applies "query"
-    return SparseEncoder(modules=[*dense, head], prompts=dense.prompts,
-                         default_prompt_name=dense.default_prompt_name)
-
 
 def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
     if cfg.base_model != "synthetic" and not Path(cfg.base_model).is_dir() and not cfg.revision:
@@ -258,9 +185,18 @@ def loss_facts(loss) -> dict:
             "citations": list(dict.fromkeys(citations))}
 
 
-class ActiveDimsTrainer(SparseEncoderTrainer):
-    """Adds query_active_dims and document_active_dims (the mean since the last log) to every
-    training log, read off the FLOPS regularisers that see the embeddings anyway."""
+class PipelineTrainer(SparseEncoderTrainer):
+    """SparseEncoderTrainer that trains SPLADE through the fused head (pipeline.splade_head) when
+    `fused` is set, and adds query_active_dims and document_active_dims (the mean since the last
+    log) to every training log, read off the FLOPS regularisers that see the embeddings anyway."""
+
+    def __init__(self, *args, fused: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = fused
+
+    def train(self, *args, **kwargs):
+        with fused_head(self.model) if self.fused else nullcontext():
+            return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and isinstance(self.loss, SpladeLoss):
@@ -343,8 +279,8 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, eval
     )
     callbacks = [SpladeRegularizerWeightSchedulerCallback(loss, "quadratic", cfg.regularizer_warmup_ratio)
                  ] if cfg.architecture == "splade" else []
-    return ActiveDimsTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                             evaluator=evaluator, callbacks=callbacks)
+    return PipelineTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                           evaluator=evaluator, callbacks=callbacks, fused=cfg.fused_head)
 
 
 def held_out_evaluator(params: Params):

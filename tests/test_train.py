@@ -14,7 +14,7 @@ from transformers import BertTokenizerFast
 
 from pipeline import snapshot, teacher, train, validate
 from pipeline.config import BASE_MODEL_DIR, CHECKPOINTS_DIR, RECORDS_DIR, STUDENT_DIR, Params, StudentConfig
-from pipeline.train import SPECIAL_TOKENS, build_synthetic_mlm, wordpiece_vocabulary
+from pipeline.models import SPECIAL_TOKENS, build_synthetic_mlm, csr_encoder, wordpiece_vocabulary
 
 
 def test_vocabulary_spells_any_word_and_keeps_frequent_words_whole():
@@ -150,7 +150,7 @@ def test_mnrl_scale_reaches_the_contrastive_loss_inside_csr(tiny_dense_model):
     cfg = TrainConfig(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl", mnrl_scale=20,
                       csr=CSRConfig(hidden_dim=64, k=8, k_aux=16))
     rows = pd.DataFrame({"query": ["q"], "positive": ["p"]})
-    loss = train.training_loss(cfg, train.csr_encoder(str(tiny_dense_model), cfg), rows)
+    loss = train.training_loss(cfg, csr_encoder(str(tiny_dense_model), cfg), rows)
     assert loss.loss.scale == 20 and list(train.training_rows(cfg, rows)) == ["query", "positive"]
 
 
