@@ -60,6 +60,25 @@ class SyntheticConfig(Section):
     filler_per_query: int = Field(2, ge=0)
     negatives_per_query: PositiveInt = 2
 
+    @model_validator(mode="after")
+    def _a_world_these_numbers_can_make(self) -> "SyntheticConfig":
+        """Numbers no world satisfies fail here, at load, naming the keys that clash (the generator
+        would otherwise draw forever, or fail deep inside with a bare sampling error)."""
+        problems = [f"{small} {getattr(self, small)} > {big} {getattr(self, big)}: a draw takes {small} distinct "
+                    f"words out of {big}" for small, big in (("terms_per_doc", "terms_per_topic"),
+                                                              ("terms_per_query", "terms_per_topic"),
+                                                              ("filler_per_doc", "filler_words"),
+                                                              ("filler_per_query", "filler_words"))
+                    if getattr(self, small) > getattr(self, big)]
+        if self.topics < 2:
+            problems.append(f"topics {self.topics}: a query's negatives come from other topics; use at least 2")
+        elif self.negatives_per_query > self.docs_per_topic ** 2 * (self.topics - 1):
+            problems.append(f"negatives_per_query {self.negatives_per_query} > the {self.docs_per_topic ** 2 * (self.topics - 1)} "
+                            "distinct (positive, negative) pairs that topics and docs_per_topic allow")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class TrainDataConfig(Section):
     """Where the training rows come from, and what they are."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import pandas as pd
 
 from pipeline.cli import StageError
 from pipeline.config import EvalDataConfig, TrainDataConfig
+
+log = logging.getLogger(__name__)
 
 # The columns each kind of training data has once loaded (triplets may carry negative_2, ...).
 KIND_COLUMNS = {"pairs": ["query", "positive"], "triplets": ["query", "positive", "negative"],
@@ -77,7 +80,7 @@ def _utf8_lines(path: Path):
 
 
 def read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+    rows, lines = [], []
     for line_no, line in _utf8_lines(path):
         if not line.strip():
             continue
@@ -89,18 +92,85 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         if not isinstance(row, dict):
             raise SourceError(path, "valid_jsonl", f"line {line_no} is not a JSON object", row)
         rows.append(row)
-    return pd.DataFrame(rows)
+        lines.append(line_no)
+    frame = pd.DataFrame(rows)
+    frame.attrs["lines"] = lines  # where each row stands in the file, for error messages
+    return frame
 
 
 def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFrame:
     for _ in _utf8_lines(path):  # a clear error naming the line beats pandas' codec message
         pass
     if columns:  # header-less, e.g. MS MARCO's triples.tsv
-        return pd.read_csv(path, sep=sep, header=None, names=columns, dtype=str,
-                           quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
-                           keep_default_na=False, on_bad_lines="error")
-    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
-                       quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+        frame = pd.read_csv(path, sep=sep, header=None, names=columns, dtype=str,
+                            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+                            keep_default_na=False, on_bad_lines="error")
+    else:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
+                            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+    if sep == "\t":  # one row per line (csv may quote newlines into a field: rows only)
+        frame.attrs["lines"] = list(range(1 if columns else 2, len(frame) + (1 if columns else 2)))
+    return frame
+
+
+def place(frame: pd.DataFrame, row: int) -> str:
+    """Where row `row` (by position) of a file's frame stands: its line, or its row number."""
+    lines = frame.attrs.get("lines")
+    return f"line {lines[row]}" if lines else f"row {row + 1}"
+
+
+def not_text(value) -> str | None:
+    """What a field that should hold text holds instead (a list, an object, a number), or None when
+    it is text or empty (a missing text is the validator's not_null check)."""
+    if value is None or isinstance(value, str) or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (bool, np.bool_)):
+        return "a boolean"
+    return "a number" if isinstance(value, (int, float, np.number)) else type(value).__name__
+
+
+def as_score(value) -> float | list[float] | None:
+    """A score as a number (or a list of them, a teacher's score list), from a number or numeric
+    text; None where it is neither."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        scores = [as_score(v) for v in value]
+        return None if any(v is None or isinstance(v, list) for v in scores) else scores
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return None
+
+
+def checked_fields(frame: pd.DataFrame, path: Path, text_columns: list[str], source: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every text field text and every score a number (numeric text converted); else
+    a SourceError naming the file, the line or row and the column. `source` is the frame as read
+    (its rows line up with `frame`'s), which knows the lines."""
+    for column in text_columns:
+        kinds = frame[column].map(not_text)
+        bad = kinds.notna().to_numpy()
+        if bad.any():
+            row = int(bad.argmax())
+            raise SourceError(path, "text_fields", f"{place(source, row)}: {column} is {kinds.iloc[row]}, not "
+                              f"text ({int(bad.sum())} row(s) like it)", frame.iloc[row].to_dict())
+    if "score" in frame:
+        scores = frame["score"].map(as_score)
+        given = frame["score"].map(lambda v: not (v is None or (isinstance(v, float) and np.isnan(v))))
+        bad = (scores.isna() & given).to_numpy()  # a missing score is the validator's not_null check
+        if bad.any():
+            row = int(bad.argmax())
+            raise SourceError(path, "score_fields", f"{place(source, row)}: score {frame['score'].iloc[row]!r} is "
+                              f"not a number (nor a list of numbers) ({int(bad.sum())} row(s) like it)",
+                              frame.iloc[row].to_dict())
+        frame = frame.assign(score=scores.where(scores.notna(), np.nan))
+    return frame
 
 
 def joined_text(frame: pd.DataFrame) -> pd.Series:
@@ -111,16 +181,38 @@ def joined_text(frame: pd.DataFrame) -> pd.Series:
     return text
 
 
+def id_texts(frame: pd.DataFrame, path: Path | str) -> dict[str, str]:
+    """id -> text of a corpus or queries frame (_id, text[, title]): every id present and used once,
+    every text and title text; else a SourceError naming the file and the line or row (one text
+    silently replacing another would skew every metric)."""
+    if "_id" not in frame or "text" not in frame:
+        raise SourceError(path, "required_columns", "expected '_id' and 'text' fields",
+                          frame.iloc[0].to_dict() if len(frame) else None)
+    for column in ["_id", "text", "title"] if "title" in frame else ["_id", "text"]:
+        kinds = frame[column].map(not_text)
+        if column == "_id":  # numbers are ids too (BEIR ids are often JSON numbers); absent ones are not
+            kinds = kinds.where(kinds != "a number", None).where(frame[column].notna(), "missing")
+        bad = kinds.notna().to_numpy()
+        if bad.any():
+            row = int(bad.argmax())
+            raise SourceError(path, "id_text_fields", f"{place(frame, row)}: {column} is {kinds.iloc[row]}"
+                              f"{'' if column == '_id' else ', not text'} ({int(bad.sum())} row(s) like it)",
+                              frame.iloc[row].to_dict())
+    ids = frame["_id"].map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    repeated = ids.duplicated(keep="first").to_numpy()
+    if repeated.any():
+        row = int(repeated.argmax())
+        first = int((ids == ids.iloc[row]).to_numpy().argmax())
+        raise SourceError(path, "unique_ids", f"{place(frame, row)}: id {ids.iloc[row]!r} is used again (first at "
+                          f"{place(frame, first)}; {int(repeated.sum())} repeated id(s))", frame.iloc[row].to_dict())
+    return dict(zip(ids, joined_text(frame)))
+
+
 def _read_id_texts(path: Path) -> dict[str, str]:
-    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id \\t text)."""
+    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id \t text)."""
     if path.suffix.lower() in {".jsonl", ".json"}:
-        frame = read_jsonl(path)
-        if "_id" not in frame or "text" not in frame:
-            raise SourceError(path, "required_columns", "expected '_id' and 'text' fields",
-                              frame.iloc[0].to_dict() if len(frame) else None)
-        return dict(zip(frame["_id"].astype(str), joined_text(frame)))
-    frame = read_delimited(path, "\t", ["_id", "text"])
-    return dict(zip(frame["_id"].astype(str), frame["text"]))
+        return id_texts(read_jsonl(path), path)
+    return id_texts(read_delimited(path, "\t", ["_id", "text"]), path)
 
 
 def join_ids(frame: pd.DataFrame, cfg: TrainDataConfig, path: Path) -> pd.DataFrame:
@@ -166,8 +258,11 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     else:
         frame = read_delimited(path, "\t" if fmt == "tsv" else ",", cfg.columns)
+        if not cfg.columns:
+            frame = without_header_if_none(frame, path, "\t" if fmt == "tsv" else ",", cfg)
     if frame.empty:
         raise SourceError(path, "not_empty", "no rows")
+    read = frame  # as read: it knows each row's line
     frame = frame.rename(columns=cfg.rename)
     if any(c.endswith("_id") for c in frame.columns) and "query" not in frame.columns:
         frame = join_ids(frame, cfg, path)
@@ -181,7 +276,32 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
                           f"{cfg.kind!r}; found {list(frame.columns)}{hint}", frame.iloc[0].to_dict())
     extra_negatives = sorted((c for c in frame.columns if re.fullmatch(r"negative_\d+", c)),
                              key=lambda c: int(c.split("_")[1])) if cfg.kind != "pairs" else []
-    return frame[required + extra_negatives].reset_index(drop=True)
+    rows = frame[required + extra_negatives].reset_index(drop=True)
+    return checked_fields(rows, path, [c for c in rows.columns if c != "score"], read)
+
+
+def is_column_name(name: str, cfg: TrainDataConfig) -> bool:
+    return (name in cfg.rename or name in ("query", "positive", "score", "scores")
+            or re.fullmatch(r"(query|positive|negative(_\d+)?)_id|negative(_\d+)?", name) is not None)
+
+
+def without_header_if_none(frame: pd.DataFrame, path: Path, sep: str, cfg: TrainDataConfig) -> pd.DataFrame:
+    """A delimited file whose first row names no column this pipeline knows is header-less (MS
+    MARCO's triples.tsv): with exactly the kind's number of fields it is read positionally, saying
+    which columns were assumed; with another number it is ambiguous, and an error says how to
+    resolve it."""
+    first_row = list(frame.columns)
+    if any(is_column_name(str(name), cfg) for name in first_row):
+        return frame
+    columns = KIND_COLUMNS[cfg.kind]
+    if len(first_row) != len(columns):
+        raise SourceError(path, "header_row", f"line 1 names none of the pipeline's columns, and its "
+                          f"{len(first_row)} fields are not the {len(columns)} of kind {cfg.kind!r} "
+                          f"({', '.join(columns)}): add a header row, or set snapshot.train.columns "
+                          "(--columns) to name them", first_row)
+    log.warning("%s: line 1 is not a header row; reading the file as header-less columns %s (set "
+                "snapshot.train.columns to name them otherwise)", path, ", ".join(columns))
+    return read_delimited(path, sep, columns)
 
 
 def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
@@ -226,10 +346,7 @@ def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:
         if not files:
             raise SourceError(folder, "nanobeir_layout", f"no parquet file in {part}/")
         parts[part] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    texts = {}
-    for part in ("corpus", "queries"):
-        frame = parts[part]
-        texts[part] = dict(zip(frame["_id"].astype(str), frame["text"]))
+    texts = {part: id_texts(parts[part], folder / part) for part in ("corpus", "queries")}
     return texts["corpus"], texts["queries"], parts["qrels"].astype(str), folder / "qrels"
 
 

@@ -12,8 +12,25 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from pipeline.cli import StageError
+
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
+TRIES_PER_ITEM = 1000  # random draws allowed per item still to make: then the params cannot make it
+
+
+class Attempts:
+    """A bound on a drawing loop: each call to `spend` counts one draw, and the last one raises a
+    StageError saying what could not be made and which params to change."""
+
+    def __init__(self, items: int, what: str, hint: str):
+        self.left, self.what, self.hint = TRIES_PER_ITEM * max(items, 1), what, hint
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise StageError(f"snapshot.synthetic: could not make {self.what} in {TRIES_PER_ITEM} random draws "
+                             f"per item: {self.hint}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +47,10 @@ class SyntheticWorld:
 def _made_up_words(rng: random.Random, count: int) -> list[str]:
     syllables = [c + v for c in CONSONANTS for v in VOWELS]
     words: dict[str, None] = {}  # insertion-ordered: a set's order would change with PYTHONHASHSEED
+    attempts = Attempts(count, f"{count} distinct made-up words",
+                        "lower topics, terms_per_topic or filler_words")
     while len(words) < count:
+        attempts.spend()
         words["".join(rng.choice(syllables) for _ in range(rng.choice((2, 3))))] = None
     return list(words)
 
@@ -84,7 +104,11 @@ def generate(cfg) -> SyntheticWorld:
     eval_qrels: dict[str, dict[str, int]] = {}
     for topic, terms in enumerate(topic_terms):
         made = 0
+        attempts = Attempts(cfg.eval_queries_per_topic, f"{cfg.eval_queries_per_topic} held-out queries of "
+                            f"topic {topic} unlike every training query", "lower eval_queries_per_topic or "
+                            "train_queries_per_topic, or raise terms_per_topic, filler_words or filler_per_query")
         while made < cfg.eval_queries_per_topic:
+            attempts.spend()
             text = _render_query(rng, terms, term_to_synonym, filler, cfg)
             if text in seen:  # held-out queries never occur in training
                 continue
@@ -98,7 +122,10 @@ def generate(cfg) -> SyntheticWorld:
     triplets = []
     for text, topic in train_queries:
         chosen: set[tuple[str, str]] = set()  # no duplicate triplet for a query
+        attempts = Attempts(cfg.negatives_per_query, f"{cfg.negatives_per_query} distinct triplets for a query",
+                            "lower negatives_per_query, or raise topics or docs_per_topic")
         while len(chosen) < cfg.negatives_per_query:
+            attempts.spend()
             positive = rng.choice(docs_by_topic[topic])
             negative = rng.choice(all_doc_ids)
             if doc_topic[negative] != topic and (positive, negative) not in chosen:

@@ -2,7 +2,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+from pydantic import ValidationError
+
 from pipeline import synthetic
+from pipeline.cli import StageError
 from pipeline.config import SyntheticConfig
 
 
@@ -44,3 +48,30 @@ def test_world_does_not_depend_on_the_interpreter_hash_seed():
     digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("numbers, keys", [
+    ({"topics": 1}, ["topics"]),
+    ({"terms_per_doc": 7, "terms_per_topic": 6}, ["terms_per_doc", "terms_per_topic"]),
+    ({"terms_per_query": 9}, ["terms_per_query", "terms_per_topic"]),
+    ({"filler_per_doc": 20, "filler_words": 10}, ["filler_per_doc", "filler_words"]),
+    ({"topics": 2, "docs_per_topic": 1, "negatives_per_query": 2}, ["negatives_per_query", "docs_per_topic"]),
+])
+def test_params_no_world_satisfies_fail_at_load_naming_the_keys(numbers, keys):
+    with pytest.raises(ValidationError) as err:
+        SyntheticConfig(**numbers)
+    assert all(key in str(err.value) for key in keys), str(err.value)
+
+
+def test_a_world_too_small_for_its_held_out_queries_stops_naming_what_to_change():
+    """Queries of 3 of a topic's 3 terms, no synonyms, no filler: 6 word orders in all, which the
+    24 training queries use up; the held-out queries cannot be made and the generator says so in
+    bounded time instead of drawing forever."""
+    import time
+
+    cfg = SyntheticConfig(topics=2, terms_per_topic=3, terms_per_doc=3, terms_per_query=3, synonym_rate=0,
+                          filler_per_query=0)
+    started = time.perf_counter()
+    with pytest.raises(StageError, match="held-out queries of topic 0.*eval_queries_per_topic"):
+        synthetic.generate(cfg)
+    assert time.perf_counter() - started < 10

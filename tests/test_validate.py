@@ -75,12 +75,21 @@ def bad_cases(tmp):
     truncated = tmp / "truncated.jsonl"
     truncated.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[1])[:25] + "\n")
     cases.append(("truncated_jsonl", {"source": truncated}))
+    jsonl("text_is_a_list", GOOD[:3] + [{**GOOD[3], "query": ["query", "number", "3"]}] + GOOD[4:])
+    jsonl("text_is_an_object", GOOD[:4] + [{**GOOD[4], "positive": {"text": "relevant"}}] + GOOD[5:])
+    jsonl("text_is_a_number", GOOD[:5] + [{**GOOD[5], "negative": 12}] + GOOD[6:])
+    jsonl("score_is_text", [{**r, "score": 1.5} for r in GOOD[:6]] + [{**GOOD[6], "score": "high"}]
+          + [{**r, "score": 2} for r in GOOD[7:]], kind="scored")
+    scored_tsv = tmp / "score_text_in_tsv.tsv"
+    scored_tsv.write_text("query\tpositive\tnegative\tscore\n" + "".join(
+        f"{r['query']}\t{r['positive']}\t{r['negative']}\t{'n/a' if i == 3 else 0.5 * i}\n" for i, r in enumerate(GOOD)))
+    cases.append(("score_text_in_tsv", {"source": scored_tsv, "kind": "scored"}))
     latin1 = tmp / "latin1.tsv"
     latin1.write_bytes("query\tpositive\tnegative\n".encode() + "caf\xe9 au lait\tcoffee\ttea\n".encode("latin-1"))
     cases.append(("non_utf8", {"source": latin1}))
-    headerless = tmp / "headerless.tsv"
-    headerless.write_text("".join(f"{r['query']}\t{r['positive']}\t{r['negative']}\n" for r in GOOD))
-    cases.append(("headerless_tsv", {"source": headerless}))
+    headerless = tmp / "headerless_wrong_width.tsv"
+    headerless.write_text("".join(f"{r['query']}\t{r['positive']}\n" for r in GOOD))
+    cases.append(("headerless_wrong_width", {"source": headerless}))
     return cases
 
 
@@ -96,7 +105,12 @@ EXPECTED = {  # the check each malformed input must fail, and text from the offe
     "inf_score": ("check_score_is_finite", "row 6"),
     "truncated_jsonl": ("valid_jsonl", "line 2"),
     "non_utf8": ("utf8_encoding", "caf"),
-    "headerless_tsv": ("required_columns", "header-less"),
+    "headerless_wrong_width": ("header_row", "its 2 fields are not the 3 of kind 'triplets'"),
+    "text_is_a_list": ("text_fields", "line 4: query is a list"),
+    "text_is_an_object": ("text_fields", "line 5: positive is an object"),
+    "text_is_a_number": ("text_fields", "line 6: negative is a number"),
+    "score_is_text": ("score_fields", "line 7: score 'high' is not a number"),
+    "score_text_in_tsv": ("score_fields", "line 5: score 'n/a' is not a number"),
 }
 
 
@@ -143,6 +157,76 @@ def test_bad_evaluation_sets_stop_before_the_teacher(case, workdir, tiny_params)
                             "leak": ("eval_queries_not_in_training", GOOD[4]["query"])}[case]
     assert str(folder) in message and expectation in message and example in message, message
     assert not TEACHER_DIR.exists()
+
+
+def jsonl_lines(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+BAD_SETS = {  # corpus rows, query rows, qrels lines; the check and the text the message must show
+    "repeated_doc_id": ([{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}, {"_id": "d1", "text": "c"}],
+                        None, None, ("unique_ids", "line 3: id 'd1' is used again (first at line 1")),
+    "repeated_query_id": (None, [{"_id": "e1", "text": "q"}, {"_id": "e1", "text": "q2"}], None,
+                          ("unique_ids", "line 2: id 'e1' is used again")),
+    "repeated_numeric_doc_id": ([{"_id": 7, "text": "a"}, {"_id": "7", "text": "b"}], None, None,
+                                ("unique_ids", "line 2: id '7'")),
+    "doc_text_is_a_list": ([{"_id": "d1", "text": "a"}, {"_id": "d2", "text": ["b", "c"]}], None, None,
+                           ("id_text_fields", "line 2: text is a list, not text")),
+    "doc_title_is_a_number": ([{"_id": "d1", "title": 3, "text": "a"}, {"_id": "d2", "title": "", "text": "b"}],
+                              None, None, ("id_text_fields", "line 1: title is a number")),
+    "doc_without_id": ([{"_id": "d1", "text": "a"}, {"text": "b"}], None, None,
+                       ("id_text_fields", "line 2: _id is missing")),
+    "query_id_is_an_object": (None, [{"_id": {"id": 1}, "text": "q"}], None,
+                              ("id_text_fields", "line 1: _id is an object")),
+    "grade_is_text": (None, None, "query-id\tcorpus-id\tscore\ne1\td1\t1\ne2\td2\thigh\n",
+                      ("qrels_scores", "row 3: score 'high' is not a number")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETS))
+def test_bad_evaluation_files_name_file_line_and_id(case, workdir, tiny_params):
+    train = write_jsonl(workdir / "train.jsonl", GOOD)
+    folder = workdir / case
+    corpus, queries, qrels, (check, text) = BAD_SETS[case]
+    jsonl_lines(folder / "corpus.jsonl", corpus or [{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}])
+    jsonl_lines(folder / "queries.jsonl", queries or [{"_id": "e1", "text": "q one"}, {"_id": "e2", "text": "q two"}])
+    (folder / "qrels/test.tsv").parent.mkdir()
+    (folder / "qrels/test.tsv").write_text(qrels or "query-id\tcorpus-id\tscore\ne1\td1\t1\ne2\td2\t1\n")
+    with pytest.raises(StageError) as err:
+        snapshot_then_validate(params_for(tiny_params, train, eval_source=folder))
+    message = str(err.value)
+    assert str(folder) in message and check in message and text in message, message
+    assert "Traceback" not in message and not TEACHER_DIR.exists()
+
+
+def test_ms_marco_triples_read_without_columns_as_header_less_with_a_notice(workdir, tiny_params, shared, caplog):
+    triples = shared / "data/msmarco-toy-triplets/triplets.tsv"
+    result = snapshot_then_validate(params_for(tiny_params, triples))
+    assert result["success"] and result["rows_checked"] == 100
+    assert "line 1 is not a header row" in caplog.text and "query, positive, negative" in caplog.text
+    first = triples.read_text(encoding="utf-8").split("\n")[0].split("\t")
+    assert pd.read_parquet(SNAPSHOT_DIR / "train.parquet").iloc[0].tolist()[:3] == first
+
+
+def test_numeric_ids_numeric_text_scores_and_score_lists_are_valid(workdir, tiny_params):
+    """What the integrity checks must not refuse: ids written as JSON numbers, scores as numeric
+    text (every tsv score is text), a teacher's score lists."""
+    folder = workdir / "numeric_ids"
+    jsonl_lines(folder / "corpus.jsonl", [{"_id": i, "title": "t", "text": f"passage {i}"} for i in range(1, 4)])
+    jsonl_lines(folder / "queries.jsonl", [{"_id": 10 + i, "text": f"a held out question {i}"} for i in range(1, 3)])
+    (folder / "qrels").mkdir()
+    (folder / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\n11\t1\t1\n12\t3\t2\n")
+    scored = workdir / "scored.tsv"
+    scored.write_text("query\tpositive\tnegative\tscore\n" + "".join(
+        f"{r['query']}\t{r['positive']}\t{r['negative']}\t{0.25 * i}\n" for i, r in enumerate(GOOD)))
+    result = snapshot_then_validate(params_for(tiny_params, scored, eval_source=folder, kind="scored"))
+    assert result["success"]
+    frame = pd.read_parquet(SNAPSHOT_DIR / "train.parquet")
+    assert frame["score"].tolist() == [0.25 * i for i in range(len(GOOD))]
+    lists = write_jsonl(workdir / "lists.jsonl", [{**r, "scores": [2.0, "-1.5"]} for r in GOOD])
+    snapshot.run(params_for(tiny_params, lists, kind="scored"))
+    assert pd.read_parquet(SNAPSHOT_DIR / "train.parquet")["score"].map(list).tolist() == [[2.0, -1.5]] * len(GOOD)
 
 
 def test_report_and_severity_from_params(workdir, tiny_params):
