@@ -120,6 +120,7 @@ def test_command_line_scores_a_plain_masked_lm_folder(tmp_path, shared, cut_beir
     assert 0 < result["query_active_dims"] < result["corpus_active_dims"] < 30522
 
 
+@pytest.mark.slow  # 21 s: the approximate index only serves corpora past evaluate.index.exact_max_docs
 def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds(shared, cut_beir):
     """splade-tiny vectors of 1,000+ DBPedia documents: seismic's hits carry their dot products,
     most of exact's top 10 is found, and the metrics move little; auto picks by corpus size."""

@@ -4,6 +4,8 @@ of every parameter, the same weights after training, the same saved model."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -129,6 +131,20 @@ def test_every_loss_and_activation_gets_stock_gradients_on_a_random_bert(tmp_pat
     fused = loss_and_gradients(model, loss, rows, fused=True)
     assert (fused[2] - stock[2]).abs().max() <= 1e-6
     assert_same_gradients(fused[1], stock[1])
+
+
+def test_ddp_on_two_processes_gets_one_process_gradients_on_the_whole_batch(tmp_path, shared):
+    """torchrun, 2 CPU processes (gloo), DistributedDataParallel, 4 rows each through the fused head,
+    FLOPS over the whole batch: DDP's averaged gradients are the stock head's on 8 rows in one process."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(Path(__file__).parent / "ddp_fused_head.py"), str(shared), str(tmp_path / "ddp.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = no_dropout(random_student(tmp_path / "one", shared))
+    rows = scifact_rows(shared, 8).drop(columns="scores")
+    loss = training_loss(TrainConfig(query_regularizer_weight=0.5, document_regularizer_weight=0.3), model, rows)
+    _, stock, _ = loss_and_gradients(model, loss, rows, fused=False)
+    assert_same_gradients(torch.load(tmp_path / "ddp.pt"), stock)
 
 
 def test_gradient_checkpointing_keeps_the_gradients(tmp_path, shared):
