@@ -4,6 +4,7 @@ Unknown keys are refused (a typo in params.yaml must not silently fall back to a
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -276,6 +277,12 @@ class CardConfig(Section):
     license: str = "apache-2.0"
 
 
+# What the push gate may compare (higher is better): the ranking metrics of sentence-transformers'
+# IR evaluator at its default cut-offs, as pipeline.metrics names them, and graded nDCG@10
+GATE_METRICS = tuple([f"dot_{name}@{k}" for name in ("accuracy", "precision", "recall") for k in (1, 3, 5, 10)]
+                     + ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_graded_ndcg@10"])
+
+
 class GateConfig(Section):
     """What the model must reach to be pushed (and to become the registry's champion), on its main
     evaluation result (the mean when there are several sets): at least `minimum`, above the
@@ -324,16 +331,64 @@ class Params(Section):
         """The params section a stage reads (validate's is stored as validate_)."""
         return self.validate_ if stage == "validate" else getattr(self, stage)
 
+    def teacher_scores(self) -> bool:
+        """Whether the teacher stage scores rows: triplets, or pairs it mines negatives for (pairs
+        train contrastively; a scored snapshot carries its own scores)."""
+        kind = self.snapshot.train.kind
+        return kind == "triplets" or (kind == "pairs" and self.teacher.hard_negatives > 0)
+
     @model_validator(mode="after")
-    def _mining_needs_pairs(self) -> "Params":
-        if self.teacher.hard_negatives and self.snapshot.train.kind != "pairs":
-            raise ValueError("teacher.hard_negatives mines negatives for a pairs snapshot; "
-                             f"snapshot.train.kind is {self.snapshot.train.kind}")
+    def _stages_agree(self) -> "Params":
+        """Combinations a later stage would refuse fail here, at load, before any compute, naming
+        the keys that clash."""
+        train_data, teacher, loss = self.snapshot.train, self.teacher, self.train.loss
+        problems = []
+        if teacher.hard_negatives and train_data.kind != "pairs":
+            problems.append("teacher.hard_negatives mines negatives for a pairs snapshot; "
+                            f"snapshot.train.kind is {train_data.kind}")
+        if self.teacher_scores():
+            if teacher.kind != "lexicon-bm25" and not teacher.model:
+                problems.append(f"teacher.kind {teacher.kind} needs teacher.model (a folder or Hub id) to "
+                                f"score the snapshot's {train_data.kind}")
+            if teacher.kind == "lexicon-bm25" and train_data.source != "synthetic":
+                problems.append("teacher.kind lexicon-bm25 scores with the synthetic world's lexicon, but "
+                                f"snapshot.train.source is {train_data.source!r}: use teacher.kind "
+                                "cross-encoder (or bi-encoder) with teacher.model")
+        if loss != "mnrl" and train_data.kind == "pairs" and not teacher.hard_negatives:
+            problems.append(f"train.loss {loss} needs teacher scores, but snapshot.train.kind pairs has no "
+                            "negatives to score: use train.loss mnrl, or mine negatives "
+                            "(teacher.hard_negatives with teacher.kind bi-encoder)")
+        if self.push.gate.metric not in GATE_METRICS:
+            problems.append(f"push.gate.metric {self.push.gate.metric!r} is not a ranking metric the "
+                            f"evaluate stage reports; one of {list(GATE_METRICS)}")
+        if self.evaluate.index.kind == "seismic" and importlib.util.find_spec("seismic") is None:
+            problems.append("evaluate.index.kind seismic needs pyseismic-lsr: pip install -e '.[scale]'")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
 class ParamsError(ValueError):
     pass
+
+
+def unpinned_hub_id(key: str, named: str | None, revision: str | None) -> str | None:
+    """The complaint about a model named by a Hub id (no folder of that name here) without a
+    revision to pin it; None when it is a local folder, pinned, synthetic or unset."""
+    if not named or named == "synthetic" or Path(named).is_dir() or revision:
+        return None
+    section = key.rsplit(".", 1)[0]
+    return (f"{key} {named!r} is a Hub id (no folder of that name here): pin it with {section}.revision "
+            "(a commit hash) so the run can be reproduced")
+
+
+def unpinned_models(params: Params) -> list[str]:
+    """The models the run would load from the Hub at no pinned revision (this machine's folders decide
+    what is local, so this is checked when params are read for a run, not in the schema)."""
+    named = [("train.base_model", params.train.base_model, params.train.revision)]
+    if params.teacher_scores() and params.teacher.kind != "lexicon-bm25":
+        named.append(("teacher.model", params.teacher.model, params.teacher.revision))
+    return [problem for problem in (unpinned_hub_id(*each) for each in named) if problem]
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -348,11 +403,15 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             key = ".".join(str(part) for part in err["loc"])
             got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
-            problems.append(f"  {key}: {err['msg']}{got}")
+            problems.append(f"  {key or '(params as a whole)'}: {err['msg']}{got}")
         raise ParamsError(f"{path}: invalid params\n" + "\n".join(problems)) from None
+    unpinned = unpinned_models(params)
+    if unpinned:
+        raise ParamsError(f"{path}: invalid params\n" + "\n".join(f"  {problem}" for problem in unpinned))
+    return params

@@ -170,7 +170,27 @@ def checked_fields(frame: pd.DataFrame, path: Path, text_columns: list[str], sou
                               f"not a number (nor a list of numbers) ({int(bad.sum())} row(s) like it)",
                               frame.iloc[row].to_dict())
         frame = frame.assign(score=scores.where(scores.notna(), np.nan))
+        score_list_shapes(frame, path, source)
     return frame
+
+
+def score_list_shapes(frame: pd.DataFrame, path: Path, source: pd.DataFrame) -> None:
+    """Score lists (a teacher's [positive, negative, ...] scores, for KL-div) hold one score per
+    document column in every row; a file gives lists in every row or in none."""
+    is_list = frame["score"].map(lambda v: isinstance(v, list)).to_numpy()
+    if not is_list.any():
+        return
+    documents = [c for c in frame.columns if c == "positive" or re.fullmatch(r"negative(_\d+)?", c)]
+    if not is_list.all():
+        row = int((~is_list).argmax() if is_list[0] else is_list.argmax())
+        raise SourceError(path, "score_fields", f"{place(source, row)}: score {frame['score'].iloc[row]!r} mixes "
+                          "single scores (margins) and score lists in one file", frame.iloc[row].to_dict())
+    wrong = frame["score"].map(len).to_numpy() != len(documents)
+    if wrong.any():
+        row = int(wrong.argmax())
+        raise SourceError(path, "score_fields", f"{place(source, row)}: a score list holds one score per document "
+                          f"({', '.join(documents)}): {len(documents)}, not {len(frame['score'].iloc[row])} "
+                          f"({int(wrong.sum())} row(s) like it)", frame.iloc[row].to_dict())
 
 
 def joined_text(frame: pd.DataFrame) -> pd.Series:

@@ -40,7 +40,7 @@ import pandas as pd
 
 from pipeline.cli import StageError, stage_main
 from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, VALIDATION_REPORT,
-                             Params, TeacherConfig)
+                             Params, TeacherConfig, unpinned_hub_id)
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
 from pipeline.metrics import mean_metrics, ranking_metrics
 from pipeline.runtime import import_bm25s, native_bf16, process_rank, use_bf16, weights_digest
@@ -111,9 +111,9 @@ class LexiconBM25:
 def check_model(cfg: TeacherConfig) -> None:
     if not cfg.model:
         raise StageError(f"teacher.kind is {cfg.kind} but teacher.model is not set")
-    if not Path(cfg.model).is_dir() and not cfg.revision:
-        raise StageError(f"teacher.model {cfg.model!r} is a Hub id: pin it with teacher.revision "
-                         "(a commit hash) so the labels can be reproduced")
+    unpinned = unpinned_hub_id("teacher.model", cfg.model, cfg.revision)
+    if unpinned:
+        raise StageError(unpinned)
 
 
 def model_identity(cfg: TeacherConfig) -> dict:
@@ -406,7 +406,10 @@ def run(params: Params) -> dict:
             record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         elif params.snapshot.train.kind == "scored":
-            train["label"] = train["score"]
+            if isinstance(train["score"].iloc[0], (list, np.ndarray)):  # score lists: KL-div and margins
+                train = labelled(train.drop(columns="score"), np.stack(train["score"].to_numpy()).astype(np.float64))
+            else:  # margins, MarginMSE's labels
+                train["label"] = train["score"]
             record["facts"]["teacher"] = {"skipped": "the snapshot carries teacher scores"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         else:

@@ -36,7 +36,8 @@ from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSample
 from sentence_transformers.sparse_encoder.losses import FlopsLoss, SpladeLoss
 
 from pipeline.cli import StageError, stage_main
-from pipeline.config import BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params, TrainConfig
+from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params,
+                             TrainConfig, unpinned_hub_id)
 from pipeline.dataset import LABEL_COLUMN, read_eval_snapshot, text_columns, training_rows
 from pipeline.models import build_synthetic_mlm, csr_encoder, splade_encoder
 from pipeline.splade_head import fused_head
@@ -46,9 +47,9 @@ from pipeline.tracking import stage_record, write_json
 log = logging.getLogger(__name__)
 
 def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
-    if cfg.base_model != "synthetic" and not Path(cfg.base_model).is_dir() and not cfg.revision:
-        raise StageError(f"train.base_model {cfg.base_model!r} is a Hub id: pin it with "
-                         "train.revision (a commit hash)")
+    unpinned = unpinned_hub_id("train.base_model", cfg.base_model, cfg.revision)
+    if unpinned:
+        raise StageError(unpinned)
     if cfg.architecture == "csr":
         return csr_encoder(cfg.base_model, cfg)
     if cfg.base_model != "synthetic":

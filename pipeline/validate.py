@@ -198,10 +198,22 @@ def raise_on_errors(result: dict, report_path: Path | None = None) -> None:
         raise StageError(f"{len(errors)} validation check(s) failed:\n{describe(errors)}{where}")
 
 
+def check_loss_has_its_labels(frame: pd.DataFrame, params: Params) -> None:
+    """KL-div trains on score lists; a scored file of single scores (margins) cannot give them. The
+    params alone cannot tell (the file decides), so this is checked here, before any compute."""
+    if (params.train.loss == "kl-div" and "score" in frame and len(frame)
+            and not isinstance(frame["score"].iloc[0], (list, np.ndarray))):
+        raise StageError(f"train.loss kl-div needs a score list per row ([positive, negative, ...]), but "
+                         f"snapshot.train.source {params.snapshot.train.source} (kind scored) gives one score "
+                         f"per row (a margin, e.g. {frame['score'].iloc[0]!r} in row 1): use train.loss "
+                         "margin-mse, or give score lists")
+
+
 def run(params: Params) -> dict:
     cfg = params.validate_
     with stage_record("validate", params) as record:
         frame = read_training_snapshot()
+        check_loss_has_its_labels(frame, params)
         evaluation = read_eval_snapshot(params.snapshot.eval.split)
         # name the user's files in the findings, not the snapshot's copies
         findings = check_rows(frame, params.snapshot.train.source, cfg)

@@ -54,3 +54,77 @@ def test_unknown_validation_check_is_refused(tmp_path):
     severity = load_params(good).validate_.severity
     assert severity["mojibake"] == "error" and severity["duplicates"] == "off"
     assert severity["not_null"] == "error"
+
+
+# Each combination a later stage would refuse, as a user would write it: the keys its error must name
+CLASHES = {
+    "model teacher without a model": (
+        "teacher:\n  kind: cross-encoder\n", ["teacher.kind", "teacher.model"]),
+    "lexicon teacher on a user's file": (
+        "snapshot:\n  train:\n    source: triples.tsv\n", ["teacher.kind", "snapshot.train.source"]),
+    "distillation on pairs nobody scores": (
+        "snapshot:\n  train:\n    kind: pairs\n", ["train.loss", "snapshot.train.kind"]),
+    "kl-div on pairs nobody scores": (
+        "snapshot:\n  train:\n    kind: pairs\ntrain:\n  loss: kl-div\n", ["train.loss", "snapshot.train.kind"]),
+    "mining without pairs": (
+        "teacher:\n  kind: bi-encoder\n  model: m\n  hard_negatives: 2\n",
+        ["teacher.hard_negatives", "snapshot.train.kind"]),
+    "mining without a bi-encoder": (
+        "snapshot:\n  train:\n    kind: pairs\nteacher:\n  hard_negatives: 2\n",
+        ["hard_negatives", "kind: bi-encoder"]),
+    "misspelt gate metric": ("push:\n  gate:\n    metric: dot_ndgc@10\n", ["push.gate.metric", "dot_ndgc@10"]),
+    "gate on a metric that is no ranking": (
+        "push:\n  gate:\n    metric: query_active_dims\n", ["push.gate.metric", "dot_ndcg@10"]),
+    "csr without a dense model": ("train:\n  architecture: csr\n", ["architecture csr", "base_model"]),
+    "unpinned hub teacher": (
+        "snapshot:\n  train:\n    source: triples.tsv\nteacher:\n  kind: cross-encoder\n"
+        "  model: cross-encoder/ms-marco-MiniLM-L6-v2\n", ["teacher.model", "teacher.revision"]),
+    "unpinned hub base model": ("train:\n  base_model: naver/splade-v3\n", ["train.base_model", "train.revision"]),
+    "impossible synthetic world": ("snapshot:\n  synthetic:\n    topics: 1\n", ["topics"]),
+}
+
+
+@pytest.mark.parametrize("clash", list(CLASHES))
+def test_params_that_a_later_stage_would_refuse_fail_at_load(tmp_path, clash):
+    text, keys = CLASHES[clash]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+    for key in keys:
+        assert key in str(err.value), (clash, str(err.value))
+
+
+def test_the_same_keys_in_combinations_that_work_load(tmp_path, shared):
+    """The checks refuse the clash, not the keys: each of these reads cleanly."""
+    fine = [
+        # pairs train contrastively: an unset or unpinned teacher is never used
+        "snapshot:\n  train:\n    kind: pairs\n    source: pairs.jsonl\nteacher:\n  kind: cross-encoder\n"
+        "  model: cross-encoder/ms-marco-MiniLM-L6-v2\ntrain:\n  loss: mnrl\n",
+        # a scored snapshot carries its own scores: no teacher scores it
+        "snapshot:\n  train:\n    kind: scored\n    source: scored.jsonl\n",
+        # mined pairs have scores to distil
+        f"snapshot:\n  train:\n    kind: pairs\n    source: pairs.jsonl\nteacher:\n  kind: bi-encoder\n"
+        f"  model: {shared / 'models/all-MiniLM-L6-v2'}\n  hard_negatives: 2\ntrain:\n  loss: kl-div\n",
+        # a local folder needs no revision; a Hub id with one is pinned
+        f"train:\n  base_model: {shared / 'models/splade-tiny'}\n",
+        "train:\n  base_model: naver/splade-v3\n  revision: 0123abcd\n",
+        "push:\n  gate:\n    metric: dot_graded_ndcg@10\n",
+    ]
+    for text in fine:
+        path = tmp_path / "params.yaml"
+        path.write_text(text)
+        load_params(path)
+
+
+def test_gate_metrics_are_the_ones_evaluation_reports():
+    """GATE_METRICS is what pipeline.metrics names (the stock IR evaluator's default cut-offs)."""
+    from pipeline.config import GATE_METRICS
+    from pipeline.metrics import graded_ndcg, ranking_metrics
+    from pipeline.sources import RetrievalSet
+
+    data = RetrievalSet({"d1": "a b", "d2": "c d"}, {"q1": "a"}, {"q1": {"d1": 1}})
+    reported = {**ranking_metrics(data, {"q1": {"d1": 2.0, "d2": 1.0}}),
+                "dot_graded_ndcg@10": graded_ndcg(data, {"q1": {"d1": 2.0, "d2": 1.0}})}
+    assert set(GATE_METRICS) == set(reported)

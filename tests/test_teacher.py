@@ -320,3 +320,45 @@ def test_waits_are_bounded_and_name_the_missing_shards_and_ranks(workdir, cross_
         other.batch_size(scorer, rank=1)  # batch_size auto: only rank 0 decides it
     assert other.batch_size(scorer, rank=0) == teacher.CPU_BATCH_SIZE == other.batch_size(scorer, rank=1)
     assert [p.name for p in other.folder.iterdir()] == [f"{other.digest}-plan.json"]  # no temporary left
+
+
+def test_kl_div_trains_on_user_score_lists(workdir, tiny_params, shared):
+    """A scored file whose score is a list per row ([positive, negative, negative_2]): the teacher
+    stage passes the lists through as KL-div's labels (and their margins as MarginMSE's), and the
+    student trains on them."""
+    from pipeline import train
+    from pipeline.dataset import training_rows
+
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                        columns=["query", "positive", "negative"]))
+    rows = toy.assign(negative_2=np.roll(toy["negative"].to_numpy(), 1),
+                      scores=[[8 - i / 8, 1 + i / 16, -i / 32] for i in range(len(toy))])  # exact in JSON
+    params = stage_params(tiny_params, write_rows(workdir / "kl.jsonl", rows), "no-such-model", 64, kind="scored")
+    data = params.model_dump(by_alias=True)
+    data["train"].update(loss="kl-div", epochs=1)
+    params = Params.model_validate(data)
+    snapshot.run(params)
+    validate.run(params)
+    assert teacher.run(params)["pairs_scored"] == 0
+    scored = pd.read_parquet(TEACHER_SCORED)
+    assert np.stack(scored["scores"]).tolist() == rows["scores"].tolist()
+    assert np.stack(scored["label"]).tolist() == [[s[0] - s[1], s[0] - s[2]] for s in rows["scores"]]
+    assert np.stack(training_rows(params.train, scored)["label"]).tolist() == rows["scores"].tolist()
+    metrics = train.run(params)
+    history = json.loads((RECORDS_DIR / "train.json").read_text())["facts"]["log_history"]
+    losses = [e["base_loss"] for e in history if "base_loss" in e]
+    assert metrics["steps"] == len(losses) > 0 and np.isfinite(losses).all()
+
+
+def test_kl_div_on_single_scores_stops_at_validate(workdir, tiny_params, shared):
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                        columns=["query", "positive", "negative"]))
+    source = write_rows(workdir / "margins.jsonl", toy.assign(score=1.5))
+    data = stage_params(tiny_params, source, "no-such-model", 64, kind="scored").model_dump(by_alias=True)
+    data["train"]["loss"] = "kl-div"
+    params = Params.model_validate(data)
+    snapshot.run(params)
+    with pytest.raises(StageError) as err:
+        validate.run(params)
+    assert "train.loss kl-div" in str(err.value) and str(source) in str(err.value)
+    assert not TEACHER_SCORED.exists()

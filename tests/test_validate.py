@@ -87,6 +87,10 @@ def bad_cases(tmp):
     latin1 = tmp / "latin1.tsv"
     latin1.write_bytes("query\tpositive\tnegative\n".encode() + "caf\xe9 au lait\tcoffee\ttea\n".encode("latin-1"))
     cases.append(("non_utf8", {"source": latin1}))
+    jsonl("score_list_too_short", [{**r, "score": [2.0, 1.0]} for r in GOOD[:4]] + [{**GOOD[4], "score": [2.0]}]
+          + [{**r, "score": [3.0, 0.5]} for r in GOOD[5:]], kind="scored")
+    jsonl("score_lists_mixed_with_margins", [{**r, "score": [2.0, 1.0]} for r in GOOD[:8]] + [{**GOOD[8], "score": 1.0}]
+          + [{**r, "score": [3.0, 0.5]} for r in GOOD[9:]], kind="scored")
     headerless = tmp / "headerless_wrong_width.tsv"
     headerless.write_text("".join(f"{r['query']}\t{r['positive']}\n" for r in GOOD))
     cases.append(("headerless_wrong_width", {"source": headerless}))
@@ -111,6 +115,8 @@ EXPECTED = {  # the check each malformed input must fail, and text from the offe
     "text_is_a_number": ("text_fields", "line 6: negative is a number"),
     "score_is_text": ("score_fields", "line 7: score 'high' is not a number"),
     "score_text_in_tsv": ("score_fields", "line 5: score 'n/a' is not a number"),
+    "score_list_too_short": ("score_fields", "line 5: a score list holds one score per document"),
+    "score_lists_mixed_with_margins": ("score_fields", "line 9: score 1.0 mixes"),
 }
 
 
