@@ -69,11 +69,15 @@ def detect_format(source: str) -> str:
 
 
 def _utf8_lines(path: Path):
-    """(line number, text) of a text file, failing on the first line that is not UTF-8."""
+    """(line number, text) of a text file, failing on the first line that is not UTF-8 (a UTF-8
+    byte order mark is dropped; a UTF-16 one is named)."""
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise SourceError(path, "utf8_encoding", "the file is UTF-16 (its byte order mark says so): "
+                                  "save it as UTF-8")
             try:
-                yield line_no, raw.decode("utf-8")
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise SourceError(path, "utf8_encoding", f"line {line_no} is not UTF-8 ({exc.reason} "
                                   f"at byte {exc.start})", raw[:200].decode("utf-8", "replace")) from None
@@ -98,16 +102,33 @@ def read_jsonl(path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFrame:
+def read_table(path: Path, sep: str, **options) -> pd.DataFrame:
+    """pd.read_csv of a UTF-8 file (a byte order mark allowed), every field as text; what pandas
+    cannot parse (no columns at all, a row of another width) is an error naming the file and line."""
     for _ in _utf8_lines(path):  # a clear error naming the line beats pandas' codec message
         pass
+    try:
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                           quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL, **options)
+    except pd.errors.EmptyDataError:
+        raise SourceError(path, "not_empty", "no rows (the file is empty)") from None
+    except pd.errors.ParserError as exc:
+        raise SourceError(path, "delimited_rows", f"{str(exc).removeprefix('Error tokenizing data. C error: ')}"
+                          " (a stray separator, or a quote left open?)") from None
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise SourceError(path, "valid_parquet", f"not a readable parquet file ({exc})") from None
+
+
+def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFrame:
     if columns:  # header-less, e.g. MS MARCO's triples.tsv
-        frame = pd.read_csv(path, sep=sep, header=None, names=columns, dtype=str,
-                            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
-                            keep_default_na=False, on_bad_lines="error")
+        frame = read_table(path, sep, header=None, names=columns)
     else:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
-                            quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+        frame = read_table(path, sep)
     if sep == "\t":  # one row per line (csv may quote newlines into a field: rows only)
         frame.attrs["lines"] = list(range(1 if columns else 2, len(frame) + (1 if columns else 2)))
     return frame
@@ -229,7 +250,7 @@ def id_texts(frame: pd.DataFrame, path: Path | str) -> dict[str, str]:
 
 
 def _read_id_texts(path: Path) -> dict[str, str]:
-    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id \t text)."""
+    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id, tab, text)."""
     if path.suffix.lower() in {".jsonl", ".json"}:
         return id_texts(read_jsonl(path), path)
     return id_texts(read_delimited(path, "\t", ["_id", "text"]), path)
@@ -275,7 +296,7 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
     elif fmt == "jsonl":
         frame = read_jsonl(path)
     elif fmt == "parquet":
-        frame = pd.read_parquet(path)
+        frame = read_parquet(path)
     else:
         frame = read_delimited(path, "\t" if fmt == "tsv" else ",", cfg.columns)
         if not cfg.columns:
@@ -348,7 +369,7 @@ def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path
 def read_qrels_tsv(path: Path) -> pd.DataFrame:
     """BEIR qrels (query-id, corpus-id, score, with a header row), or header-less qrels: three
     columns in that order, or TREC's four (query, iteration, document, relevance)."""
-    rows = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, header=None)
+    rows = read_table(path, "\t", header=None)
     if len(rows) and rows.iloc[0, 0].strip() == "query-id":
         return rows.iloc[1:].set_axis([c.strip() for c in rows.iloc[0]], axis=1).reset_index(drop=True)
     names = {3: ["query-id", "corpus-id", "score"], 4: ["query-id", "iteration", "corpus-id", "score"]}
@@ -365,7 +386,7 @@ def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:
         files = sorted((folder / part).glob("*.parquet"))
         if not files:
             raise SourceError(folder, "nanobeir_layout", f"no parquet file in {part}/")
-        parts[part] = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        parts[part] = pd.concat([read_parquet(f) for f in files], ignore_index=True)
     texts = {part: id_texts(parts[part], folder / part) for part in ("corpus", "queries")}
     return texts["corpus"], texts["queries"], parts["qrels"].astype(str), folder / "qrels"
 

@@ -53,6 +53,12 @@ def shrink(params: Params, **train_overrides) -> Params:
     return Params.model_validate(data)
 
 
+# The teacher a user's own triplets name (the lexicon teacher knows only the synthetic world): the
+# Hub cross-encoder of recipes/splade-small-msmarco.yaml, for tests that stop before the teacher runs
+USER_DATA_TEACHER = {"kind": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L6-v2",
+                     "revision": "233902d25c440f23af6f7d6e94d2946bac0bee0a"}
+
+
 @pytest.fixture
 def tiny_params() -> Params:
     return shrink(load_params(PROJECT / "params.yaml"))

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from tests.conftest import USER_DATA_TEACHER
 from pipeline import snapshot
 from pipeline.config import SNAPSHOT_TRAIN, EvalDataConfig, Params, TrainDataConfig
 from pipeline.dataset import frame_digest, read_eval_snapshot
@@ -16,6 +17,9 @@ TRIPLET_COLUMNS = ["query", "positive", "negative"]
 def snapshot_of(workdir, tiny_params, **train) -> dict:
     data = tiny_params.model_dump(by_alias=True)
     data["snapshot"]["train"].update(train)
+    data["teacher"].update(USER_DATA_TEACHER)
+    if train.get("kind") == "pairs":  # pairs train contrastively
+        data["train"]["loss"] = "mnrl"
     return snapshot.run(Params.model_validate(data))
 
 
@@ -76,6 +80,7 @@ def test_local_nanobeir_folder_as_eval_and_as_training(workdir, tiny_params, sha
     data = tiny_params.model_dump(by_alias=True)
     data["snapshot"]["eval"].update(source=str(folder), split="test")
     data["snapshot"]["train"].update(source=str(folder), kind="pairs")
+    data["train"]["loss"] = "mnrl"
     manifest = snapshot.run(Params.model_validate(data))
     assert manifest["eval"]["sets"]["NanoDBPedia"]["judged_queries"] == len(beir.qrels) == 40
     assert manifest["train"]["rows"] == sum(len(d) for d in beir.qrels.values())

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import INPUTS_DIR, Params
-from tests.conftest import PROJECT, make_project_copy
+from tests.conftest import PROJECT, USER_DATA_TEACHER, make_project_copy
 
 PACKAGE = PROJECT / "pipeline"
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
@@ -159,6 +159,7 @@ def test_an_edit_inside_a_local_file_or_folder_reruns_the_stage_that_reads_it(tm
     shutil.copytree(cut_beir("scifact", queries=5, extra_docs=20), tmp_path / "scifact")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["snapshot"]["train"]["source"] = "../rows.jsonl"
+    params["teacher"].update(USER_DATA_TEACHER)
     params["snapshot"]["eval"]["source"] = "../scifact"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(project, "repro", "snapshot")

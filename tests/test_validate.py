@@ -6,6 +6,7 @@ import math
 import pandas as pd
 import pytest
 
+from tests.conftest import USER_DATA_TEACHER
 from pipeline import snapshot, validate
 from pipeline.cli import StageError
 from pipeline.config import RECORDS_DIR, SNAPSHOT_DIR, TEACHER_DIR, VALIDATION_REPORT, Params
@@ -19,6 +20,9 @@ def params_for(tiny_params, source=None, eval_source=None, **train) -> Params:
     data["validate"]["min_rows"] = 1
     if source is not None:
         data["snapshot"]["train"].update(source=str(source), **train)
+        data["teacher"].update(USER_DATA_TEACHER)
+        if train.get("kind") == "pairs":  # pairs train contrastively
+            data["train"]["loss"] = "mnrl"
     if eval_source is not None:
         data["snapshot"]["eval"].update(source=str(eval_source))
     return Params.model_validate(data)
