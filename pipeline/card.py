@@ -23,7 +23,7 @@ from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEAC
 from pipeline.dataset import training_rows
 from pipeline.metrics import HEADLINE
 from pipeline.sources import detect_format
-from pipeline.tracking import evaluation_identity, load_records, main_result_name, stage_record
+from pipeline.tracking import evaluation_identity, load_records, main_result_name, replace_folder, stage_record
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "evaluate"]
@@ -233,12 +233,14 @@ def run(params: Params, out_dir: Path = CARD_DIR) -> dict:
         problems = missing_sections(text)
         if problems:
             raise StageError("the rendered model card is incomplete: " + "; ".join(problems))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        (out_dir / "README.md").write_text(text)
-        plots.training_curve(load_records(["train"])["train"]["facts"]["log_history"],
-                             out_dir / "training_curve.png")
-        shutil.copy(PLOTS_DIR / "ndcg_per_dataset.png", out_dir / "ndcg_per_dataset.png")
+
+        def write(folder: Path) -> None:
+            (folder / "README.md").write_text(text)
+            plots.training_curve(load_records(["train"])["train"]["facts"]["log_history"],
+                                 folder / "training_curve.png")
+            shutil.copy(PLOTS_DIR / "ndcg_per_dataset.png", folder / "ndcg_per_dataset.png")
+
+        replace_folder(out_dir, write)
         record["metrics"] = {"card_chars": len(text), "model_index_results": len(facts["eval_results"])}
     return {"card": str(out_dir / "README.md")}
 

@@ -42,7 +42,7 @@ from pipeline.models import load_encoder
 from pipeline.retrieval import build_index, index_kind
 from pipeline.runtime import use_bf16
 from pipeline.sources import RetrievalSet, read_retrieval_set
-from pipeline.tracking import stage_record, write_json
+from pipeline.tracking import stage_record, write_atomically, write_json
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -239,8 +239,7 @@ def write_ndcg_table(datasets: dict, path: Path) -> None:
     """nDCG@10 per set and model as rows (dataset, model, ndcg_at_10): `dvc plots` draws bars from it."""
     rows = [{"dataset": name, "model": model, "ndcg_at_10": metrics["dot_ndcg@10"]}
             for name, models in datasets.items() for model, metrics in models.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, index=False)
+    write_atomically(path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
 
 
 def evaluate_folder(model: Path, beir: Path, split: str, max_seq_length: int | None, batch_size: int,

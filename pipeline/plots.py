@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.tracking import write_atomically
+
 MODEL_COLOURS = {"student": "#1f77b4", "base": "#aec7e8", "bm25": "#ff7f0e"}
 
 
@@ -20,8 +22,7 @@ def _figure(width: float = 7, height: float = 3.5):
 
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".")))
     plt.close(fig)
 
 

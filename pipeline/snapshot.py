@@ -9,8 +9,6 @@ the rows only, so the same source always gives the same hash.
 
 from __future__ import annotations
 
-import shutil
-
 import pandas as pd
 
 from pipeline import synthetic
@@ -19,7 +17,7 @@ from pipeline.config import (SNAPSHOT_DIR, SNAPSHOT_EVAL, SNAPSHOT_LEXICON, SNAP
                              Params)
 from pipeline.dataset import frame_digest, retrieval_sets_digest, text_columns
 from pipeline.sources import RetrievalSet, load_training, read_eval_sets, write_beir
-from pipeline.tracking import stage_record, write_json
+from pipeline.tracking import replace_folder, stage_record, write_json
 
 
 def length_stats(frame: pd.DataFrame, rows: int = 1000) -> dict[str, dict[str, float]]:
@@ -51,14 +49,6 @@ def run(params: Params) -> dict:
         else:
             evaluation = read_eval_sets(cfg.eval)
 
-        shutil.rmtree(SNAPSHOT_DIR, ignore_errors=True)
-        SNAPSHOT_DIR.mkdir(parents=True)
-        train.to_parquet(SNAPSHOT_TRAIN, index=False)
-        for name, data in evaluation.items():
-            write_beir(data, SNAPSHOT_EVAL / name, cfg.eval.split)
-        if cfg.train.source == "synthetic":
-            write_json(SNAPSHOT_LEXICON, world.lexicon)
-
         manifest = {
             "train": {"source": cfg.train.source, "format": cfg.train.format, "kind": cfg.train.kind,
                       "split": cfg.train.split, "revision": cfg.train.revision,
@@ -73,7 +63,19 @@ def run(params: Params) -> dict:
                                      "qrels": sum(len(d) for d in data.qrels.values())}
                               for name, data in evaluation.items()}},
         }
-        write_json(SNAPSHOT_MANIFEST, manifest)
+
+        def write(folder):  # into a new folder, swapped in whole: a crash never leaves half a snapshot
+            def inside(path):
+                return folder / path.relative_to(SNAPSHOT_DIR)
+
+            train.to_parquet(inside(SNAPSHOT_TRAIN), index=False)
+            for name, data in evaluation.items():
+                write_beir(data, inside(SNAPSHOT_EVAL / name), cfg.eval.split)
+            if cfg.train.source == "synthetic":
+                write_json(inside(SNAPSHOT_LEXICON), world.lexicon)
+            write_json(inside(SNAPSHOT_MANIFEST), manifest)
+
+        replace_folder(SNAPSHOT_DIR, write)
         record["metrics"] = {"train_rows": len(train), "eval_sets": len(evaluation),
                              "eval_docs": sum(len(data.corpus) for data in evaluation.values()),
                              "eval_queries": sum(len(data.qrels) for data in evaluation.values())}

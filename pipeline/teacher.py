@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import StageError, stage_main
-from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, VALIDATION_REPORT,
+from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_SCORED, TEACHER_SHARDS_DIR, VALIDATION_REPORT,
                              Params, TeacherConfig, unpinned_hub_id)
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
 from pipeline.metrics import mean_metrics, ranking_metrics
@@ -128,7 +128,6 @@ class CrossEncoderTeacher:
     preprocess and forward, with batches cut from pairs sorted by token length (least padding)."""
 
     def __init__(self, cfg: TeacherConfig, device: str | None = None):
-        import torch
         from sentence_transformers import CrossEncoder
 
         check_model(cfg)
@@ -442,8 +441,7 @@ def run(params: Params) -> dict:
                                      pair_occurrences=pair_index.size,
                                      margin_mean=float(margins.mean()),
                                      margin_positive_fraction=float((margins > 0).mean()))
-        TEACHER_DIR.mkdir(parents=True, exist_ok=True)
-        train.to_parquet(TEACHER_SCORED, index=False)
+        write_atomically(TEACHER_SCORED, lambda tmp: train.to_parquet(tmp, index=False))
     return record["metrics"]
 
 

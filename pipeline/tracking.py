@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -46,6 +47,12 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, write) -> None:
     """`write(temporary path)`, then rename it to `path`: a crash never leaves a half-written file
     for DVC to cache, and processes writing at once (ranks) never share a temporary file."""
@@ -54,9 +61,33 @@ def write_atomically(path: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # as a plain write would leave it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_folder(path: Path, write) -> None:
+    """`write(temporary folder)`, then swap it in for the folder `path`: a crash leaves the old folder
+    or the new one (or, between the two renames, none), never a half-written one; a crashed run's
+    temporary folders are removed by the next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())  # as mkdir would leave it, not mkdtemp's 0700
+        if path.exists():
+            old = tmp.with_name(f"{tmp.name[:-len('.tmp')]}.old.tmp")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -42,7 +42,7 @@ from pipeline.dataset import LABEL_COLUMN, read_eval_snapshot, text_columns, tra
 from pipeline.models import build_synthetic_mlm, csr_encoder, splade_encoder
 from pipeline.splade_head import fused_head
 from pipeline.runtime import is_main_process, process_rank, update_with_file, use_bf16, weights_digest
-from pipeline.tracking import stage_record, write_json
+from pipeline.tracking import replace_folder, stage_record, write_atomically, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,13 @@ def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
 
 
 def write_loss_curve(curve: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", "loss"])
-        writer.writeheader()
-        writer.writerows(curve)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "loss"])
+            writer.writeheader()
+            writer.writerows(curve)
+
+    write_atomically(path, write)
 
 
 # train params that change what is saved or logged, not what is learnt: a resume may change them
@@ -311,9 +313,8 @@ def run(params: Params) -> dict:
         model.max_active_dims = cfg.max_active_dims
         main_process = is_main_process()
         if main_process:
-            for folder in (BASE_MODEL_DIR, STUDENT_DIR):
-                shutil.rmtree(folder, ignore_errors=True)
-            model.save_pretrained(str(BASE_MODEL_DIR))
+            shutil.rmtree(STUDENT_DIR, ignore_errors=True)
+            replace_folder(BASE_MODEL_DIR, lambda folder: model.save_pretrained(str(folder)))
 
         loss = training_loss(cfg, model, scored)
         dataset = Dataset.from_pandas(training_rows(cfg, scored), preserve_index=False)
@@ -330,7 +331,7 @@ def run(params: Params) -> dict:
             log.info("resuming from %s", resume)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if main_process:
-            model.save_pretrained(str(STUDENT_DIR))
+            replace_folder(STUDENT_DIR, lambda folder: model.save_pretrained(str(folder)))
             shutil.rmtree(checkpoints, ignore_errors=True)  # the student is saved: nothing to resume
 
         curve = [{"step": e["step"], "loss": float(e["loss"])} for e in trainer.state.log_history
