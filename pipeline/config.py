@@ -221,11 +221,13 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 32
     learning_rate: PositiveFloat = 3e-4
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    query_regularizer_weight: float = Field(5e-4, ge=0)
-    document_regularizer_weight: float = Field(3e-4, ge=0)
+    query_regularizer_weight: float = Field(0.2, ge=0)
+    document_regularizer_weight: float = Field(0.1, ge=0)
     # the FLOPS weights grow quadratically from 0 over this share of the steps (SPLADE's warm-up)
     regularizer_warmup_ratio: float = Field(1 / 3, ge=0, le=1)
-    max_active_dims: PositiveInt | None = None  # keep only the top-k dimensions of each vector
+    # keep only the top-k dimensions of each vector the model encodes (saved with it); null: all
+    # (a CSR model: its autoencoder's k)
+    max_active_dims: PositiveInt | None = 32
     # auto: bf16 autocast on CUDA, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
@@ -245,6 +247,9 @@ class TrainConfig(Section):
     def _csr_needs_a_dense_model(self) -> "TrainConfig":
         if self.architecture == "csr" and self.base_model == "synthetic":
             raise ValueError("architecture csr needs base_model: a sentence-transformers folder or Hub id")
+        if self.architecture == "csr" and self.max_active_dims and self.max_active_dims > self.csr.k:
+            raise ValueError(f"max_active_dims {self.max_active_dims} > csr.k {self.csr.k}: a CSR vector has at "
+                             "most k active dimensions (null keeps k)")
         return self
 
 

@@ -76,6 +76,8 @@ CLASHES = {
     "gate on a metric that is no ranking": (
         "push:\n  gate:\n    metric: query_active_dims\n", ["push.gate.metric", "dot_ndcg@10"]),
     "csr without a dense model": ("train:\n  architecture: csr\n", ["architecture csr", "base_model"]),
+    "csr cut wider than its k": ("train:\n  architecture: csr\n  base_model: m\n  revision: r\n  csr:\n    k: 16\n",
+                                 ["max_active_dims 32", "csr.k 16"]),
     "unpinned hub teacher": (
         "snapshot:\n  train:\n    source: triples.tsv\nteacher:\n  kind: cross-encoder\n"
         "  model: cross-encoder/ms-marco-MiniLM-L6-v2\n", ["teacher.model", "teacher.revision"]),

@@ -236,10 +236,11 @@ def stopped_runs(params: Params) -> list:
             if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("outcome") != "ok"]
 
 
-def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_untouched(finished_run, tiny_params):
+def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_untouched(finished_run, tiny_params,
+                                                                                         monkeypatch):
     """Push refused by the gate: the run is in MLflow with every param, the evaluation's metrics and
     tags saying what refused it and why; the model, metrics and card files are as they were. A stage
-    failing on bad params is on record the same way, as failed."""
+    failing (an upload without a token) is on record the same way, as failed."""
     before = file_hashes(STUDENT_DIR, EVAL_METRICS.parent, CARD_DIR)
     refusing = with_changes(tiny_params, push={"gate": {"minimum": 0.999}})
     with pytest.raises(GateRefused, match="below push.gate.minimum 0.9990"):
@@ -259,10 +260,11 @@ def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_u
         refused.info.run_id, "plots")}
     assert json.loads(PUSH_PLAN.read_text())["gate"]["passed"] is False
 
-    with pytest.raises(StageError, match="push.gate.metric 'ndcg' is not among"):
-        push.run(with_changes(tiny_params, push={"gate": {"metric": "ndcg"}}))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(StageError, match="HF_TOKEN is not set"):
+        push.run(with_changes(tiny_params, push={"dry_run": False}))
     failed = next(r for r in stopped_runs(tiny_params) if r.data.tags["outcome"] == "failed")
-    assert failed.data.tags["stopped_by"] == "push" and "'ndcg' is not among" in failed.data.tags["reason"]
+    assert failed.data.tags["stopped_by"] == "push" and "HF_TOKEN is not set" in failed.data.tags["reason"]
     assert failed.data.metrics["train.steps"] > 0
 
 

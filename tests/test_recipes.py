@@ -26,6 +26,13 @@ def test_recipe_validates_and_names_every_param_dvc_tracks(recipe):
                 value = value[part]
 
 
+def recipe_data(name: str) -> dict:
+    """A recipe's params, checked by the schema as a whole, for a test that swaps its models for
+    local stand-ins (from a test's folder, the recipe's ../shared paths would read as Hub ids)."""
+    raw = yaml.safe_load((PROJECT / "recipes" / f"{name}.yaml").read_text())
+    return Params.model_validate(raw).model_dump(by_alias=True)
+
+
 def surrogate(data: dict) -> dict:
     """A recipe's params for a run with stand-ins (tiny models, a few steps, cut data): they hardly
     learn, so the gate's beat-the-untrained-start check (which would rightly refuse them) is off."""
@@ -42,7 +49,7 @@ def test_each_recipe_registers_its_models_under_its_own_name():
 def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_dense_model, cut_beir):
     """The recipe as written, with the MiniLM backbone and teacher swapped for a tiny model built
     from config, a smaller autoencoder, and cut-down SciFact train and test sets."""
-    data = load_params(PROJECT / "recipes/csr-minilm-scifact.yaml").model_dump(by_alias=True)
+    data = recipe_data("csr-minilm-scifact")
     data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=200, extra_docs=0, split="train"))
     scifact_test = cut_beir("scifact")
     data["snapshot"]["eval"]["source"] = str(scifact_test)
@@ -84,7 +91,7 @@ def test_splade_tiny_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared
     import pandas as pd
 
 
-    data = load_params(PROJECT / "recipes/splade-tiny-scifact.yaml").model_dump(by_alias=True)
+    data = recipe_data("splade-tiny-scifact")
     data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=150, extra_docs=0, split="train"))
     data["snapshot"]["eval"]["source"] = str(cut_beir("scifact"))
     data["teacher"]["model"] = str(tiny_dense_model)
@@ -108,7 +115,7 @@ def test_card_of_a_real_run_on_the_shared_splade_tiny(workdir, shared, cut_beir)
     SciFact: its card has every section, filled, and the model-index every metric of every result."""
     from huggingface_hub import ModelCard
 
-    data = load_params(PROJECT / "recipes/splade-tiny-scifact.yaml").model_dump(by_alias=True)
+    data = recipe_data("splade-tiny-scifact")
     data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=40, extra_docs=60, split="train"))
     data["snapshot"]["eval"]["source"] = str(cut_beir("scifact", queries=20, extra_docs=200))
     data["teacher"]["model"] = str(shared / "models/all-MiniLM-L6-v2")
@@ -172,7 +179,7 @@ def test_hub_recipe_runs_end_to_end_with_tiny_surrogates(recipe, workdir, shared
 
     from pipeline.sources import retrieval_pairs
 
-    data = load_params(recipe).model_dump(by_alias=True)
+    data = recipe_data(recipe.stem)
     source = data["snapshot"]["train"]
     if source["kind"] == "triplets":  # real MS MARCO triplets
         rows = pd.read_csv(shared / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,

@@ -92,11 +92,12 @@ def test_hub_teacher_must_be_pinned():
                                                   model="cross-encoder/ms-marco-MiniLM-L6-v2"))
 
 
-def stage_params(tiny_params: Params, source, model, shard_size: int, kind: str = "triplets") -> Params:
+def stage_params(tiny_params: Params, source, model, shard_size: int, kind: str = "triplets",
+                 teacher_kind: str = "cross-encoder", **teacher_overrides) -> Params:
     data = tiny_params.model_dump(by_alias=True)
     data["snapshot"]["train"].update(source=str(source), kind=kind)
-    data["teacher"].update(kind="cross-encoder", model=str(model), shard_size=shard_size,
-                           precision="fp32")
+    data["teacher"].update(kind=teacher_kind, model=str(model), shard_size=shard_size,
+                           precision="fp32", **teacher_overrides)
     return Params.model_validate(data)
 
 
@@ -173,10 +174,7 @@ def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny
     rows = pd.concat([rows, rows.iloc[:5].assign(positive=rows["positive"].iloc[5:10].to_numpy())],
                      ignore_index=True)  # 5 queries with two positives each
     params = stage_params(tiny_params, write_rows(workdir / "pairs.jsonl", rows), tiny_dense_model,
-                          50, kind="pairs")
-    data = params.model_dump(by_alias=True)
-    data["teacher"].update(kind="bi-encoder", hard_negatives=2, score_scale=2.5)
-    params = Params.model_validate(data)
+                          50, kind="pairs", teacher_kind="bi-encoder", hard_negatives=2, score_scale=2.5)
     snapshot.run(params)
     validate.run(params)
     metrics = teacher.run(params)
@@ -199,6 +197,7 @@ def test_bi_encoder_mines_hard_negatives_for_pairs_and_scores_them(workdir, tiny
     assert np.allclose(np.stack(scored["label"]),
                        scored[["positive_score"]].to_numpy() - scored[["negative_score", "negative_2_score"]].to_numpy())
 
+    data = params.model_dump(by_alias=True)
     data["teacher"].update(kind="cross-encoder")
     with pytest.raises(ValueError, match="bi-encoder"):
         Params.model_validate(data)

@@ -126,7 +126,8 @@ def test_csr_learns_from_pairs_with_in_batch_negatives(workdir, tiny_params, sha
     data["snapshot"]["train"].update(source=str(workdir / "pairs.jsonl"), kind="pairs")
     data["train"].update(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl",
                          batch_sampler="no-duplicates", epochs=2, learning_rate=1e-3,
-                         csr={"hidden_dim": 128, "k": 8, "k_aux": 16, "beta": 0.1, "gamma": 1.0})
+                         csr={"hidden_dim": 128, "k": 8, "k_aux": 16, "beta": 0.1, "gamma": 1.0},
+                         max_active_dims=None)
     params = Params.model_validate(data)
     for stage in (snapshot, validate, teacher):
         stage.run(params)
