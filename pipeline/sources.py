@@ -118,9 +118,14 @@ def read_table(path: Path, sep: str, **options) -> pd.DataFrame:
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
+        # text that is not UTF-8 would fail only when a cell is read; check it all now
+        pq.read_table(path).validate(full=True)
         return pd.read_parquet(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged file fails in any of these
         raise SourceError(path, "valid_parquet", f"not a readable parquet file ({exc})") from None
 
 

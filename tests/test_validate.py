@@ -95,6 +95,10 @@ def bad_cases(tmp):
           + [{**r, "score": [3.0, 0.5]} for r in GOOD[5:]], kind="scored")
     jsonl("score_lists_mixed_with_margins", [{**r, "score": [2.0, 1.0]} for r in GOOD[:8]] + [{**GOOD[8], "score": 1.0}]
           + [{**r, "score": [3.0, 0.5]} for r in GOOD[9:]], kind="scored")
+    not_utf8 = tmp / "parquet_text_not_utf8.parquet"  # bytes changed inside a stored string
+    pd.DataFrame(GOOD).assign(query=[f"caf\u00e9 {i}" for i in range(12)]).to_parquet(not_utf8, compression=None)
+    not_utf8.write_bytes(not_utf8.read_bytes().replace("caf\u00e9 7".encode(), b"caf\xff\xfe 7"))
+    cases.append(("parquet_text_not_utf8", {"source": not_utf8}))
     headerless = tmp / "headerless_wrong_width.tsv"
     headerless.write_text("".join(f"{r['query']}\t{r['positive']}\n" for r in GOOD))
     cases.append(("headerless_wrong_width", {"source": headerless}))
@@ -119,6 +123,7 @@ EXPECTED = {  # the check each malformed input must fail, and text from the offe
     "text_is_a_number": ("text_fields", "line 6: negative is a number"),
     "score_is_text": ("score_fields", "line 7: score 'high' is not a number"),
     "score_text_in_tsv": ("score_fields", "line 5: score 'n/a' is not a number"),
+    "parquet_text_not_utf8": ("valid_parquet", "not a readable parquet file"),
     "score_list_too_short": ("score_fields", "line 5: a score list holds one score per document"),
     "score_lists_mixed_with_margins": ("score_fields", "line 9: score 1.0 mixes"),
 }
