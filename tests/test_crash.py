@@ -70,8 +70,10 @@ def assert_nothing_partial(stage: str, reference: dict[str, str]) -> None:
             assert {p for p in reference if Path(p).is_relative_to(folder)} <= set(left), f"{folder} is partial"
 
 
-@pytest.mark.parametrize("stage", ["snapshot", "teacher", pytest.param("train", marks=pytest.mark.slow),
-                                   pytest.param("evaluate", marks=pytest.mark.slow)])
+# the default suite crashes the snapshot; the rest run with -m slow (a teacher killed mid-scoring is
+# also tested in the default suite, by tests/test_teacher.py, as is a training killed mid-way)
+@pytest.mark.parametrize("stage", ["snapshot"] + [pytest.param(stage, marks=pytest.mark.slow)
+                                                  for stage in ("teacher", "train", "evaluate")])
 def test_killed_and_disk_full_stage_leaves_nothing_partial_and_rerun_equals_uninterrupted(
         stage, workdir, tiny_params):
     data = tiny_params.model_dump(by_alias=True)

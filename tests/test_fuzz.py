@@ -221,27 +221,32 @@ class Tally:
         return ", ".join(f"{k} {v}" for k, v in self.counts.items())
 
 
+def read_or_refuse(read, name: str, valid: bool, tally: Tally, what: str):
+    """What `read()` returns, or None when it refuses (a StageError naming `name`); a valid input
+    refused, any other exception or a hang fails the test."""
+    tally.counts["cases"] += 1
+    try:
+        with bounded():
+            got = read()
+    except StageError as exc:
+        assert not valid, f"a valid {what} was refused: {exc}"
+        assert name in str(exc), f"the error does not name the file: {exc}"
+        tally.counts["refused"] += 1
+        return None
+    tally.counts["read"] += 1
+    tally.counts["valid"] += valid
+    return got
+
+
 def check_reader_case(tmp: Path, case, tally: Tally) -> None:
     kind, fmt, frame, data, valid = case
     path = tmp / f"rows-{tally.counts['cases']}.{fmt}"
     path.write_bytes(data)
-    tally.counts["cases"] += 1
-    started = time.perf_counter()
-    try:
-        with bounded():
-            got = read_as_stage(path, kind)
-    except StageError as exc:
-        assert not valid, f"a valid {kind} {fmt} file was refused: {exc}\n{data[:500]!r}"
-        assert path.name in str(exc), f"the error does not name the file: {exc}"
-        tally.counts["refused"] += 1
-    else:
-        tally.counts["read"] += 1
-        if valid:
-            assert_same_rows(got, frame)
-            tally.counts["valid"] += 1
-    finally:
-        path.unlink()
-    assert time.perf_counter() - started < CASE_SECONDS
+    got = read_or_refuse(lambda: read_as_stage(path, kind), path.name, valid, tally,
+                         f"{kind} {fmt} file {data[:300]!r}")
+    if valid:
+        assert_same_rows(got, frame)
+    path.unlink()
 
 
 def run_validate_cli(args: list[str]) -> tuple[int, str]:
@@ -285,34 +290,26 @@ def beir_cases(draw):
     files = {"corpus.jsonl": draw(written(corpus, "jsonl")), "queries.jsonl": draw(written(queries, "jsonl")),
              "qrels/test.tsv": qrels.encode()}
     if draw(st.booleans()):
-        return files, True
+        return files, corpus, queries, True
     target = draw(st.sampled_from(list(files)))
     frame = corpus if target == "corpus.jsonl" else queries if target == "queries.jsonl" else \
         pd.DataFrame({"query-id": [f"q{i}" for i in range(docs)], "corpus-id": [f"d{i}" for i in range(docs)],
                       "score": [1] * docs})
     files[target] = draw(broken(files[target], "jsonl" if target.endswith("jsonl") else "tsv", frame))
-    return files, False
+    return files, corpus, queries, False
 
 
 def check_beir_case(tmp: Path, case, tally: Tally) -> None:
-    files, valid = case
+    files, corpus, queries, valid = case
     folder = tmp / f"beir-{tally.counts['cases']}"
     (folder / "qrels").mkdir(parents=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    tally.counts["cases"] += 1
-    try:
-        with bounded():
-            data = read_retrieval_set(folder, "test")
-    except StageError as exc:
-        assert not valid, f"a valid BEIR folder was refused: {exc}"
-        assert folder.name in str(exc), f"the error does not name the file: {exc}"
-        tally.counts["refused"] += 1
-    else:
-        tally.counts["read"] += 1
-        if valid:
-            assert len(data.corpus) == len(data.queries) == len(data.qrels)
-            tally.counts["valid"] += 1
+    got = read_or_refuse(lambda: read_retrieval_set(folder, "test"), folder.name, valid, tally, "BEIR folder")
+    if valid:  # the same documents (title and text joined as sentence-transformers joins them) and queries
+        assert got.corpus == {d: f"{title} {text}".strip() for d, title, text in corpus.itertuples(index=False)}
+        assert got.queries == dict(queries.itertuples(index=False))
+        assert got.qrels == {q: {d: 1} for q, d in zip(queries["_id"], corpus["_id"])}
 
 
 def fuzz(tmp_path, readers: int, beir: int, cli: int) -> dict[str, Tally]:

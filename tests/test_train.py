@@ -149,7 +149,7 @@ def test_mnrl_scale_reaches_the_contrastive_loss_inside_csr(tiny_dense_model):
     from pipeline.config import CSRConfig, TrainConfig
 
     cfg = TrainConfig(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl", mnrl_scale=20,
-                      csr=CSRConfig(hidden_dim=64, k=8, k_aux=16))
+                      csr=CSRConfig(hidden_dim=64, k=8, k_aux=16), max_active_dims=None)
     rows = pd.DataFrame({"query": ["q"], "positive": ["p"]})
     loss = train.training_loss(cfg, csr_encoder(str(tiny_dense_model), cfg), rows)
     assert loss.loss.scale == 20 and list(train.training_rows(cfg, rows)) == ["query", "positive"]
