@@ -26,7 +26,7 @@ from pipeline.sources import detect_format
 from pipeline.tracking import evaluation_identity, load_records, main_result_name, replace_folder, stage_record
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
-UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "evaluate"]
+UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "export", "evaluate"]
 SPARSITY = ["query_active_dims", "corpus_active_dims", "query_sparsity_ratio", "corpus_sparsity_ratio"]
 LIBRARIES = ["sentence-transformers", "transformers", "torch", "accelerate", "datasets", "tokenizers",
              "codecarbon"]
@@ -140,12 +140,16 @@ def card_facts(params: Params) -> dict:
     non_default, all_args = hyperparameters(train_facts["training_args"])
     datasets = [d for d in (hub_id(params.snapshot.train.source, params.snapshot.train.format),
                             hub_id(params.snapshot.eval.source, params.snapshot.eval.format)) if d]
-    csr = train_cfg.architecture == "csr"
+    csr, inference_free = train_cfg.architecture == "csr", train_cfg.architecture == "inference-free-splade"
     return {
         "card": params.card,
         "repo_id": params.push.repo_id,
         "csr": csr,
-        "model_type": "CSR Sparse Encoder" if csr else "SPLADE Sparse Encoder",
+        "inference_free": inference_free,
+        "model_type": ("CSR Sparse Encoder" if csr else "Inference-free SPLADE Sparse Encoder" if inference_free
+                       else "SPLADE Sparse Encoder"),
+        "onnx_files": records["export"]["facts"].get("files", []),
+        "onnx_int8": evaluation.get("student_onnx_int8"),
         "loss": train_facts["loss"],
         "datasets": list(dict.fromkeys(datasets)),
         "base_model_id": hub_id(train_cfg.base_model),

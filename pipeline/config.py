@@ -28,6 +28,7 @@ TEACHER_SHARDS_DIR = Path("data/teacher_shards")  # kept across runs: a crashed 
 BASE_MODEL_DIR = Path("models/base")
 STUDENT_DIR = Path("models/student")
 CHECKPOINTS_DIR = Path("models/checkpoints")  # kept across runs: a crashed training resumes from it
+EXPORT_DIR = Path("models/export")  # the student's ONNX files, laid out as in its folder (merged at push)
 EVAL_METRICS = Path("metrics/eval.json")
 NDCG_TABLE = Path("metrics/ndcg_per_dataset.csv")
 PLOTS_DIR = Path("metrics/plots")
@@ -37,7 +38,7 @@ PUSH_DIR = Path("build/push")
 PUSH_PLAN = Path("build/push_plan.json")
 RECORDS_DIR = Path("records")
 # The stages that keep a record (records/<stage>.json), in the order dvc.yaml runs them
-RECORDED_STAGES = ("snapshot", "validate", "teacher", "train", "evaluate", "card", "push")
+RECORDED_STAGES = ("snapshot", "validate", "teacher", "train", "export", "evaluate", "card", "push")
 
 
 class Section(BaseModel):
@@ -201,10 +202,11 @@ class CSRConfig(Section):
 
 class TrainConfig(Section):
     # splade: an MLM with SPLADE max pooling; csr: a dense sentence-transformers model with a sparse
-    # autoencoder head (Contrastive Sparse Representation)
-    architecture: Literal["splade", "csr"] = "splade"
-    # splade: "synthetic" (a tiny student built from config) or a *ForMaskedLM folder / Hub id;
-    # csr: a sentence-transformers folder / Hub id
+    # autoencoder head (Contrastive Sparse Representation); inference-free-splade: documents through
+    # the MLM with SPLADE pooling, queries a learnt weight per token (no transformer at query time)
+    architecture: Literal["splade", "csr", "inference-free-splade"] = "splade"
+    # splade, inference-free-splade: "synthetic" (a tiny student built from config) or a
+    # *ForMaskedLM folder / Hub id; csr: a sentence-transformers folder / Hub id
     base_model: str = "synthetic"
     revision: str | None = None  # required for a Hub id
     student: StudentConfig = StudentConfig()
@@ -216,9 +218,18 @@ class TrainConfig(Section):
     # dot products under 1, which a softmax over a batch reads as nearly uniform: use about 20
     mnrl_scale: PositiveFloat = 1.0
     csr: CSRConfig = CSRConfig()
+    # inference-free-splade: the query tokens' weights start at 1 (sentence-transformers' default) or
+    # at their IDF over the training documents; they learn at query_learning_rate (the reference
+    # recipes: 1e-3, against 2e-5 for the document encoder)
+    query_weights: Literal["ones", "idf"] = "ones"
+    query_learning_rate: PositiveFloat = 1e-3
     max_seq_length: PositiveInt = 32
     epochs: PositiveFloat = 8
     batch_size: PositiveInt = 32
+    # encode the batch in pieces of this many rows (GradCache: sentence-transformers' CachedSpladeLoss),
+    # so a large contrastive batch trains in the memory of a small one, with the same gradients;
+    # null: the whole batch at once
+    mini_batch_size: PositiveInt | None = None
     learning_rate: PositiveFloat = 3e-4
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     query_regularizer_weight: float = Field(0.2, ge=0)
@@ -250,7 +261,19 @@ class TrainConfig(Section):
         if self.architecture == "csr" and self.max_active_dims and self.max_active_dims > self.csr.k:
             raise ValueError(f"max_active_dims {self.max_active_dims} > csr.k {self.csr.k}: a CSR vector has at "
                              "most k active dimensions (null keeps k)")
+        if self.architecture == "csr" and self.mini_batch_size:
+            raise ValueError("mini_batch_size (cached SpladeLoss) needs a SPLADE architecture; csr trains with CSRLoss")
+        if self.architecture == "inference-free-splade" and self.query_regularizer_weight:
+            raise ValueError(f"architecture inference-free-splade regularises documents only (its queries are "
+                             f"their own tokens): set query_regularizer_weight 0, not {self.query_regularizer_weight}")
         return self
+
+
+class ExportConfig(Section):
+    """ONNX files of a SPLADE student's MLM (fp32 and int8), for CPU serving; checked against torch."""
+
+    onnx: bool = True  # false: the stage writes no ONNX (and evaluate scores no int8 model)
+    parity_texts: PositiveInt = 64  # evaluation queries and documents compared with torch's vectors
 
 
 class IndexConfig(Section):
@@ -327,6 +350,7 @@ class Params(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     teacher: TeacherConfig = TeacherConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     card: CardConfig = CardConfig()
     push: PushConfig = PushConfig()

@@ -34,11 +34,12 @@ import pandas as pd
 
 from pipeline import plots, splade_head
 from pipeline.cli import StageError, run_stage
-from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR, STUDENT_DIR,
-                             EvaluateConfig, IndexConfig, Params)
+from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, EXPORT_DIR, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR,
+                             STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
 from pipeline.dataset import read_eval_snapshot, read_training_snapshot
 from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metrics
 from pipeline.models import load_encoder
+from pipeline.onnx_backend import onnx_path, onnx_encoder
 from pipeline.retrieval import build_index, index_kind
 from pipeline.runtime import use_bf16
 from pipeline.sources import RetrievalSet, read_retrieval_set
@@ -153,13 +154,13 @@ def pooled_metrics(per_set: list[SetScores]) -> dict[str, float]:
 
 def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.DataFrame, batch_size: int,
                    max_active_dims: list[int], max_seq_length: int | None = None,
-                   precision: str = "fp32", index: IndexConfig = IndexConfig()) -> dict:
-    """Retrieval metrics of the model as saved, and at each top-k size (each set encoded once), per
-    set and pooled over the sets, plus the training triplets' accuracy where the training set
-    has negatives."""
+                   precision: str = "fp32", index: IndexConfig = IndexConfig(), onnx: str | None = None) -> dict:
+    """Retrieval metrics of the model as saved (with `onnx` "int8" or "fp32": its exported MLM run by
+    ONNX Runtime), and at each top-k size (each set encoded once), per set and pooled over the sets,
+    plus the training triplets' accuracy where the training set has negatives."""
     from sentence_transformers.sparse_encoder.evaluation import SparseTripletEvaluator
 
-    model = load_encoder(model_dir, max_seq_length)
+    model = onnx_encoder(model_dir, EXPORT_DIR, onnx) if onnx else load_encoder(model_dir, max_seq_length)
     bf16 = use_bf16(precision, model.device.type)
     per_set, sweeps, doc_dims = {}, [], []
     for name, data in sets.items():
@@ -215,6 +216,10 @@ def run(params: Params) -> dict:
                   "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
                                       "bm25": bm25[name]} for name in sets},
                   "index": {name: index_kind(cfg.index, len(data.corpus)) for name, data in sets.items()}}
+        if onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists():  # the export stage's quantized student
+            int8 = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], index=cfg.index, onnx="int8")
+            result["student_onnx_int8"] = int8["metrics"]
+            result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - int8["metrics"]["dot_ndcg@10"]
         if cfg.max_active_dims:
             result["student_max_active_dims"] = student["max_active_dims"]
             result["base_max_active_dims"] = base["max_active_dims"]
@@ -226,6 +231,9 @@ def run(params: Params) -> dict:
         record["metrics"] = {**result["student"], **{f"base_{k}": v for k, v in result["base"].items()},
                              **{f"bm25_{k}": result["bm25"][k] for k in HEADLINE},
                              **{f"gain_{k}": v for k, v in result["gain"].items()},
+                             **({f"onnx_int8_{k}": result["student_onnx_int8"][k] for k in HEADLINE}
+                                | {"onnx_int8_ndcg_drop": result["onnx_int8_ndcg_drop"]}
+                                if "student_onnx_int8" in result else {}),
                              **{f"max_active_dims_{k}_{name}": metrics[name]
                                 for k, metrics in result.get("student_max_active_dims", {}).items()
                                 for name in HEADLINE},

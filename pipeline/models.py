@@ -3,6 +3,8 @@ share, so that none of them imports another stage for it.
 
 - splade_encoder: an MLM (a *ForMaskedLM folder or Hub id) with SPLADE max pooling;
 - csr_encoder: a dense sentence-transformers model with a top-k sparse autoencoder head (CSR);
+- inference_free_splade: documents through an MLM with SPLADE pooling, queries a learnt weight per
+  token (a Router of SparseStaticEmbedding and the MLM, as sentence-transformers builds them);
 - build_synthetic_mlm: a small random BertForMaskedLM whose WordPiece vocabulary is learnt from
   the training text (the quickstart's student);
 - load_encoder: a saved SparseEncoder folder, at a given max length.
@@ -78,6 +80,35 @@ def splade_encoder(mlm_path: str, max_seq_length: int, revision: str | None = No
     vocab_size = transformer.auto_model.config.vocab_size
     # without the dimension SpladePooling reports the hidden size until saved and reloaded
     return SparseEncoder(modules=[transformer, SpladePooling("max", embedding_dimension=vocab_size)])
+
+
+def idf_weights(tokenizer, documents: list[str]) -> torch.Tensor:
+    """BM25's IDF of every vocabulary token over `documents` (a token no document has gets the
+    largest), the weight an inference-free query gives a token before training."""
+    import numpy as np
+
+    counts = np.zeros(len(tokenizer.get_vocab()), dtype=np.int64)
+    for start in range(0, len(documents), 10_000):
+        for ids in tokenizer(documents[start:start + 10_000], add_special_tokens=False)["input_ids"]:
+            counts[np.unique(np.asarray(ids, dtype=np.int64))] += 1
+    n = len(documents)
+    return torch.from_numpy(np.log1p((n - counts + 0.5) / (counts + 0.5))).float()
+
+
+def inference_free_splade(mlm_path: str, max_seq_length: int, revision: str | None = None,
+                          documents: list[str] | None = None):
+    """Inference-free SPLADE: the document route an MLM with SPLADE max pooling, the query route a
+    weight per token of the same vocabulary (1, or the IDF over `documents` when given)."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import Router, SparseStaticEmbedding
+
+    document_side = splade_encoder(mlm_path, max_seq_length, revision)
+    tokenizer = document_side[0].tokenizer
+    weight = idf_weights(tokenizer, documents) if documents is not None else None
+    router = Router.for_query_document(
+        query_modules=[SparseStaticEmbedding(tokenizer=tokenizer, weight=weight, frozen=False)],
+        document_modules=[document_side[0], document_side[1]])
+    return SparseEncoder(modules=[router], similarity_fn_name="dot")
 
 
 def csr_encoder(dense_path: str, cfg: TrainConfig):

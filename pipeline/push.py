@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli import StageError, stage_main
-from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params, PushConfig
+from pipeline.config import CARD_DIR, EVAL_METRICS, EXPORT_DIR, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params, PushConfig
 from pipeline.dataset import read_manifest
 from pipeline.gate import GateRefused, check_gate, comparable_previous, scores_from_evaluation
 from pipeline.tracking import (dvc_lock_hash, evaluation_identity, git_revision, main_result_name, stage_record,
@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def stage_upload_folder(out_dir: Path = PUSH_DIR) -> list[dict]:
-    """Model files plus the rendered card and its figures, nothing else (no checkpoints, no logs)."""
+    """Model files (with the export stage's ONNX files in their places) plus the rendered card and its
+    figures, nothing else (no checkpoints, no logs)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(STUDENT_DIR, out_dir)
+    if EXPORT_DIR.exists():
+        shutil.copytree(EXPORT_DIR, out_dir, dirs_exist_ok=True)
     for path in CARD_DIR.iterdir():
         shutil.copy(path, out_dir / path.name)
     return [{"path": p.relative_to(out_dir).as_posix(), "bytes": p.stat().st_size,

@@ -26,14 +26,30 @@ from types import MethodType
 import torch
 
 
+def routed(model) -> bool:
+    """Whether `model` is a Router of query and document routes (inference-free SPLADE)."""
+    from sentence_transformers.sparse_encoder.modules import Router
+
+    return len(model) == 1 and isinstance(model[0], Router)
+
+
+def splade_route(model) -> list:
+    """The modules that make a SPLADE vector: the model's own, or an inference-free model's document
+    route (its query route has no MLM)."""
+    if routed(model):
+        return list(model[0].sub_modules["document"]) if "document" in model[0].sub_modules else []
+    return list(model)
+
+
 def projection(model) -> torch.nn.Linear | None:
-    """The MLM's vocabulary projection when `model` is an MLM with SPLADE max pooling (the models
-    this module runs), else None."""
+    """The MLM's vocabulary projection when `model` (or its document route) is an MLM with SPLADE
+    max pooling (the models this module runs), else None."""
     from sentence_transformers.sparse_encoder.modules import SpladePooling
 
-    if len(model) != 2 or not isinstance(model[1], SpladePooling) or model[1].pooling_strategy != "max":
+    modules = splade_route(model)
+    if len(modules) != 2 or not isinstance(modules[1], SpladePooling) or modules[1].pooling_strategy != "max":
         return None
-    head = getattr(getattr(model[0], "auto_model", None), "get_output_embeddings", lambda: None)()
+    head = getattr(getattr(modules[0], "auto_model", None), "get_output_embeddings", lambda: None)()
     return head if isinstance(head, torch.nn.Linear) else None
 
 
@@ -191,7 +207,7 @@ def fused_head(model, projection_dtype: torch.dtype | None = None):
     if head is None:
         yield False
         return
-    pooling = model[1]
+    pooling = splade_route(model)[1]
     head.forward = identity
     pooling.__dict__["fused_with"] = (head, projection_dtype)  # not a submodule: the state dict stays stock
     pooling.forward = MethodType(fused_pooling_forward, pooling)
@@ -215,7 +231,7 @@ def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = Fal
     from sentence_transformers.util import select_max_active_dims
     from tqdm.auto import tqdm
 
-    if projection(model) is None:  # sentence-transformers' own encoding
+    if projection(model) is None or routed(model):  # sentence-transformers' own encoding (and routing)
         stock = model.encode_query if side == "query" else model.encode_document
         with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             return stock(texts, batch_size=batch_size, convert_to_tensor=True,

@@ -39,8 +39,8 @@ from pipeline.cli import StageError, stage_main
 from pipeline.config import (BASE_MODEL_DIR, CHECKPOINTS_DIR, STUDENT_DIR, TEACHER_SCORED, TRAIN_LOSS, Params,
                              TrainConfig, unpinned_hub_id)
 from pipeline.dataset import LABEL_COLUMN, read_eval_snapshot, text_columns, training_rows
-from pipeline.models import build_synthetic_mlm, csr_encoder, splade_encoder
-from pipeline.splade_head import fused_head
+from pipeline.models import build_synthetic_mlm, csr_encoder, inference_free_splade, splade_encoder
+from pipeline.splade_head import fused_head, splade_route
 from pipeline.runtime import is_main_process, process_rank, update_with_file, use_bf16, weights_digest
 from pipeline.tracking import replace_folder, stage_record, write_atomically, write_json
 
@@ -52,11 +52,16 @@ def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
         raise StageError(unpinned)
     if cfg.architecture == "csr":
         return csr_encoder(cfg.base_model, cfg)
-    if cfg.base_model != "synthetic":
-        return splade_encoder(cfg.base_model, cfg.max_seq_length, cfg.revision)
-    texts = list(dict.fromkeys(v for c in text_columns(train) for v in train[c].tolist()))
-    build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
-    return splade_encoder(str(scratch), cfg.max_seq_length)
+    mlm, revision = cfg.base_model, cfg.revision
+    if mlm == "synthetic":
+        texts = list(dict.fromkeys(v for c in text_columns(train) for v in train[c].tolist()))
+        build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
+        mlm, revision = str(scratch), None
+    if cfg.architecture == "splade":
+        return splade_encoder(mlm, cfg.max_seq_length, revision)
+    documents = (list(dict.fromkeys(v for c in text_columns(train) if c != "query" for v in train[c].tolist()))
+                 if cfg.query_weights == "idf" else None)
+    return inference_free_splade(mlm, cfg.max_seq_length, revision, documents)
 
 
 def write_loss_curve(curve: list[dict], path: Path) -> None:
@@ -150,12 +155,11 @@ class GlobalBatchFlopsLoss(FlopsLoss):
 
 
 def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
-    """The main loss inside SpladeLoss (with FLOPS regularisation) or CSRLoss (with the autoencoder's
-    reconstruction losses)."""
-    from sentence_transformers.sparse_encoder.losses import (CSRLoss, SparseDistillKLDivLoss,
+    """The main loss inside SpladeLoss (with FLOPS regularisation; CachedSpladeLoss with
+    train.mini_batch_size) or CSRLoss (with the autoencoder's reconstruction losses)."""
+    from sentence_transformers.sparse_encoder.losses import (CachedSpladeLoss, CSRLoss, SparseDistillKLDivLoss,
                                                              SparseMarginMSELoss,
-                                                             SparseMultipleNegativesRankingLoss,
-                                                             SpladeLoss)
+                                                             SparseMultipleNegativesRankingLoss)
 
     label = LABEL_COLUMN[cfg.loss]
     if label and label not in scored:
@@ -167,10 +171,12 @@ def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
              {"margin-mse": SparseMarginMSELoss, "kl-div": SparseDistillKLDivLoss}[cfg.loss](model))
     if cfg.architecture == "csr":
         return CSRLoss(model, loss=inner, beta=cfg.csr.beta, gamma=cfg.csr.gamma)
-    return SpladeLoss(model, loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,
-                      document_regularizer_weight=cfg.document_regularizer_weight,
-                      query_regularizer=GlobalBatchFlopsLoss(model),
-                      document_regularizer=GlobalBatchFlopsLoss(model))
+    splade = dict(loss=inner, query_regularizer_weight=cfg.query_regularizer_weight,
+                  document_regularizer_weight=cfg.document_regularizer_weight,
+                  query_regularizer=GlobalBatchFlopsLoss(model), document_regularizer=GlobalBatchFlopsLoss(model))
+    if cfg.mini_batch_size:
+        return CachedSpladeLoss(model, mini_batch_size=cfg.mini_batch_size, **splade)
+    return SpladeLoss(model, **splade)
 
 
 def loss_facts(loss) -> dict:
@@ -243,6 +249,19 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return full + (0 if self.drop_last or not rest else 1)
 
 
+def inference_free_arguments(cfg: TrainConfig, model, columns: list[str]) -> dict:
+    r"""An inference-free model's routes (the query column to the token weights, the documents to the
+    MLM) and the token weights' own learning rate, as sentence-transformers' recipes set them (their
+    pattern, SparseStaticEmbedding\.weight, predates the Router's parameter names)."""
+    import re
+
+    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding
+
+    static = [name for name, module in model.named_modules() if isinstance(module, SparseStaticEmbedding)]
+    return {"router_mapping": {c: "query" if c == "query" else "document" for c in columns if c != "label"},
+            "learning_rate_mapping": {rf"{re.escape(name)}\.weight$": cfg.query_learning_rate for name in static}}
+
+
 def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, evaluator=None):
     """The SparseEncoderTrainer this project trains with (the benchmark uses it too); with an
     evaluator, it scores every train.eval_steps steps."""
@@ -279,9 +298,10 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, eval
         report_to=[],  # the track stage writes MLflow; no online codecarbon probes
         eval_strategy="steps" if evaluator else "no",
         eval_steps=cfg.eval_steps,
+        **(inference_free_arguments(cfg, model, dataset.column_names) if cfg.architecture == "inference-free-splade" else {}),
     )
     callbacks = [SpladeRegularizerWeightSchedulerCallback(loss, "quadratic", cfg.regularizer_warmup_ratio)
-                 ] if cfg.architecture == "splade" else []
+                 ] if cfg.architecture != "csr" else []
     return PipelineTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                            evaluator=evaluator, callbacks=callbacks, fused=cfg.fused_head)
 
@@ -351,7 +371,7 @@ def run(params: Params) -> dict:
                            "device": str(model.device), "training_rows": len(dataset),
                            "loss": loss_facts(loss), "training_args": trainer.args.to_dict(),
                            # the commit a Hub base model resolved to (a branch revision pins nothing)
-                           "base_model_commit": getattr(model[0].auto_model.config, "_commit_hash", None)})
+                           "base_model_commit": getattr(splade_route(model)[0].auto_model.config, "_commit_hash", None)})
     return record["metrics"]
 
 

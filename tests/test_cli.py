@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import PROJECT
 
-STAGES = ["inputs", "snapshot", "validate", "teacher", "train", "evaluate", "card", "push", "track"]
+STAGES = ["inputs", "snapshot", "validate", "teacher", "train", "export", "evaluate", "card", "push", "track"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

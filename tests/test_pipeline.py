@@ -9,7 +9,7 @@ import shutil
 import mlflow
 import pytest
 
-from pipeline import card, evaluate, inputs, push, snapshot, teacher, track, train, validate
+from pipeline import card, evaluate, export, inputs, push, snapshot, teacher, track, train, validate
 from pipeline.cli import StageError
 from pipeline.config import (CARD_DIR, EVAL_METRICS, PUSH_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
                              SNAPSHOT_MANIFEST, SNAPSHOT_TRAIN, STUDENT_DIR, Params, load_params)
@@ -17,7 +17,7 @@ from pipeline.gate import GateRefused
 from tests.conftest import PROJECT, shrink
 
 EVAL_STEPS = 4
-STAGES = (inputs, snapshot, validate, teacher, train, evaluate, card, push)
+STAGES = (inputs, snapshot, validate, teacher, train, export, evaluate, card, push)
 
 
 def assert_nested_stage_runs(runs, parent) -> None:

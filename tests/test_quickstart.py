@@ -62,7 +62,7 @@ def project(tmp_path_factory):
     repo = make_project_copy(tmp_path_factory.mktemp("quickstart"))
     output, seconds = run([str(BIN / "dvc"), "repro"], repo)
     print(f"\nquickstart dvc repro: {seconds:.1f} s")
-    assert stages_run(output) == {"inputs", "snapshot", "validate", "teacher", "train", "evaluate", "card",
+    assert stages_run(output) == {"inputs", "snapshot", "validate", "teacher", "train", "export", "evaluate", "card",
                                   "push", "track"}
     git(repo, "add", "-A")  # the run's record: dvc.lock, inputs/ and metrics/ (data and models are DVC's)
     git(repo, "commit", "-qm", "quickstart run")
@@ -189,7 +189,7 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
     print(f"\ndvc repro after a train change: {time.perf_counter() - started:.1f} s")
-    assert stages_run(output) == {"train", "evaluate", "card", "push", "track"}
+    assert stages_run(output) == {"train", "export", "evaluate", "card", "push", "track"}
     after = json.loads((project / "metrics/eval.json").read_text())["student"]["dot_ndcg@10"]
     assert after != before
 
@@ -236,7 +236,7 @@ def exp_run(project, rate: float) -> subprocess.CompletedProcess:
     done = subprocess.run([str(BIN / "dvc"), "exp", "run", "-S", f"train.learning_rate={rate}"], cwd=project,
                           env=ENV, capture_output=True, text=True, timeout=600)
     print(f"\ndvc exp run, learning rate {rate}: {time.perf_counter() - started:.1f} s, exit {done.returncode}")
-    assert stages_run(done.stdout + done.stderr) == {"train", "evaluate", "card", "push", "track"} - (
+    assert stages_run(done.stdout + done.stderr) == {"train", "export", "evaluate", "card", "push", "track"} - (
         {"track"} if done.returncode else set())
     return done
 

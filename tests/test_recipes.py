@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import card, evaluate, push, snapshot, teacher, track, train, validate
+from pipeline import card, evaluate, export, push, snapshot, teacher, track, train, validate
 from pipeline.config import EVAL_METRICS, SNAPSHOT_MANIFEST, STUDENT_DIR, TEACHER_SCORED, Params, load_params
 from pipeline.sources import read_retrieval_set
 
@@ -57,7 +57,7 @@ def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_
     data["train"].update(base_model=str(tiny_dense_model), max_seq_length=64, save_steps=1000, epochs=1)
     data["train"]["csr"].update(hidden_dim=256, k=64, k_aux=128)
     params = Params.model_validate(surrogate(data))
-    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+    for stage in (snapshot, validate, teacher, train, export, evaluate, card, push):
         stage.run(params)
     track.run(params)
 
@@ -98,7 +98,7 @@ def test_splade_tiny_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared
     data["train"].update(base_model="synthetic", max_seq_length=64, epochs=1, save_steps=1000,
                          precision="fp32")  # bf16 is the recipe's choice for its real run
     params = Params.model_validate(surrogate(data))
-    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+    for stage in (snapshot, validate, teacher, train, export, evaluate, card, push):
         stage.run(params)
     track.run(params)
 
@@ -123,7 +123,7 @@ def test_card_of_a_real_run_on_the_shared_splade_tiny(workdir, shared, cut_beir)
                          save_steps=1000, precision="fp32")
     data["evaluate"]["max_active_dims"] = [16, 64]
     params = Params.model_validate(surrogate(data))
-    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+    for stage in (snapshot, validate, teacher, train, export, evaluate, card, push):
         stage.run(params)
 
     text = (Path("build/card") / "README.md").read_text()
@@ -205,7 +205,7 @@ def test_hub_recipe_runs_end_to_end_with_tiny_surrogates(recipe, workdir, shared
     else:
         train_cfg.update(base_model="synthetic")
     params = Params.model_validate(surrogate(data))
-    for stage in (snapshot, validate, teacher, train, evaluate, card, push):
+    for stage in (snapshot, validate, teacher, train, export, evaluate, card, push):
         stage.run(params)
     track.run(params)
 

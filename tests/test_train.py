@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -229,3 +230,39 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
     for (name, a), b, start in zip(single.named_parameters(), distributed.parameters(), base.parameters()):
         moved = (a - start).abs().max()
         assert (a - b).abs().max() <= 1e-3 * moved + 1e-6, name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cached_loss_gives_the_uncached_loss_and_gradients(tmp_path, fused):
+    """train.mini_batch_size encodes the batch in pieces (GradCache) and must change memory only:
+    the loss and every parameter's gradient equal the whole-batch loss's, through the fused head too."""
+    from pipeline.config import TrainConfig
+    from pipeline.models import splade_encoder
+    from pipeline.splade_head import fused_head
+
+    rows = pd.DataFrame({"query": [f"kalo mife {i}" for i in range(7)],
+                         "positive": [f"kalo zeru mife doc {i} " * (1 + i % 3) for i in range(7)],
+                         "negative": [f"zamo dop {i}" for i in range(7)],
+                         "label": np.linspace(-2, 3, 7)})
+    build_synthetic_mlm(rows[["query", "positive", "negative"]].stack().tolist(),
+                        StudentConfig(vocab_size=200, hidden_size=32, dropout=0.0), 32, tmp_path)
+
+    def loss_and_gradients(mini_batch_size):
+        model = splade_encoder(str(tmp_path), 32)
+        cfg = TrainConfig(mini_batch_size=mini_batch_size, loss="margin-mse")
+        loss = train.training_loss(cfg, model, rows)
+        features = [model.preprocess(rows[c].tolist()) for c in ("query", "positive", "negative")]
+        with fused_head(model) if fused else nullcontext():
+            total = sum(loss(features, torch.tensor(rows["label"].to_numpy(), dtype=torch.float32)).values())
+            total.backward()
+        return float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_gradients = loss_and_gradients(None)
+    cached, cached_gradients = loss_and_gradients(3)  # pieces of 3, 3 and 1 rows
+    assert type(train.training_loss(TrainConfig(mini_batch_size=3), splade_encoder(str(tmp_path), 32), rows)).__name__ \
+        == "CachedSpladeLoss"
+    assert cached == pytest.approx(whole, rel=1e-5)
+    assert cached_gradients.keys() == whole_gradients.keys() and len(whole_gradients) > 10
+    for name, gradient in whole_gradients.items():
+        torch.testing.assert_close(cached_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert max(float(g.abs().max()) for g in whole_gradients.values()) > 1e-3  # gradients that can differ

@@ -1,0 +1,91 @@
+"""ONNX export of a SPLADE student's MLM, and SparseEncoders that run it with ONNX Runtime: what the
+export stage, the evaluate stage and the benchmark share.
+
+sentence-transformers exports and loads ONNX through optimum (`export_dynamic_quantized_onnx_model`,
+`SparseEncoder(path, backend="onnx")`), but no optimum-onnx release installs beside transformers 5
+(optimum-onnx 0.1.0 wants transformers < 4.58). So the MLM is exported with torch.onnx and quantized
+with ONNX Runtime's dynamic int8 quantization, into the layout that backend reads: the MLM's folder
+(the model's root, or an inference-free model's document_0_Transformer/) gets onnx/model.onnx
+(inputs input_ids, attention_mask[, token_type_ids]; output logits, as optimum's ORTModelForMaskedLM
+has them) and onnx/model_qint8.onnx. Here, `onnx_encoder` loads the saved model and puts an ONNX
+Runtime session in the place of its MLM, as that backend puts optimum's model: tokenisation, SPLADE
+pooling, top-k and routing stay sentence-transformers' own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
+MLM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def mlm_subfolder(model_dir: Path) -> str:
+    """Where a saved SPLADE model keeps its MLM: the root, or a Router's first document module."""
+    first = json.loads((model_dir / "modules.json").read_text())[0]
+    if first["type"].endswith(".Router"):
+        return json.loads((model_dir / first["path"] / "router_config.json").read_text())["structure"]["document"][0]
+    return first["path"]
+
+
+def onnx_path(export_dir: Path, model_dir: Path, variant: str) -> Path:
+    return export_dir / mlm_subfolder(model_dir) / "onnx" / ONNX_FILES[variant]
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, mlm, names: list[str]):
+        super().__init__()
+        self.mlm, self.names = mlm, names
+
+    def forward(self, *tensors):
+        return self.mlm(**dict(zip(self.names, tensors))).logits
+
+
+def export_mlm(mlm, tokenizer, fp32: Path, int8: Path) -> None:
+    """The MLM's logits as ONNX (batch and sequence dynamic) at `fp32`, and dynamically quantized
+    (int8 weights, activations quantized per batch) at `int8`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    sample = tokenizer(["a sample text to trace", "another"], return_tensors="pt", padding=True)
+    names = [name for name in MLM_INPUTS if name in sample]
+    fp32.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(_Logits(mlm.eval(), names), tuple(sample[n] for n in names), str(fp32),
+                          input_names=names, output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "logits"]})
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+
+
+class OnnxMaskedLM(torch.nn.Module):
+    """An ONNX Runtime session where a sentence-transformers Transformer module expects its MLM."""
+
+    def __init__(self, path: Path, config, threads: int | None = None):
+        import onnxruntime
+
+        super().__init__()
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.config = config
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
+        logits = self.session.run(["logits"], {n: given[n].cpu().numpy() for n in self.inputs})[0]
+        return {"logits": torch.from_numpy(logits)}
+
+
+def onnx_encoder(model_dir: Path, export_dir: Path, variant: str, threads: int | None = None):
+    """The saved SparseEncoder at `model_dir` with its MLM run by ONNX Runtime from `export_dir`."""
+    from pipeline.models import load_encoder
+    from pipeline.splade_head import splade_route
+
+    model = load_encoder(model_dir)
+    transformer = splade_route(model)[0]
+    transformer.model = OnnxMaskedLM(onnx_path(export_dir, model_dir, variant), transformer.model.config, threads)
+    return model
