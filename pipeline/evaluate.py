@@ -154,13 +154,14 @@ def pooled_metrics(per_set: list[SetScores]) -> dict[str, float]:
 
 def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.DataFrame, batch_size: int,
                    max_active_dims: list[int], max_seq_length: int | None = None,
-                   precision: str = "fp32", index: IndexConfig = IndexConfig(), onnx: str | None = None) -> dict:
-    """Retrieval metrics of the model as saved (with `onnx` "int8" or "fp32": its exported MLM run by
-    ONNX Runtime), and at each top-k size (each set encoded once), per set and pooled over the sets,
-    plus the training triplets' accuracy where the training set has negatives."""
+                   precision: str = "fp32", index: IndexConfig = IndexConfig(), onnx: str | None = None,
+                   export_dir: Path = EXPORT_DIR) -> dict:
+    """Retrieval metrics of the model as saved (with `onnx` "int8" or "fp32": its MLM exported to
+    `export_dir` and run by ONNX Runtime), and at each top-k size (each set encoded once), per set
+    and pooled over the sets, plus the training triplets' accuracy where the training set has negatives."""
     from sentence_transformers.sparse_encoder.evaluation import SparseTripletEvaluator
 
-    model = onnx_encoder(model_dir, EXPORT_DIR, onnx) if onnx else load_encoder(model_dir, max_seq_length)
+    model = onnx_encoder(model_dir, export_dir, onnx) if onnx else load_encoder(model_dir, max_seq_length)
     bf16 = use_bf16(precision, model.device.type)
     per_set, sweeps, doc_dims = {}, [], []
     for name, data in sets.items():

@@ -89,7 +89,8 @@ def idf_weights(tokenizer, documents: list[str]) -> torch.Tensor:
 
     counts = np.zeros(len(tokenizer.get_vocab()), dtype=np.int64)
     for start in range(0, len(documents), 10_000):
-        for ids in tokenizer(documents[start:start + 10_000], add_special_tokens=False)["input_ids"]:
+        # whole documents (verbose=False: no warning that they exceed the encoder's length)
+        for ids in tokenizer(documents[start:start + 10_000], add_special_tokens=False, verbose=False)["input_ids"]:
             counts[np.unique(np.asarray(ids, dtype=np.int64))] += 1
     n = len(documents)
     return torch.from_numpy(np.log1p((n - counts + 0.5) / (counts + 0.5))).float()

@@ -59,9 +59,15 @@ def register(run_id: str, name: str, gate: GateConfig, scores: GateScores, ident
     client = MlflowClient()
     version = version_of_run(client, name, run_id)
     if version is None:
+        from mlflow.models import infer_signature
+
+        # params in the signature: without them MLflow drops predict's params (side: query), which an
+        # inference-free model, two models in one, cannot do without
+        signature = infer_signature(["a text"], params={"side": "document"})
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=sparse_encoder_model.__file__, artifacts={"model": str(model_dir)},
+                signature=signature,
                 registered_model_name=name, pip_requirements=[f"{p}=={metadata.version(p)}" for p in REQUIREMENTS])
         version = str(info.registered_model_version)
     for key, value in identity_tags(identity).items():

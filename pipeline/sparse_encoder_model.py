@@ -21,7 +21,9 @@ class SparseEncoderModel(mlflow.pyfunc.PythonModel):
         self.model = SparseEncoder(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
-        texts = model_input["text"].tolist() if isinstance(model_input, pd.DataFrame) else list(model_input)
+        if isinstance(model_input, pd.DataFrame):  # MLFlow passes a list as a one-column frame
+            model_input = model_input["text"] if "text" in model_input else model_input.iloc[:, 0]
+        texts = list(model_input)
         side = (params or {}).get("side", "document")
         encode = self.model.encode_query if side == "query" else self.model.encode_document
         vectors = encode(texts, convert_to_sparse_tensor=True).coalesce().cpu()

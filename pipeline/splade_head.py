@@ -231,6 +231,13 @@ def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = Fal
     from sentence_transformers.util import select_max_active_dims
     from tqdm.auto import tqdm
 
+    if routed(model) and side == "document" and projection(model) is not None:
+        # an inference-free model's documents: its document route (the same modules) as a plain SPLADE
+        from sentence_transformers import SparseEncoder
+
+        documents = SparseEncoder(modules=splade_route(model), device=str(model.device))
+        documents.max_active_dims = model.max_active_dims
+        return encode(documents, texts, side, batch_size, bf16, show_progress_bar)
     if projection(model) is None or routed(model):  # sentence-transformers' own encoding (and routing)
         stock = model.encode_query if side == "query" else model.encode_document
         with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():

@@ -8,6 +8,10 @@ both are ordinary SparseEncoder folders. With train.base_model "synthetic", the 
 BertForMaskedLM built from config with a WordPiece vocabulary learnt from the snapshot's text
 (models are built by pipeline.models). SPLADE trains through pipeline.splade_head's fused head
 (train.fused_head): no (texts, tokens, vocabulary) logits in the forward or the backward pass.
+train.architecture inference-free-splade trains a Router (pipeline.models.inference_free_splade):
+the query column goes to per-token weights at their own learning rate, the others to the MLM, as
+sentence-transformers' inference-free recipes route them. train.mini_batch_size trains with
+CachedSpladeLoss (GradCache): the batch is encoded in pieces, the gradients are the whole batch's.
 
 Checkpoints go to models/checkpoints/<resume key>/ every `save_steps`. The key names everything
 that changes the training: the train params, the labels, the weights of a local base model, the

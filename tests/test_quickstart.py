@@ -80,6 +80,21 @@ def test_student_learns_far_beyond_its_untrained_start(project):
     assert teacher["eval_dot_ndcg@10"] > trained - 0.05  # the student learns from a teacher that knows
 
 
+def test_the_onnx_export_matches_torch_and_is_pushed_with_the_model(project):
+    """The export stage's fp32 file gives torch's vectors within 1e-4; its int8 file ranks within
+    0.005 nDCG@10 of torch; both go into the uploaded folder where the ONNX backend looks."""
+    exported = json.loads((project / "records/export.json").read_text())["metrics"]
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    print(f"\nONNX fp32 largest difference {max(exported['fp32_query_max_abs_diff'], exported['fp32_document_max_abs_diff']):.2e}, "
+          f"int8 nDCG@10 {metrics['student_onnx_int8']['dot_ndcg@10']:.4f} (torch {metrics['student']['dot_ndcg@10']:.4f})")
+    assert exported["fp32_query_max_abs_diff"] < 1e-4 and exported["fp32_document_max_abs_diff"] < 1e-4
+    assert 0 < exported["int8_document_max_abs_diff"]  # quantized: close, not equal
+    assert abs(metrics["onnx_int8_ndcg_drop"]) <= 0.005
+    assert exported["int8_megabytes"] < exported["fp32_megabytes"] / 2
+    for name in ("model.onnx", "model_qint8.onnx"):
+        assert (project / "build/push/onnx" / name).read_bytes() == (project / "models/export/onnx" / name).read_bytes()
+
+
 def test_dvc_shows_the_evaluation_metrics_and_plots(project):
     output, _ = run([str(BIN / "dvc"), "metrics", "show", "--json"], project)
     shown = json.loads(output)

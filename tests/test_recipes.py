@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from pipeline import card, evaluate, export, push, snapshot, teacher, track, train, validate
@@ -145,6 +147,63 @@ def test_card_of_a_real_run_on_the_shared_splade_tiny(workdir, shared, cut_beir)
     assert "| type    | string | string | string | string |" in text  # query, positive, 2 mined negatives
     assert "oord2019representationlearningcontrastivepredictive" in text and "paria2020minimizing" in text
     assert "| 16 |" in text and "| 64 |" in text  # the max_active_dims table
+
+
+
+def test_inference_free_recipe_runs_end_to_end_with_tiny_surrogates(workdir, shared, tiny_dense_model, cut_beir):
+    """The inference-free recipe as written (IDF-initialised query weights, FLOPS on documents only),
+    with a tiny bi-encoder teacher and a student built from config in place of MiniLM and
+    splade-tiny, on cut-down SciFact: every stage to the registry, and an asymmetric model out."""
+    import mlflow
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import Router
+
+    from pipeline.config import EXPORT_DIR, PUSH_DIR, RECORDS_DIR, SNAPSHOT_TRAIN
+    from pipeline.models import idf_weights
+
+    data = recipe_data("inference-free-splade-tiny-scifact")
+    data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=150, extra_docs=0, split="train"))
+    data["snapshot"]["eval"]["source"] = str(cut_beir("scifact"))
+    data["teacher"]["model"] = str(tiny_dense_model)
+    data["train"].update(base_model="synthetic", max_seq_length=64, epochs=1, save_steps=1000)
+    params = Params.model_validate(surrogate(data))
+    for stage in (snapshot, validate, teacher, train, export, evaluate, card, push):
+        stage.run(params)
+    track.run(params)
+
+    student, base = SparseEncoder(str(STUDENT_DIR)), SparseEncoder("models/base")
+    assert isinstance(student[0], Router)
+    query_weights = student[0].sub_modules["query"][0].weight.detach()
+    documents = list(dict.fromkeys(pd.read_parquet(TEACHER_SCORED)[["positive", "negative", "negative_2"]].stack()))
+    initial = base[0].sub_modules["query"][0].weight.detach()
+    torch.testing.assert_close(initial, idf_weights(student.tokenizer, documents))  # started at the IDF
+    # learnt at the token weights' own rate (1e-3; the MLM's is 5e-5): they moved by more than the MLM's
+    assert (query_weights - initial).abs().max() > 1e-3
+    # a query is its own tokens, each with its weight: no expansion, no transformer
+    query = pd.read_parquet(SNAPSHOT_TRAIN)["query"].iloc[0]
+    vector = student.encode_query([query], convert_to_tensor=True).to_dense()[0]
+    tokens = sorted(set(student.tokenizer(query, add_special_tokens=False)["input_ids"]))
+    assert vector.nonzero().flatten().tolist() == [t for t in tokens if query_weights[t] != 0]
+    torch.testing.assert_close(vector[tokens], query_weights[tokens])
+    # documents are SPLADE vectors: expanded beyond their own tokens
+    document = student.encode_document([documents[0]], convert_to_tensor=True).to_dense()[0]
+    assert (document != 0).sum() > len(set(student.tokenizer(documents[0])["input_ids"]))
+
+    metrics = json.loads(EVAL_METRICS.read_text())
+    assert metrics["student"]["query_active_dims"] < metrics["student"]["corpus_active_dims"]
+    assert abs(metrics["onnx_int8_ndcg_drop"]) < 0.1  # the int8 document encoder scored, on this tiny model
+    assert (EXPORT_DIR / "document_0_Transformer/onnx/model_qint8.onnx").exists()
+    assert (PUSH_DIR / "document_0_Transformer/onnx/model.onnx").exists()
+    exported = json.loads((RECORDS_DIR / "export.json").read_text())["metrics"]
+    assert exported["fp32_document_max_abs_diff"] < 1e-4 and exported["fp32_query_max_abs_diff"] == 0
+    text = (Path("build/card") / "README.md").read_text()
+    assert "Inference-free SPLADE Sparse Encoder" in text and "no transformer runs at query time" in text
+    assert "document_0_Transformer/onnx/model_qint8.onnx" in text
+
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    registered = mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}@challenger")
+    (predicted,) = registered.predict([query], params={"side": "query"})
+    assert sorted(predicted["indices"]) == vector.nonzero().flatten().tolist()
 
 
 HUB_RECIPES = [recipe for recipe in RECIPES if load_params(recipe).snapshot.train.format == "hf"]

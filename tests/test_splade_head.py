@@ -206,6 +206,20 @@ def test_small_batches_take_the_stock_head_to_the_bit(tmp_path, shared, monkeypa
     assert all(torch.equal(fused[1][name], stock[1][name]) for name in stock[1])
 
 
+def test_an_inference_free_models_documents_encode_through_the_head_as_stock(shared):
+    from pipeline.models import inference_free_splade
+    from pipeline.splade_head import encode
+
+    model = inference_free_splade(str(shared / "models/splade-tiny"), 256).eval()
+    model.max_active_dims = 64
+    rows = scifact_rows(shared, 6)
+    for side, texts in (("document", rows["positive"].tolist()), ("query", rows["query"].tolist())):
+        stock = (model.encode_document if side == "document" else model.encode_query)(texts, convert_to_tensor=True)
+        ours = encode(model, texts, side, batch_size=4)
+        torch.testing.assert_close(ours.to_dense(), stock.to_dense().float(), atol=1e-5, rtol=0)
+    assert (ours.to_dense() > 0).sum(1).max() <= 64 and "forward" not in model[0].sub_modules["document"][1].__dict__
+
+
 def test_encoding_with_max_active_dims_and_saving_inside_the_head_stay_stock(tmp_path, shared):
     model = splade_encoder(str(shared / "models/splade-tiny"), 256).eval()
     texts = scifact_rows(shared, 6)["positive"].tolist()
