@@ -210,7 +210,8 @@ HUB_RECIPES = [recipe for recipe in RECIPES if load_params(recipe).snapshot.trai
 
 
 def test_the_reference_recipes_are_all_here():
-    assert {r.stem for r in HUB_RECIPES} == {"splade-small-msmarco", "splade-cocondenser-gooaq", "csr-mxbai-nq"}
+    assert {r.stem for r in HUB_RECIPES} == {"splade-small-msmarco", "splade-cocondenser-gooaq", "csr-mxbai-nq",
+                                             "inference-free-splade-distilbert-nq"}
 
 
 def local_hub_dataset(folder: Path, config: str | None, frame) -> Path:
