@@ -25,6 +25,7 @@ VALIDATION_REPORT = Path("data/validation/report.json")
 TEACHER_DIR = Path("data/teacher")
 TEACHER_SCORED = TEACHER_DIR / "train_scored.parquet"
 TEACHER_SHARDS_DIR = Path("data/teacher_shards")  # kept across runs: a crashed run resumes from it
+EVAL_SHARDS_DIR = Path("data/eval_shards")  # the evaluated models' corpus vectors: kept, as the teacher's
 BASE_MODEL_DIR = Path("models/base")
 STUDENT_DIR = Path("models/student")
 CHECKPOINTS_DIR = Path("models/checkpoints")  # kept across runs: a crashed training resumes from it
@@ -285,6 +286,12 @@ class IndexConfig(Section):
     exact_max_docs: PositiveInt = 2_000_000
     query_cut: PositiveInt = 20  # seismic: a query's largest terms searched
     heap_factor: float = Field(0.8, gt=0, le=1)  # seismic: 1 prunes least
+    # seismic: choose query_cut and heap_factor instead, the fastest whose recall@100 against exact
+    # reaches this on sweep_queries of the queries (null: use the two above)
+    recall_target: float | None = Field(0.95, gt=0, le=1)
+    sweep_queries: PositiveInt = 200
+    # seismic: the memory its build may take; checked (estimated from the corpus's postings) before it starts
+    memory_gb: PositiveFloat = 8.0
 
 
 class EvaluateConfig(Section):
@@ -297,6 +304,11 @@ class EvaluateConfig(Section):
     # also score the student keeping only its top-k dimensions, for each k (CSR cards report 4...256)
     max_active_dims: list[PositiveInt] = []
     index: IndexConfig = IndexConfig()
+    # corpus vectors per shard file (data/eval_shards/): the most encoding a crash can lose, and the
+    # most of the corpus exact retrieval holds in memory at once
+    shard_docs: PositiveInt = 100_000
+    # several ranks: how long rank 0 waits for the next corpus shard before failing, naming the missing ones
+    wait_seconds: PositiveFloat = 1800
 
 
 class CardConfig(Section):

@@ -12,18 +12,23 @@ retrieval metrics at each top-k size ("student_max_active_dims": {"16": {...}, .
 beside them ("bm25"). Also metrics/ndcg_per_dataset.csv and two figures in metrics/plots/: nDCG@10
 per set and model, and the documents' active dimensions.
 
-SPLADE models are encoded without their full logits tensor (pipeline.splade_head); each query's top 100
-comes from pipeline.retrieval: exact sparse products, or past evaluate.index.exact_max_docs documents
-(MS MARCO's 8.8M passages) the approximate seismic index ("index" in eval.json says which ran).
+SPLADE models are encoded without their full logits tensor (pipeline.splade_head), the corpus into
+resumable shards in data/eval_shards/ that ranks (torchrun, or RANK / WORLD_SIZE by hand) split
+between them (Sharding); each query's top 100 comes from pipeline.retrieval: exact sparse products a
+shard at a time, or past evaluate.index.exact_max_docs documents (MS MARCO's 8.8M passages) the
+approximate seismic index, within evaluate.index.memory_gb, its search settings swept for
+evaluate.index.recall_target ("index" in eval.json says what ran).
 evaluate.precision bf16 trades exactness for speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +39,15 @@ import pandas as pd
 
 from pipeline import plots, splade_head
 from pipeline.cli import StageError, run_stage
-from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, EXPORT_DIR, NDCG_TABLE, PARAMS_FILE, PLOTS_DIR,
-                             STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
-from pipeline.dataset import read_eval_snapshot, read_training_snapshot
+from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, EVAL_SHARDS_DIR, EXPORT_DIR, NDCG_TABLE, PARAMS_FILE,
+                             PLOTS_DIR, STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
+from pipeline.dataset import frame_digest, read_eval_snapshot, read_training_snapshot
 from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metrics
 from pipeline.models import load_encoder
 from pipeline.onnx_backend import onnx_path, onnx_encoder
-from pipeline.retrieval import build_index, index_kind
-from pipeline.runtime import use_bf16
+from pipeline.retrieval import CorpusShards, search
+from pipeline.runtime import process_rank, update_with_file, use_bf16
+from pipeline.shards import remove_stale, wait_for_shards
 from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_atomically, write_json
 
@@ -55,12 +61,25 @@ DEPTH = 100  # documents retrieved per query: the deepest cut-off among the metr
 
 
 @dataclass
+class Sharding:
+    """Where a corpus's vectors go (one file per `shard_docs` documents, kept across runs: a rerun, or
+    a run after a killed one, encodes only the missing shards) and which of them this process
+    encodes: under torchrun, or RANK / WORLD_SIZE set by hand on machines sharing the folder, rank r
+    takes shards r, r+N, ... and rank 0 waits for the rest, as the teacher splits its scoring."""
+    folder: Path
+    shard_docs: int = 100_000
+    rank: int = 0
+    world_size: int = 1
+    wait_seconds: float = 1800
+
+
+@dataclass
 class Encoded:
-    """A model's vectors for an evaluation set: one CSR row per judged query and per document."""
+    """A model's vectors for an evaluation set: one CSR row per judged query, the corpus in shards."""
     query_ids: list[str]
     queries: "scipy.sparse.csr_matrix"
     doc_ids: list[str]
-    corpus: "scipy.sparse.csr_matrix"
+    corpus: CorpusShards
 
 
 def to_csr(vectors: "torch.Tensor") -> "scipy.sparse.csr_matrix":
@@ -73,19 +92,52 @@ def to_csr(vectors: "torch.Tensor") -> "scipy.sparse.csr_matrix":
     return matrix
 
 
-def encode(model, data: RetrievalSet, batch_size: int, bf16: bool = False,
-           chunk_docs: int = 100_000) -> Encoded:
-    """The judged queries (as the stock evaluator) and the corpus, `chunk_docs` documents at a time:
-    a chunk's COO tensor (int64 coordinates) is 2.5 times its CSR rows, too much for 8.8M passages."""
-    from scipy.sparse import vstack
+def model_identity(model_dir: Path, onnx_file: Path | None = None) -> str:
+    """sha256 of every file that shapes the model's vectors: its folder but the card, and the ONNX file
+    that runs it, if any."""
+    digest = hashlib.sha256()
+    files = [p for p in sorted(Path(model_dir).rglob("*")) if p.is_file() and p.name != "README.md"]
+    for path in files + ([onnx_file] if onnx_file else []):  # by relative name: the same in any clone
+        digest.update((path.name if path == onnx_file else path.relative_to(model_dir).as_posix()).encode() + b"\0")
+        update_with_file(digest, path)
+    return digest.hexdigest()
 
-    query_ids = [q for q in data.qrels if q in data.queries]
+
+def corpus_shards(model, identity: str, data: RetrievalSet, batch_size: int, bf16: bool,
+                  sharding: Sharding) -> CorpusShards:
+    """The corpus's vectors under this model, its shards named by everything that shapes them."""
+    texts = pd.DataFrame({"id": list(data.corpus), "text": list(data.corpus.values())}, dtype=str)
+    key = {"model": identity, "corpus": frame_digest(texts), "batch_size": batch_size, "bf16": bf16,
+           "max_seq_length": model.max_seq_length, "max_active_dims": model.max_active_dims}
+    return CorpusShards(sharding.folder, key, len(data.corpus), model.get_embedding_dimension(),
+                        sharding.shard_docs)
+
+
+def encode_shards(model, data: RetrievalSet, shards: CorpusShards, batch_size: int, bf16: bool,
+                  sharding: Sharding) -> dict:
+    """Encode this rank's missing corpus shards; returns how many it found and encoded."""
     doc_ids = list(data.corpus)
+    mine, todo = shards.owed(sharding.rank, sharding.world_size)
+    for index in todo:
+        texts = [data.corpus[doc_ids[row]] for row in shards.rows(index)]
+        log.info("rank %d/%d: corpus shard %d of %d (%d documents)", sharding.rank, sharding.world_size,
+                 index + 1, shards.count, len(texts))
+        shards.write(index, to_csr(splade_head.encode(model, texts, "document", batch_size, bf16,
+                                                      show_progress_bar=True)))
+    return {"shards": shards.count, "shards_reused": len(mine) - len(todo), "shards_encoded": len(todo)}
+
+
+def encode(model, identity: str, data: RetrievalSet, batch_size: int, sharding: Sharding,
+           bf16: bool = False) -> Encoded:
+    """The judged queries (as the stock evaluator) and the corpus, in shards on disk: this rank's
+    encoded here, the others' waited for. (A shard's COO tensor, int64 coordinates, is 2.5 times its
+    CSR rows: one tensor for 8.8M passages would not fit.)"""
+    shards = corpus_shards(model, identity, data, batch_size, bf16, sharding)
+    encode_shards(model, data, shards, batch_size, bf16, sharding)
+    wait_for_shards(shards, sharding.world_size, sharding.wait_seconds, "python -m pipeline.evaluate")
+    query_ids = [q for q in data.qrels if q in data.queries]
     queries = to_csr(splade_head.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
-    chunks = [to_csr(splade_head.encode(model, [data.corpus[d] for d in doc_ids[start:start + chunk_docs]],
-                                     "document", batch_size, bf16, show_progress_bar=True))
-              for start in range(0, len(doc_ids), chunk_docs)]
-    return Encoded(query_ids, queries, doc_ids, vstack(chunks, format="csr"))
+    return Encoded(query_ids, queries, list(data.corpus), shards)
 
 
 def keep_top(matrix: "scipy.sparse.csr_matrix", k: int) -> "scipy.sparse.csr_matrix":
@@ -100,15 +152,32 @@ def keep_top(matrix: "scipy.sparse.csr_matrix", k: int) -> "scipy.sparse.csr_mat
     return csr_matrix((matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape)
 
 
+class CappedShards:
+    """A corpus's shards with each vector's top-k dimensions kept, one shard at a time."""
+
+    def __init__(self, shards: CorpusShards, k: int):
+        self.shards, self.k = shards, k
+        self.docs, self.dims, self.shard_docs = shards.docs, shards.dims, shards.shard_docs
+
+    def __iter__(self):
+        return (keep_top(shard, self.k) for shard in self.shards)
+
+    @property
+    def nnz(self) -> int:
+        return int(np.minimum(self.shards.document_lengths(), self.k).sum())
+
+
 @dataclass
 class SetScores:
     """One set's metrics, and how many of its queries / documents use each dimension (sets pool
-    their sparsity statistics through these, as SparseNanoBEIREvaluator pools them)."""
+    their sparsity statistics through these, as SparseNanoBEIREvaluator pools them), and what found
+    each query's best documents."""
     metrics: dict[str, float]
     query_counts: np.ndarray
     doc_counts: np.ndarray
     queries: int
     docs: int
+    index: dict
 
 
 def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
@@ -116,18 +185,21 @@ def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
     """What SparseInformationRetrievalEvaluator reports (ranking metrics, active dims, sparsity
     ratios, avg_flops), from vectors already encoded, keeping each vector's top-k dimensions when
     k is given: encoding with max_active_dims=k gives the same, but re-encodes the corpus per k."""
-    queries, corpus = (keep_top(m, k) if k else m for m in (vectors.queries, vectors.corpus))
+    queries = keep_top(vectors.queries, k) if k else vectors.queries
+    corpus = CappedShards(vectors.corpus, k) if k else vectors.corpus
     width = queries.shape[1]
-    found = build_index(corpus, index).search(queries, DEPTH)
+    found, facts = search(corpus, queries, index, DEPTH)
     ranking = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(indices, values)}
                for q, (indices, values) in zip(vectors.query_ids, found)}
-    query_dims, corpus_dims = float(np.diff(queries.indptr).mean()), float(np.diff(corpus.indptr).mean())
+    doc_counts = np.zeros(width)
+    for shard in corpus:
+        doc_counts += np.bincount(shard.indices, minlength=width)
+    query_dims, corpus_dims = float(np.diff(queries.indptr).mean()), float(doc_counts.sum() / corpus.docs)
     metrics = {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking),
                "query_active_dims": query_dims, "query_sparsity_ratio": 1 - query_dims / width,
                "corpus_active_dims": corpus_dims, "corpus_sparsity_ratio": 1 - corpus_dims / width}
-    result = SetScores(metrics, np.bincount(queries.indices, minlength=width).astype(float),
-                       np.bincount(corpus.indices, minlength=width).astype(float),
-                       queries.shape[0], corpus.shape[0])
+    result = SetScores(metrics, np.bincount(queries.indices, minlength=width).astype(float), doc_counts,
+                       queries.shape[0], corpus.docs, facts)
     result.metrics["avg_flops"] = pooled_flops([result])
     return result
 
@@ -152,23 +224,48 @@ def pooled_metrics(per_set: list[SetScores]) -> dict[str, float]:
     return metrics
 
 
+def scored_model(model_dir: Path, max_seq_length: int | None, onnx: str | None, export_dir: Path):
+    """The model as saved (with `onnx` "int8" or "fp32": its MLM exported to `export_dir` and run by
+    ONNX Runtime), and its identity (what names its corpus shards)."""
+    if onnx:
+        return (onnx_encoder(model_dir, export_dir, onnx),
+                model_identity(model_dir, onnx_path(export_dir, model_dir, onnx)))
+    return load_encoder(model_dir, max_seq_length), model_identity(model_dir)
+
+
+def encode_helper_shards(model_dir: Path, sets: dict[str, RetrievalSet], batch_size: int, precision: str,
+                         sharding: Sharding, max_seq_length: int | None = None, onnx: str | None = None,
+                         export_dir: Path = EXPORT_DIR) -> dict:
+    """A helper rank's part of evaluate_model: its share of each set's corpus shards."""
+    model, identity = scored_model(model_dir, max_seq_length, onnx, export_dir)
+    bf16 = use_bf16(precision, model.device.type)
+    return {name: encode_shards(model, data, corpus_shards(model, identity, data, batch_size, bf16, sharding),
+                                batch_size, bf16, sharding)
+            for name, data in sets.items()}
+
+
 def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.DataFrame, batch_size: int,
                    max_active_dims: list[int], max_seq_length: int | None = None,
                    precision: str = "fp32", index: IndexConfig = IndexConfig(), onnx: str | None = None,
-                   export_dir: Path = EXPORT_DIR) -> dict:
-    """Retrieval metrics of the model as saved (with `onnx` "int8" or "fp32": its MLM exported to
-    `export_dir` and run by ONNX Runtime), and at each top-k size (each set encoded once), per set
-    and pooled over the sets, plus the training triplets' accuracy where the training set has negatives."""
+                   export_dir: Path = EXPORT_DIR, sharding: Sharding | None = None) -> dict:
+    """Retrieval metrics of the model (see scored_model), and at each top-k size (each set encoded
+    once), per set and pooled over the sets, plus the training triplets' accuracy where the training
+    set has negatives. Corpus vectors go to `sharding`'s folder (without one, to a temporary folder)."""
+    if sharding is None:
+        with tempfile.TemporaryDirectory(prefix="eval-shards-") as folder:
+            return evaluate_model(model_dir, sets, train, batch_size, max_active_dims, max_seq_length,
+                                  precision, index, onnx, export_dir, Sharding(Path(folder)))
     from sentence_transformers.sparse_encoder.evaluation import SparseTripletEvaluator
 
-    model = onnx_encoder(model_dir, export_dir, onnx) if onnx else load_encoder(model_dir, max_seq_length)
+    model, identity = scored_model(model_dir, max_seq_length, onnx, export_dir)
     bf16 = use_bf16(precision, model.device.type)
-    per_set, sweeps, doc_dims = {}, [], []
+    per_set, sweeps, doc_dims, digests = {}, [], [], set()
     for name, data in sets.items():
         log.info("scoring %s on %s", model_dir, name)
-        vectors = encode(model, data, batch_size, bf16)
+        vectors = encode(model, identity, data, batch_size, sharding, bf16)
+        digests.add(vectors.corpus.digest)
         per_set[name] = retrieval_scores(vectors, data, index=index)
-        doc_dims.append(np.diff(vectors.corpus.indptr))
+        doc_dims.append(vectors.corpus.document_lengths())
         sweeps.append({k: retrieval_scores(vectors, data, k, index) for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
@@ -178,9 +275,10 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
         with splade_head.fused_head(model):  # the same vectors, without the full logits
             metrics.update({f"train_triplets_{k}": float(v) for k, v in triplets(model).items()})
     return {"metrics": metrics, "datasets": {name: scores.metrics for name, scores in per_set.items()},
+            "index": {name: scores.index for name, scores in per_set.items()},
             "max_active_dims": {str(k): pooled_metrics([sweep[k] for sweep in sweeps])
                                 for k in max_active_dims},
-            "doc_active_dims": np.concatenate(doc_dims)}
+            "doc_active_dims": np.concatenate(doc_dims), "shard_digests": digests}
 
 
 def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
@@ -204,11 +302,20 @@ def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
 
 def run(params: Params) -> dict:
     cfg = params.evaluate
+    rank, world_size = process_rank()
+    sharding = Sharding(EVAL_SHARDS_DIR, cfg.shard_docs, rank, world_size, cfg.wait_seconds)
+    int8 = onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists()  # the export stage's quantized student
+    if rank > 0:  # a helper rank: its share of every corpus shard rank 0 will read, in rank 0's order
+        sets = read_eval_snapshot(params.snapshot.eval.split)
+        scored = [(STUDENT_DIR, None), (BASE_MODEL_DIR, None)] + ([(STUDENT_DIR, "int8")] if int8 else [])
+        return {f"{folder} {onnx or ''}".strip(): encode_helper_shards(folder, sets, cfg.batch_size, cfg.precision,
+                                                                        sharding, onnx=onnx)
+                for folder, onnx in scored}
     with stage_record("evaluate", params) as record:
         sets = read_eval_snapshot(params.snapshot.eval.split)
         train = read_training_snapshot().head(cfg.max_train_triplets)
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
-                                        precision=cfg.precision, index=cfg.index)
+                                        precision=cfg.precision, index=cfg.index, sharding=sharding)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))
         bm25 = {name: bm25_metrics(data) for name, data in sets.items()}
         result = {"student": student["metrics"], "base": base["metrics"],
@@ -216,11 +323,15 @@ def run(params: Params) -> dict:
                   "gain": {k: student["metrics"][k] - base["metrics"][k] for k in HEADLINE},
                   "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
                                       "bm25": bm25[name]} for name in sets},
-                  "index": {name: index_kind(cfg.index, len(data.corpus)) for name, data in sets.items()}}
-        if onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists():  # the export stage's quantized student
-            int8 = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], index=cfg.index, onnx="int8")
-            result["student_onnx_int8"] = int8["metrics"]
-            result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - int8["metrics"]["dot_ndcg@10"]
+                  "index": student["index"]}
+        digests = student["shard_digests"] | base["shard_digests"]
+        if int8:
+            quantized = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], index=cfg.index,
+                                       onnx="int8", sharding=sharding)
+            result["student_onnx_int8"] = quantized["metrics"]
+            result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - quantized["metrics"]["dot_ndcg@10"]
+            digests |= quantized["shard_digests"]
+        remove_stale(EVAL_SHARDS_DIR, digests)  # other models' vectors (the base's stay: reused next run)
         if cfg.max_active_dims:
             result["student_max_active_dims"] = student["max_active_dims"]
             result["base_max_active_dims"] = base["max_active_dims"]
@@ -252,15 +363,20 @@ def write_ndcg_table(datasets: dict, path: Path) -> None:
 
 
 def evaluate_folder(model: Path, beir: Path, split: str, max_seq_length: int | None, batch_size: int,
-                    precision: str, max_active_dims: list[int], index: IndexConfig = IndexConfig()) -> dict:
+                    precision: str, max_active_dims: list[int], index: IndexConfig = IndexConfig(),
+                    sharding: Sharding | None = None) -> dict:
     """One model on one BEIR folder, outside the pipeline: its metrics and the seconds they took
-    (read, encode, retrieve, score)."""
+    (read, encode, retrieve, score). With `sharding`, its corpus vectors are kept there (a rerun
+    resumes from them) and ranks can share the encoding."""
     started = time.perf_counter()
     data = read_retrieval_set(beir, split)
+    if sharding and sharding.rank > 0:  # a helper rank: its share of the corpus shards; rank 0 scores
+        return encode_helper_shards(model, {beir.name: data}, batch_size, precision, sharding,
+                                    max_seq_length)[beir.name]
     result = evaluate_model(model, {beir.name: data}, pd.DataFrame(), batch_size, max_active_dims,
-                            max_seq_length, precision, index)
+                            max_seq_length, precision, index, sharding=sharding)
     return {**result["metrics"], "max_active_dims": result["max_active_dims"],
-            "index": index_kind(index, len(data.corpus)), "seconds": time.perf_counter() - started}
+            "index": result["index"][beir.name], "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,6 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-active-dims", type=int, nargs="*", default=[])
     parser.add_argument("--index", choices=["auto", "exact", "seismic"], default="auto",
                         help="top-100 search: exact, or seismic (approximate; auto: past 2M documents)")
+    parser.add_argument("--shards", help="keep the corpus vectors in this folder: a rerun resumes from them, "
+                        "and processes started with RANK / WORLD_SIZE share the encoding (default: a temporary folder)")
+    parser.add_argument("--shard-docs", type=int, default=EvaluateConfig().shard_docs, help="documents per shard")
     parser.add_argument("--out", help="JSON file for the metrics (default: print them)")
     args = parser.parse_args(argv)
     if not (args.model or args.beir):
@@ -285,9 +404,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model and --beir go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        sharding = Sharding(Path(args.shards), args.shard_docs, *process_rank()) if args.shards else None
         result = evaluate_folder(Path(args.model), Path(args.beir), args.split, args.max_seq_length,
                                  args.batch_size, args.precision, args.max_active_dims,
-                                 IndexConfig(kind=args.index))
+                                 IndexConfig(kind=args.index), sharding)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -1,46 +1,115 @@
-"""Each query's best documents by dot product over sparse vectors (scipy CSR rows).
+"""Each query's best documents by dot product over sparse vectors, for corpora up to MS MARCO's 8.8M
+passages in bounded memory.
 
-exact: scipy sparse products against a term-major copy of the corpus (an inverted index: one row
-of postings per dimension), a block of queries at a time; what the stock evaluator ranks, without
-its dense (queries x documents) product.
+The corpus is held on disk as shards of sparse vectors (CorpusShards: scipy CSR rows, `npz`), written
+by the encoding ranks; nothing here holds a second full copy of it.
+exact: a shard at a time, scipy sparse products against that shard's term-major copy (an inverted
+index: one row of postings per dimension), a block of queries at a time, merged into a running top-k:
+what the stock evaluator ranks, without its dense (queries x documents) product. Memory: one shard.
 seismic: a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists with
-summaries), approximate, for corpora where brute force takes too long (MS MARCO's 8.8M passages).
-Measured by bench/retrieval_scale.py.
+summaries), approximate, fed shard by shard; its build must fit evaluate.index.memory_gb (checked
+before it starts), and its search parameters can be chosen by a sweep against exact on a sample of
+queries. Measured by bench/evaluate_scale.py.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.cli import StageError
 from pipeline.config import IndexConfig
+from pipeline.shards import ShardFiles
+
+# seismic's build peaks at about this many bytes per posting of the corpus, plus a fixed part
+# (bench/evaluate_scale.py, splade-tiny-shaped vectors: +1.15 GB at 200k documents, 25M postings;
+# +6.7 GB at 2M documents, 254M postings)
+SEISMIC_BUILD_BYTES_PER_POSTING = 28
+SEISMIC_BUILD_FIXED_BYTES = 2 ** 29
+# the search parameters the sweep tries, cheapest first (a query's largest terms, pruning: 1 least)
+SWEEP_QUERY_CUTS = (5, 8, 12, 20, 30)
+SWEEP_HEAP_FACTORS = (0.7, 0.8, 0.9, 1.0)
 
 
-class ExactIndex:
-    kind = "exact"
+class CorpusShards(ShardFiles):
+    """A corpus's vectors, `shard_docs` documents per shard file, in document order; `key` says what
+    determines them (model, documents, settings). Iterating loads one shard at a time."""
 
-    def __init__(self, corpus, max_cells: int = 2 ** 23):
-        self.by_dimension = corpus.T.tocsr()  # built once: a transpose per search would cost as much
-        self.docs = corpus.shape[0]
-        self.max_cells = max_cells  # a block's dense score matrix (plus argpartition's indices) stays under this
+    def __init__(self, folder: Path, key: dict, docs: int, dims: int, shard_docs: int):
+        super().__init__(folder, {**key, "docs": docs, "dims": dims, "shard_docs": shard_docs},
+                         max(1, -(-docs // shard_docs)), ".npz")
+        self.docs, self.dims, self.shard_docs = docs, dims, shard_docs
+
+    def rows(self, index: int) -> range:
+        return range(index * self.shard_docs, min(self.docs, (index + 1) * self.shard_docs))
+
+    def write(self, index: int, vectors) -> None:
+        from scipy.sparse import save_npz
+
+        from pipeline.tracking import write_atomically
+
+        if vectors.shape[0] != len(self.rows(index)):
+            raise ValueError(f"shard {index} holds rows {self.rows(index)}, not {vectors.shape[0]}")
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a file object: savez would append .npz to a bare name
+                save_npz(handle, vectors.tocsr(), compressed=False)
+
+        write_atomically(self.path(index), save)  # a killed rank leaves no half-written shard
+
+    def load(self, index: int):
+        from scipy.sparse import load_npz
+
+        return load_npz(self.path(index)).tocsr()
+
+    def __iter__(self):
+        return (self.load(i) for i in range(self.count))
 
     @property
-    def nbytes(self) -> int:
-        matrix = self.by_dimension
-        return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+    def nnz(self) -> int:
+        """Postings in the whole corpus, read from the shards' row offsets only."""
+        return sum(int(np.load(self.path(i))["indptr"][-1]) for i in range(self.count))
 
-    def search(self, queries, depth: int = 100) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(document rows, scores) of each query's `depth` best, best first, in query order."""
-        depth = min(depth, self.docs)
-        block = max(1, self.max_cells // self.docs)
-        for start in range(0, queries.shape[0], block):
-            scores = (queries[start:start + block] @ self.by_dimension).toarray()
-            best = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            best_scores = np.take_along_axis(scores, best, axis=1)
-            order = np.argsort(-best_scores, axis=1, kind="stable")
-            yield from zip(np.take_along_axis(best, order, axis=1), np.take_along_axis(best_scores, order, axis=1))
+    def document_lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(np.load(self.path(i))["indptr"]) for i in range(self.count)])
+
+
+def shard_top(shard, queries, depth: int, max_cells: int = 2 ** 23) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores): each query's `depth` best rows of one shard (fewer when it is smaller), unsorted."""
+    by_dimension = shard.T.tocsr()  # once per shard: one row of postings per dimension
+    depth = min(depth, shard.shape[0])
+    block = max(1, max_cells // max(1, shard.shape[0]))  # a block's dense scores stay under max_cells
+    rows, scores = [], []
+    for start in range(0, queries.shape[0], block):
+        dense = (queries[start:start + block] @ by_dimension).toarray()
+        best = np.argpartition(-dense, depth - 1, axis=1)[:, :depth]
+        rows.append(best)
+        scores.append(np.take_along_axis(dense, best, axis=1))
+    return np.concatenate(rows), np.concatenate(scores).astype(np.float32)
+
+
+def exact_search(corpus, queries, depth: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(document rows, scores) of each query's `depth` best, best first, in query order: the corpus's
+    shards scored one at a time, each shard's best merged into a running top-k."""
+    best_rows = np.zeros((queries.shape[0], 0), dtype=np.int64)
+    best_scores = np.zeros((queries.shape[0], 0), dtype=np.float32)
+    offset = 0
+    for shard in corpus:
+        rows, scores = shard_top(shard, queries, depth)
+        best_rows = np.concatenate([best_rows, rows + offset], axis=1)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        if best_rows.shape[1] > depth:
+            keep = np.argpartition(-best_scores, depth - 1, axis=1)[:, :depth]
+            best_rows, best_scores = (np.take_along_axis(m, keep, axis=1) for m in (best_rows, best_scores))
+        offset += shard.shape[0]
+    order = np.lexsort((best_rows, -best_scores), axis=1) if best_rows.size else best_rows
+    return list(zip(np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)))
+
+
+def seismic_build_bytes(postings: int) -> int:
+    return SEISMIC_BUILD_BYTES_PER_POSTING * postings + SEISMIC_BUILD_FIXED_BYTES
 
 
 class SeismicIndex:
@@ -48,21 +117,31 @@ class SeismicIndex:
 
     kind = "seismic"
 
-    def __init__(self, corpus, query_cut: int = 20, heap_factor: float = 0.8, search_threads: int = 0):
+    def __init__(self, corpus, query_cut: int = 20, heap_factor: float = 0.8, search_threads: int = 0,
+                 memory_gb: float | None = None):
         try:
             from seismic import SeismicDataset, SeismicIndex as Index
         except ImportError:
             raise StageError("evaluate.index seismic needs pyseismic-lsr: pip install -e '.[scale]' "
                              "(or set evaluate.index: exact)") from None
-        corpus = corpus.tocsr(copy=True)
-        corpus.sort_indices()  # seismic wants increasing components within a row
-        dataset = SeismicDataset(dim=corpus.shape[1])
-        dataset.add_documents_by_id([str(row) for row in range(corpus.shape[0])], corpus.indices.astype(np.int64),
-                                    corpus.data.astype(np.float32), corpus.indptr.astype(np.int64))
+        postings = corpus.nnz
+        if memory_gb is not None and seismic_build_bytes(postings) > memory_gb * 2 ** 30:
+            raise StageError(
+                f"the seismic index of {corpus.docs:,} documents ({postings:,} postings) needs about "
+                f"{seismic_build_bytes(postings) / 2 ** 30:.1f} GB to build "
+                f"(measured: {SEISMIC_BUILD_BYTES_PER_POSTING} B per posting and 0.5 GB), over evaluate.index.memory_gb "
+                f"({memory_gb:g} GB). Raise evaluate.index.memory_gb on a machine that has it, or set "
+                "evaluate.index.kind: exact (streamed shard by shard: one shard in memory, slower)")
+        dataset = SeismicDataset(dim=corpus.dims)
+        for offset, shard in zip(range(0, corpus.docs, corpus.shard_docs), corpus):
+            shard.sort_indices()  # seismic wants increasing components within a row
+            dataset.add_documents_by_id([str(offset + row) for row in range(shard.shape[0])],
+                                        shard.indices.astype(np.int64), shard.data.astype(np.float32),
+                                        shard.indptr.astype(np.int64))
         self.index = Index.build_from_dataset(dataset)  # on every core
         self.query_cut, self.heap_factor, self.search_threads = query_cut, heap_factor, search_threads
 
-    def search(self, queries, depth: int = 100) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def search(self, queries, depth: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
         from seismic import get_seismic_string
 
         text = get_seismic_string()
@@ -73,10 +152,43 @@ class SeismicIndex:
             [queries.data[s].astype(np.float32) for s in spans],
             k=depth, query_cut=self.query_cut, heap_factor=self.heap_factor, num_threads=self.search_threads)
         by_query = {hits[0][0]: hits for hits in results if hits}  # results come in no set query order
+        found = []
         for q in range(queries.shape[0]):
             hits = sorted(by_query.get(str(q), []), key=lambda hit: -hit[1])
-            yield (np.array([int(doc) for _, _, doc in hits], dtype=np.int64),
-                   np.array([score for _, score, _ in hits], dtype=np.float32))
+            found.append((np.array([int(doc) for _, _, doc in hits], dtype=np.int64),
+                          np.array([score for _, score, _ in hits], dtype=np.float32)))
+        return found
+
+
+def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean fraction of each query's exact top-k that `found` has."""
+    return float(np.mean([len(np.intersect1d(f, t)) / max(1, len(t)) for (f, _), (t, _) in zip(found, truth)]))
+
+
+def sweep(index: SeismicIndex, corpus, queries, target: float, sample: int, depth: int = 100,
+          seed: int = 0) -> dict:
+    """Seismic's search parameters chosen on `sample` of the queries: of the settings whose recall@depth
+    against exact reaches `target`, the fastest (one thread); when none does, the most accurate. Leaves
+    them set on the index and returns what was tried and chosen."""
+    picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
+                                                       replace=False))
+    probe = queries[picks]
+    truth = exact_search(corpus, probe, depth)
+    tried = []
+    for query_cut in SWEEP_QUERY_CUTS:
+        for heap_factor in SWEEP_HEAP_FACTORS:
+            index.query_cut, index.heap_factor, index.search_threads = query_cut, heap_factor, 1
+            started = time.perf_counter()
+            found = index.search(probe, depth)
+            tried.append({"query_cut": query_cut, "heap_factor": heap_factor,
+                          "ms_per_query": 1000 * (time.perf_counter() - started) / len(picks),
+                          f"recall_at_{depth}": recall(found, truth)})
+    meeting = [t for t in tried if t[f"recall_at_{depth}"] >= target]
+    chosen = (min(meeting, key=lambda t: t["ms_per_query"]) if meeting
+              else max(tried, key=lambda t: (t[f"recall_at_{depth}"], -t["ms_per_query"])))
+    index.query_cut, index.heap_factor, index.search_threads = chosen["query_cut"], chosen["heap_factor"], 0
+    return {**chosen, "recall_target": target, "target_met": bool(meeting), "sample_queries": len(picks),
+            "tried": tried}
 
 
 def index_kind(cfg: IndexConfig, docs: int) -> str:
@@ -86,7 +198,15 @@ def index_kind(cfg: IndexConfig, docs: int) -> str:
     return "exact" if docs <= cfg.exact_max_docs else "seismic"
 
 
-def build_index(corpus, cfg: IndexConfig) -> ExactIndex | SeismicIndex:
-    if index_kind(cfg, corpus.shape[0]) == "exact":
-        return ExactIndex(corpus)
-    return SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor)
+def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, dict]:
+    """Each query's `depth` best (rows, scores), and what found them (eval.json's "index")."""
+    kind = index_kind(cfg, corpus.docs)
+    if kind == "exact":
+        return exact_search(corpus, queries, depth), {"kind": "exact"}
+    started = time.perf_counter()
+    index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor, memory_gb=cfg.memory_gb)
+    facts = {"kind": "seismic", "build_seconds": time.perf_counter() - started,
+             "query_cut": cfg.query_cut, "heap_factor": cfg.heap_factor}
+    if cfg.recall_target is not None:
+        facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth))
+    return index.search(queries, depth), facts

@@ -27,7 +27,6 @@ sharing the folder) rank r scores shards r, r+N, ...; rank 0 waits for the rest 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_SCORED, TEACHER_SHARDS_DI
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
 from pipeline.metrics import mean_metrics, ranking_metrics
 from pipeline.runtime import import_bm25s, native_bf16, process_rank, use_bf16, weights_digest
+from pipeline.shards import ShardFiles, remove_stale, wait_for_shards
 from pipeline.tracking import stage_record, write_atomically, write_json
 
 log = logging.getLogger(__name__)
@@ -262,29 +262,18 @@ def mine_negatives(train: pd.DataFrame, teacher: BiEncoderTeacher, count: int) -
     return rows
 
 
-class ShardPlan:
-    """Unique pairs cut into fixed shards whose file names carry a digest of everything that
-    determines their scores, so shards of another snapshot or teacher are never reused."""
+class ShardPlan(ShardFiles):
+    """Unique pairs cut into fixed shards of scores (parquet)."""
 
     def __init__(self, folder: Path, pairs: pd.DataFrame, teacher: "Teacher"):
-        self.folder, self.pairs = folder, pairs
-        folder.mkdir(parents=True, exist_ok=True)
-        self.shard_size = teacher.cfg.shard_size
+        self.pairs, self.shard_size = pairs, teacher.cfg.shard_size
         key = {"pairs": frame_digest(pairs), "teacher": teacher.identity,
                "bf16": teacher.bf16, "batch_size": teacher.cfg.batch_size,
                "shard_size": self.shard_size, "max_length": teacher.model.max_seq_length}
-        self.key = key
-        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.count = max(1, -(-len(pairs) // self.shard_size))
-
-    def path(self, index: int) -> Path:
-        return self.folder / f"{self.digest}-{index:05d}-of-{self.count:05d}.parquet"
+        super().__init__(folder, key, max(1, -(-len(pairs) // self.shard_size)), ".parquet")
 
     def rows(self, index: int) -> pd.DataFrame:
         return self.pairs.iloc[index * self.shard_size:(index + 1) * self.shard_size]
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.count) if not self.path(i).exists()]
 
     def batch_size(self, teacher: "Teacher", rank: int) -> int:
         """The configured size, or the automatic one that rank 0 finds once and keeps with the plan
@@ -314,19 +303,13 @@ class ShardPlan:
                              f"{len(self.pairs)} pairs; delete the folder and rerun")
         return scores
 
-    def remove_stale(self) -> None:
-        for path in self.folder.iterdir():  # other plans' shards, and files of killed writes
-            if not path.name.startswith(self.digest) or path.suffix.startswith(".tmp"):
-                path.unlink()
-
 
 def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int) -> dict:
     """Score this rank's missing shards; returns what it did."""
     from tqdm.auto import tqdm
 
     batch_size = plan.batch_size(teacher, rank)
-    mine = range(rank, plan.count, world_size)
-    todo = [i for i in mine if not plan.path(i).exists()]
+    mine, todo = plan.owed(rank, world_size)
     total = sum(len(plan.rows(i)) for i in todo)
     started = time.perf_counter()
     with tqdm(total=total, unit="pair", desc=f"teacher (rank {rank}/{world_size})",
@@ -337,27 +320,6 @@ def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int
     return {"shards": plan.count, "shards_reused": len(mine) - len(todo), "shards_scored": len(todo),
             "pairs_scored": total, "pairs_per_second": total / seconds if total else 0.0,
             "batch_size": batch_size}
-
-
-def wait_for_shards(plan: ShardPlan, world_size: int, wait_seconds: float, poll_seconds: float = 2.0) -> None:
-    """Rank 0 merges once the other ranks' shards are in. When none has arrived for `wait_seconds`
-    (a rank died, or was never started) it stops, naming the missing shards and the ranks that owe them."""
-    missing = plan.missing()
-    if missing:
-        log.info("waiting for %d shard(s) from the other ranks", len(missing))
-    progress = time.monotonic()
-    while missing:
-        if time.monotonic() - progress > wait_seconds:
-            ranks = sorted({index % world_size for index in missing})
-            raise StageError(
-                f"no new teacher shard for {wait_seconds:g} s (teacher.wait_seconds): shard(s) {missing} of "
-                f"{plan.count} ({plan.folder}/{plan.digest}-*) are missing, owed by rank(s) {ranks} of {world_size}. "
-                f"Restart those ranks (RANK=r WORLD_SIZE={world_size} python -m pipeline.teacher) and rerun")
-        time.sleep(min(poll_seconds, wait_seconds))
-        still = plan.missing()
-        if len(still) < len(missing):
-            progress = time.monotonic()
-        missing = still
 
 
 def distributed_rank() -> tuple[int, int, str | None]:
@@ -429,9 +391,9 @@ def run(params: Params) -> dict:
                 plan = ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher)
                 ranks = (0, 1) if mining else (rank, world_size)  # mined pairs: rank 0 alone knows them
                 record["metrics"] = score_shards(teacher, plan, *ranks)
-                wait_for_shards(plan, ranks[1], cfg.wait_seconds)
+                wait_for_shards(plan, ranks[1], cfg.wait_seconds, "python -m pipeline.teacher")
                 scores = plan.merged()
-                plan.remove_stale()
+                remove_stale(plan.folder, {plan.digest})
                 record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
                                               "shard_digest": plan.digest}
             doc_scores = scores.astype(np.float64)[pair_index] * cfg.score_scale

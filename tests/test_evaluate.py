@@ -4,8 +4,14 @@ import pytest
 
 from pipeline import evaluate
 from pipeline.config import EvalDataConfig, IndexConfig
-from pipeline.retrieval import ExactIndex, index_kind
+from pipeline.retrieval import exact_search, index_kind
 from pipeline.sources import SourceError, read_eval_sets, read_retrieval_set
+
+
+def encode(model, data, folder, batch_size=32, shard_docs=100_000, bf16=False, rank=0, world_size=1):
+    """The stage's encoding of a set, its corpus shards in `folder`."""
+    sharding = evaluate.Sharding(folder, shard_docs, rank, world_size)
+    return evaluate.encode(model, "test-model", data, batch_size, sharding, bf16)
 
 
 def test_every_metric_equals_the_stock_evaluator_on_splade_tiny(shared, cut_beir):
@@ -71,7 +77,7 @@ def test_nanobeir_layout_sets_and_mean_equal_the_stock_nanobeir_evaluator(shared
     assert ours["metrics"]["dot_ndcg@10"] == pytest.approx(sum(ndcg) / 2) and ndcg[0] != ndcg[1]
 
 
-def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(shared, cut_beir):
+def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(tmp_path, shared, cut_beir):
     """The ranking metrics (sentence-transformers' code) against trec_eval's (ir-measures) on the
     same ranking of a graded set; graded nDCG@10 is trec_eval's with the grades as gains."""
     import ir_measures
@@ -84,9 +90,9 @@ def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(sh
     assert {2, 1} <= {grade for docs in data.qrels.values() for grade in docs.values()}
     model = SparseEncoder(str(shared / "models/splade-tiny"))
     model.max_seq_length = 128
-    vectors = evaluate.encode(model, data, batch_size=32)
+    vectors = encode(model, data, tmp_path)
     ranking = {q: {vectors.doc_ids[j]: float(s) for j, s in zip(indices, scores)}
-               for q, (indices, scores) in zip(vectors.query_ids, ExactIndex(vectors.corpus).search(vectors.queries))}
+               for q, (indices, scores) in zip(vectors.query_ids, exact_search(vectors.corpus, vectors.queries))}
     ours = ranking_metrics(data, ranking)
     binary = {q: {d: 1 for d in docs} for q, docs in data.qrels.items()}
     trec = ir_measures.calc_aggregate([nDCG@10, RR@10, AP@100, R@10, P@10, Success@1], binary, ranking)
@@ -121,54 +127,72 @@ def test_command_line_scores_a_plain_masked_lm_folder(tmp_path, shared, cut_beir
 
 
 @pytest.mark.slow  # 21 s: the approximate index only serves corpora past evaluate.index.exact_max_docs
-def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds(shared, cut_beir):
+def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds(tmp_path, shared, cut_beir):
     """splade-tiny vectors of 1,000+ DBPedia documents: seismic's hits carry their dot products,
     most of exact's top 10 is found, and the metrics move little; auto picks by corpus size."""
     import numpy as np
     from sentence_transformers import SparseEncoder
 
-    from pipeline.retrieval import SeismicIndex
+    from scipy.sparse import vstack
+
+    from pipeline.cli import StageError
+    from pipeline.retrieval import SeismicIndex, sweep
 
     data = read_retrieval_set(cut_beir("dbpedia-subset", queries=40, extra_docs=1000), "test")
     model = SparseEncoder(str(shared / "models/splade-tiny"))
     model.max_seq_length = 128
-    vectors = evaluate.encode(model, data, batch_size=32)
-    exact = list(ExactIndex(vectors.corpus).search(vectors.queries, 100))
-    approximate = list(SeismicIndex(vectors.corpus).search(vectors.queries, 100))
-    dense = (vectors.queries @ vectors.corpus.T).toarray()
+    vectors = encode(model, data, tmp_path, shard_docs=300)  # 4 shards, streamed
+    exact = exact_search(vectors.corpus, vectors.queries, 100)
+    index = SeismicIndex(vectors.corpus)
+    approximate = index.search(vectors.queries, 100)
+    corpus = vstack(list(vectors.corpus))
+    dense = (vectors.queries @ corpus.T).toarray()
     for q, (rows, scores) in enumerate(approximate):
         assert len(rows) == 100 and np.all(np.diff(scores) <= 0)
         np.testing.assert_allclose(scores, dense[q, rows], rtol=1e-3)  # seismic stores rounded weights
+    for q, (rows, scores) in enumerate(exact):  # the streamed top-k is the whole corpus's
+        assert np.array_equal(np.sort(dense[q])[::-1][:100], scores)
+        np.testing.assert_allclose(dense[q, rows], scores)
     overlap = np.mean([len(np.intersect1d(a[0][:10], e[0][:10])) / 10 for a, e in zip(approximate, exact)])
     assert overlap >= 0.9
+    chosen = sweep(index, vectors.corpus, vectors.queries, target=0.9, sample=20)
+    assert chosen["target_met"] and chosen["recall_at_100"] >= 0.9 and len(chosen["tried"]) == 20
+    assert chosen["ms_per_query"] == min(t["ms_per_query"] for t in chosen["tried"] if t["recall_at_100"] >= 0.9)
+    assert (index.query_cut, index.heap_factor) == (chosen["query_cut"], chosen["heap_factor"])
     exact_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
-    seismic_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic")).metrics
-    assert seismic_metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
+    seismic = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20))
+    assert seismic.metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
+    assert seismic.index["kind"] == "seismic" and seismic.index["recall_target"] == 0.95
     auto = IndexConfig(exact_max_docs=1000)
     assert index_kind(auto, 1000) == "exact" and index_kind(auto, 1001) == "seismic"
+    with pytest.raises(StageError, match=r"needs about 0\.\d GB to build .* over evaluate.index.memory_gb \(0.01 GB\)"):
+        SeismicIndex(vectors.corpus, memory_gb=0.01)  # refused before building
 
 
-def test_corpus_encoded_in_chunks_equals_one_pass_and_bf16_stays_close(shared, cut_beir):
-    """The corpus encoded a few documents at a time gives the same rows as one pass, and the same as
+def test_corpus_encoded_in_shards_equals_one_pass_and_bf16_stays_close(tmp_path, shared, cut_beir):
+    """The corpus encoded a few documents per shard gives the same rows as one pass, and the same as
     sentence-transformers' encode_document (fp32, also with the model's max_active_dims); bf16 mode
     keeps values within 0.05 of them."""
     import numpy as np
+    from scipy.sparse import vstack
     from sentence_transformers import SparseEncoder
 
     data = read_retrieval_set(cut_beir("scifact", queries=4, extra_docs=40), "test")
     model = SparseEncoder(str(shared / "models/splade-tiny"))
     model.max_seq_length = 128
-    whole, chunked = (evaluate.encode(model, data, batch_size=8, chunk_docs=n) for n in (10_000, 7))
-    assert (whole.corpus != chunked.corpus).nnz == 0 and whole.corpus.shape == chunked.corpus.shape
-    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in whole.doc_ids], convert_to_tensor=True).cpu())
-    assert abs(whole.corpus - stock).max() == 0.0
-    bf16 = evaluate.encode(model, data, batch_size=8, bf16=True)
-    assert 0 < abs(bf16.corpus - whole.corpus).max() < 0.05
+    whole, sharded = (vstack(list(encode(model, data, tmp_path / str(n), 8, shard_docs=n).corpus)).tocsr()
+                      for n in (10_000, 7))
+    assert (whole != sharded).nnz == 0 and whole.shape == sharded.shape
+    doc_ids = list(data.corpus)
+    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
+    assert abs(whole - stock).max() == 0.0
+    bf16 = vstack(list(encode(model, data, tmp_path / "bf16", 8, bf16=True).corpus))
+    assert 0 < abs(bf16 - whole).max() < 0.05
     model.max_active_dims = 16
-    capped = evaluate.encode(model, data, batch_size=8)
-    assert np.diff(capped.corpus.indptr).max() == 16
-    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in capped.doc_ids], convert_to_tensor=True).cpu())
-    assert abs(capped.corpus - stock).max() == 0.0
+    capped = vstack(list(encode(model, data, tmp_path / "capped", 8).corpus)).tocsr()
+    assert np.diff(capped.indptr).max() == 16
+    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
+    assert abs(capped - stock).max() == 0.0
 
 
 @pytest.mark.slow
@@ -192,7 +216,7 @@ def test_full_size_parity_on_the_dbpedia_subset(shared):
 
 
 @pytest.mark.slow
-def test_graded_ndcg_on_the_whole_trec_dl19_subset(shared):
+def test_graded_ndcg_on_the_whole_trec_dl19_subset(tmp_path, shared):
     """The whole TREC-DL19 subset, where binary metrics saturate: graded nDCG@10 is trec_eval's
     (linear gains); with exponential gains (2^grade - 1) the same ranking gives the figure an
     independent script measured (../shared/REFERENCE.md: 0.7153)."""
@@ -203,10 +227,76 @@ def test_graded_ndcg_on_the_whole_trec_dl19_subset(shared):
     data = read_retrieval_set(shared / "data/beir/trec-dl19-subset", "test")
     model = SparseEncoder(str(shared / "models/splade-tiny"))
     model.max_seq_length = 256
-    vectors = evaluate.encode(model, data, batch_size=32)
+    vectors = encode(model, data, tmp_path)
     metrics = evaluate.retrieval_scores(vectors, data).metrics
     ranking = {q: {vectors.doc_ids[j]: float(s) for j, s in zip(indices, scores)}
-               for q, (indices, scores) in zip(vectors.query_ids, ExactIndex(vectors.corpus).search(vectors.queries))}
+               for q, (indices, scores) in zip(vectors.query_ids, exact_search(vectors.corpus, vectors.queries))}
     exponential = nDCG(gains={1: 1, 2: 3, 3: 7}) @ 10
     assert metrics["dot_ndcg@10"] == 1.0 and metrics["dot_graded_ndcg@10"] < 0.9
     assert ir_measures.calc_aggregate([exponential], data.qrels, ranking)[exponential] == pytest.approx(0.7153, abs=1e-4)
+
+
+def evaluate_process(model, beir, shards, out=None, rank=0, world_size=1):
+    """`python -m pipeline.evaluate --model --beir --shards` as a rank of `world_size`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--beir", str(beir), "--max-seq-length",
+         "128", "--batch-size", "8", "--shards", str(shards), "--shard-docs", "25"] + (["--out", str(out)] if out else []),
+        cwd=Path(evaluate.__file__).parents[1], env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def shard_matrices(folder) -> dict:
+    from scipy.sparse import load_npz
+
+    return {path.name: load_npz(path) for path in sorted(folder.glob("*-of-*.npz"))}
+
+
+def test_two_ranks_encode_what_one_process_does_and_a_killed_run_resumes(tmp_path, shared, cut_beir):
+    """Corpus shards written by 2 ranks (RANK / WORLD_SIZE, sharing a folder) are those one process
+    writes, bit for bit, and rank 0's metrics are the same; a run killed with SIGKILL half way keeps
+    its finished shards, and the rerun encodes only the missing ones."""
+    import json
+    import signal
+    import time
+
+    model, beir = shared / "models/splade-tiny", cut_beir("scifact", queries=6, extra_docs=220)
+    finished = lambda process: process.communicate(timeout=600)[0]  # noqa: E731
+    single = evaluate_process(model, beir, tmp_path / "one", tmp_path / "one.json")
+    assert single.wait(timeout=600) == 0, finished(single)
+    one = shard_matrices(tmp_path / "one")
+    assert len(one) >= 8
+
+    ranks = [evaluate_process(model, beir, tmp_path / "two", tmp_path / f"rank{r}.json", r, 2) for r in (0, 1)]
+    outputs = [finished(process) for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    assert "rank 1/2: corpus shard 2 of" in outputs[1] and "rank 0/2: corpus shard 1 of" in outputs[0]
+    two = shard_matrices(tmp_path / "two")
+    assert two.keys() == one.keys()
+    assert all((two[name] != one[name]).nnz == 0 and two[name].shape == one[name].shape for name in one)
+    metrics = json.loads((tmp_path / "rank0.json").read_text())
+    expected = json.loads((tmp_path / "one.json").read_text())
+    assert {k: metrics[k] for k in expected if k != "seconds"} == {k: expected[k] for k in expected if k != "seconds"}
+    helper = json.loads((tmp_path / "rank1.json").read_text())  # rank 1 only encodes: its share
+    assert helper == {"shards": len(one), "shards_reused": 0, "shards_encoded": len(one) // 2}
+
+    killed = evaluate_process(model, beir, tmp_path / "resumed")
+    while len(list((tmp_path / "resumed").glob("*-of-*.npz"))) < len(one) // 2:
+        assert killed.poll() is None, finished(killed)
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)  # kill -9
+    killed.wait()
+    survivors = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("*-of-*.npz")}
+    assert len(one) // 2 <= len(survivors) < len(one)
+    rerun = evaluate_process(model, beir, tmp_path / "resumed", tmp_path / "resumed.json")
+    output = finished(rerun)
+    assert rerun.returncode == 0, output
+    assert output.count("corpus shard") == len(one) - len(survivors)  # only the missing ones
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in survivors.items())  # not redone
+    resumed = shard_matrices(tmp_path / "resumed")
+    assert resumed.keys() == one.keys() and all((resumed[n] != one[n]).nnz == 0 for n in one)
+    assert not list((tmp_path / "resumed").glob(".*tmp"))  # no half-written shard left behind

@@ -16,6 +16,7 @@ from pipeline import snapshot, teacher, validate
 from pipeline.cli import StageError
 from pipeline.config import RECORDS_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, Params, TeacherConfig, TrainDataConfig
 from pipeline.dataset import read_training_snapshot
+from pipeline.shards import wait_for_shards
 from pipeline.sources import load_training
 
 TOY_TRIPLETS = "data/msmarco-toy-triplets/triplets.tsv"
@@ -311,7 +312,8 @@ def test_waits_are_bounded_and_name_the_missing_shards_and_ranks(workdir, cross_
     teacher.score_shards(scorer, plan, rank=0, world_size=2)  # shards 0, 2, 4; rank 1 never comes
     started = time.monotonic()
     with pytest.raises(StageError, match=r"shard\(s\) \[1, 3\] of 5 .* owed by rank\(s\) \[1\] of 2"):
-        teacher.wait_for_shards(plan, world_size=2, wait_seconds=0.5, poll_seconds=0.1)
+        wait_for_shards(plan, world_size=2, wait_seconds=0.5, command="python -m pipeline.teacher",
+                        poll_seconds=0.1)
     assert time.monotonic() - started < 5
 
     other = teacher.ShardPlan(workdir / "other-shards", toy_pairs(shared).head(80), scorer)

@@ -1,0 +1,167 @@
+"""The evaluate stage's retrieval over N synthetic documents shaped like MS MARCO SPLADE vectors.
+
+Shape: splade-tiny's vectors of the shared MS MARCO passages (../shared/data/beir/trec-dl19-subset,
+5,000 passages; its 50 queries and the 100 queries of ../shared/data/msmarco-toy-triplets), encoded
+once and cached in bench/.cache/. Each synthetic document is a real passage vector perturbed: each
+term kept with probability 0.8, each dropped one replaced by a term drawn by its document frequency
+among the real passages with a weight drawn from the real weights, every weight scaled by a
+log-normal factor (sigma 0.2). So lengths, term frequencies, weights and co-occurrence follow the
+real vectors, not a uniform or Zipf law. Queries are real query vectors perturbed the same way.
+
+Documents are written shard by shard (pipeline.retrieval.CorpusShards, as the evaluate stage's ranks
+write them) to a temporary folder; then the stage's retrieval runs on them:
+- exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread;
+- approximate: pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its
+  estimate does not fit), its query_cut / heap_factor chosen by pipeline.retrieval.sweep for
+  --recall-target on 200 queries, then searched on one thread.
+Prints one JSON line: docs, peak RSS after each phase, build seconds, ms/query of exact and
+approximate, recall@100 of approximate against exact.
+
+    python bench/evaluate_scale.py --docs 2000000 [--queries 500] [--memory-gb 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHARED = Path(os.environ.get("SPLADE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+CACHE = {name: Path(__file__).resolve().parent / ".cache" / f"splade-tiny-msmarco-{name}.npz"
+         for name in ("passages", "queries")}
+KEEP, NOISE = 0.8, 0.2
+
+
+def peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+
+
+def real_vectors():
+    """(passages, queries): splade-tiny's vectors of the shared MS MARCO passages and queries."""
+    from scipy.sparse import load_npz
+
+    if not all(path.exists() for path in CACHE.values()):
+        import pandas as pd
+
+        from pipeline import splade_head
+        from pipeline.evaluate import to_csr
+        from pipeline.models import load_encoder
+        from pipeline.sources import read_retrieval_set
+        from pipeline.tracking import write_atomically
+
+        model = load_encoder(SHARED / "models/splade-tiny", 256)
+        data = read_retrieval_set(SHARED / "data/beir/trec-dl19-subset", "test")
+        triplets = pd.read_csv(SHARED / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None)
+        texts = {"passages": list(data.corpus.values()),
+                 "queries": list(data.queries.values()) + triplets[0].drop_duplicates().tolist()}
+        for name, side in (("passages", "document"), ("queries", "query")):
+            vectors = to_csr(splade_head.encode(model, texts[name], side, 64, False, show_progress_bar=True))
+            write_atomically(CACHE[name], lambda tmp: save_csr(tmp, vectors))
+    return load_npz(CACHE["passages"]), load_npz(CACHE["queries"])
+
+
+def save_csr(path: Path, matrix) -> None:
+    from scipy.sparse import save_npz
+
+    with path.open("wb") as handle:
+        save_npz(handle, matrix)
+
+
+def perturbed(rng, source, rows: int, term_ids: np.ndarray, term_odds: np.ndarray, weights: np.ndarray):
+    """`rows` vectors, each a random row of `source` perturbed (see the module's docstring)."""
+    from scipy.sparse import csr_matrix
+
+    picked = source[rng.integers(0, source.shape[0], rows)].tocoo()
+    keep = rng.random(picked.nnz) < KEEP
+    dropped = int((~keep).sum())
+    row = np.concatenate([picked.row[keep], picked.row[~keep]])
+    col = np.concatenate([picked.col[keep], rng.choice(term_ids, dropped, p=term_odds)])
+    data = np.concatenate([picked.data[keep], rng.choice(weights, dropped)])
+    data = (data * rng.lognormal(0.0, NOISE, len(data))).astype(np.float32)
+    matrix = csr_matrix((data, (row, col)), shape=(rows, source.shape[1]))  # a repeated term: summed
+    matrix.sum_duplicates()
+    return matrix
+
+
+def synthetic_corpus(folder: Path, docs: int, shard_docs: int, passages, seed: int):
+    from pipeline.retrieval import CorpusShards
+
+    corpus = CorpusShards(folder, {"synthetic": "splade-tiny msmarco", "seed": seed}, docs, passages.shape[1],
+                          shard_docs)
+    frequency = np.bincount(passages.indices, minlength=passages.shape[1]).astype(float)
+    term_ids = np.flatnonzero(frequency)
+    rng = np.random.default_rng(seed)
+    for index in range(corpus.count):
+        corpus.write(index, perturbed(rng, passages, len(corpus.rows(index)), term_ids,
+                                      frequency[term_ids] / frequency.sum(), passages.data))
+    return corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=2_000_000)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--shard-docs", type=int, default=100_000)
+    parser.add_argument("--memory-gb", type=float, default=20.0, help="seismic's build budget")
+    parser.add_argument("--recall-target", type=float, default=0.95)
+    parser.add_argument("--sweep-queries", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from pipeline.cli import StageError
+    from pipeline.retrieval import SeismicIndex, exact_search, recall, sweep
+
+    passages, real_queries = real_vectors()
+    result = {"docs": args.docs, "queries": args.queries, "shard_docs": args.shard_docs,
+              "source": {"passages": passages.shape[0], "queries": real_queries.shape[0],
+                         "passage_active_dims": round(passages.nnz / passages.shape[0], 1),
+                         "query_active_dims": round(real_queries.nnz / real_queries.shape[0], 1)}}
+    with tempfile.TemporaryDirectory(prefix="evaluate-scale-", dir=os.environ.get("BENCH_TMP")) as folder:
+        started = time.perf_counter()
+        corpus = synthetic_corpus(Path(folder), args.docs, args.shard_docs, passages, args.seed)
+        frequency = np.bincount(passages.indices, minlength=passages.shape[1]).astype(float)
+        term_ids = np.flatnonzero(frequency)
+        queries = perturbed(np.random.default_rng(args.seed + 1), real_queries, args.queries, term_ids,
+                            frequency[term_ids] / frequency.sum(), real_queries.data)
+        postings = corpus.nnz
+        result.update(generate_seconds=round(time.perf_counter() - started, 1),
+                      doc_active_dims=round(postings / args.docs, 1),
+                      query_active_dims=round(queries.nnz / args.queries, 1), postings=postings,
+                      corpus_gb_on_disk=round(sum(corpus.path(i).stat().st_size for i in range(corpus.count)) / 2 ** 30, 2),
+                      peak_rss_gb_after_generate=peak_rss_gb())
+
+        started = time.perf_counter()
+        truth = exact_search(corpus, queries, 100)
+        seconds = time.perf_counter() - started
+        result["exact"] = {"ms_per_query": round(1000 * seconds / args.queries, 2), "seconds": round(seconds, 1),
+                           "peak_rss_gb": peak_rss_gb()}
+
+        started = time.perf_counter()
+        try:
+            index = SeismicIndex(corpus, memory_gb=args.memory_gb)
+        except StageError as refused:
+            result["approximate"] = {"refused": str(refused)}
+        else:
+            approximate = {"build_seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb()}
+            chosen = sweep(index, corpus, queries, args.recall_target, args.sweep_queries)
+            approximate["sweep"] = {k: v for k, v in chosen.items() if k != "tried"}
+            index.search_threads = 1
+            started = time.perf_counter()
+            found = index.search(queries, 100)
+            approximate.update(ms_per_query=round(1000 * (time.perf_counter() - started) / args.queries, 3),
+                               recall_at_100=round(recall(found, truth), 4), peak_rss_gb_after_search=peak_rss_gb())
+            result["approximate"] = approximate
+    result["peak_rss_gb"] = peak_rss_gb()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
