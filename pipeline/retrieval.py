@@ -115,8 +115,6 @@ def seismic_build_bytes(postings: int) -> int:
 class SeismicIndex:
     """Seismic over the corpus rows; components are dimension ids, documents their row numbers."""
 
-    kind = "seismic"
-
     def __init__(self, corpus, query_cut: int = 20, heap_factor: float = 0.8, search_threads: int = 0,
                  memory_gb: float | None = None):
         try:

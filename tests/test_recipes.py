@@ -227,7 +227,11 @@ def local_hub_dataset(folder: Path, config: str | None, frame) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("recipe", HUB_RECIPES, ids=lambda path: path.stem)
+# the default suite runs the headline recipe (about a minute each); the local recipes' tests above
+# cover the other architectures, and `pytest -m slow` runs every Hub recipe
+@pytest.mark.parametrize("recipe", [recipe if recipe.stem == "splade-small-msmarco"
+                                    else pytest.param(recipe, marks=pytest.mark.slow) for recipe in HUB_RECIPES],
+                         ids=lambda path: path.stem)
 def test_hub_recipe_runs_end_to_end_with_tiny_surrogates(recipe, workdir, shared, tiny_dense_model,
                                                          cross_encoder, cut_beir, nanobeir_en):
     """The recipe as written, with every Hub id swapped for a local stand-in of the same layout:
