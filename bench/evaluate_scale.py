@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,19 @@ SHARED = Path(os.environ.get("SPLADE_SHARED", Path(__file__).resolve().parents[2
 CACHE = {name: Path(__file__).resolve().parent / ".cache" / f"splade-tiny-msmarco-{name}.npz"
          for name in ("passages", "queries")}
 KEEP, NOISE = 0.8, 0.2
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Seismic's build prints its progress on file descriptor 1: keep stdout for the JSON line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def peak_rss_gb() -> float:
@@ -146,7 +160,8 @@ def main() -> None:
 
         started = time.perf_counter()
         try:
-            index = SeismicIndex(corpus, memory_gb=args.memory_gb)
+            with stdout_to_stderr():
+                index = SeismicIndex(corpus, memory_gb=args.memory_gb)
         except StageError as refused:
             result["approximate"] = {"refused": str(refused)}
         else:

@@ -46,7 +46,7 @@ from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metric
 from pipeline.models import load_encoder
 from pipeline.onnx_backend import onnx_path, onnx_encoder
 from pipeline.retrieval import CorpusShards, search
-from pipeline.runtime import process_rank, update_with_file, use_bf16
+from pipeline.runtime import process_rank, update_with_file, use_bf16, use_local_gpu
 from pipeline.shards import remove_stale, wait_for_shards
 from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_atomically, write_json
@@ -303,6 +303,7 @@ def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
 def run(params: Params) -> dict:
     cfg = params.evaluate
     rank, world_size = process_rank()
+    use_local_gpu()
     sharding = Sharding(EVAL_SHARDS_DIR, cfg.shard_docs, rank, world_size, cfg.wait_seconds)
     int8 = onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists()  # the export stage's quantized student
     if rank > 0:  # a helper rank: its share of every corpus shard rank 0 will read, in rank 0's order
@@ -404,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model and --beir go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        use_local_gpu()
         sharding = Sharding(Path(args.shards), args.shard_docs, *process_rank()) if args.shards else None
         result = evaluate_folder(Path(args.model), Path(args.beir), args.split, args.max_seq_length,
                                  args.batch_size, args.precision, args.max_active_dims,

@@ -14,6 +14,15 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def use_local_gpu() -> None:
+    """Under torchrun on a machine with several GPUs, make this rank's (cuda:$LOCAL_RANK) the one
+    that models loaded without an explicit device go to."""
+    import torch
+
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def is_main_process() -> bool:
     """Under torchrun only rank 0 writes models and records."""
     return process_rank()[0] == 0

@@ -83,6 +83,17 @@ def _utf8_lines(path: Path):
                                   f"at byte {exc.start})", raw[:200].decode("utf-8", "replace")) from None
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON can escape (\udc07) but no UTF-8 text holds
+
+
+def _holds_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        return LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(map(_holds_lone_surrogate, [*value, *value.values()]))
+    return isinstance(value, list) and any(map(_holds_lone_surrogate, value))
+
+
 def read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
     for line_no, line in _utf8_lines(path):
@@ -95,6 +106,9 @@ def read_jsonl(path: Path) -> pd.DataFrame:
                               line.strip()[:200]) from None
         if not isinstance(row, dict):
             raise SourceError(path, "valid_jsonl", f"line {line_no} is not a JSON object", row)
+        if "\\u" in line and _holds_lone_surrogate(row):  # valid JSON, but no Unicode text (nor parquet)
+            raise SourceError(path, "utf8_encoding", f"line {line_no} escapes half of a UTF-16 surrogate pair "
+                              "(\\ud800-\\udfff alone): not a character", line.strip()[:200])
         rows.append(row)
         lines.append(line_no)
     frame = pd.DataFrame(rows)

@@ -99,6 +99,9 @@ def bad_cases(tmp):
     pd.DataFrame(GOOD).assign(query=[f"caf\u00e9 {i}" for i in range(12)]).to_parquet(not_utf8, compression=None)
     not_utf8.write_bytes(not_utf8.read_bytes().replace("caf\u00e9 7".encode(), b"caf\xff\xfe 7"))
     cases.append(("parquet_text_not_utf8", {"source": not_utf8}))
+    lone = tmp / "lone_surrogate.jsonl"  # JSON may escape half a surrogate pair; no text holds one
+    lone.write_text("".join(json.dumps({**r, "query": r["query"] + "\udc07" * (i == 3)}) + "\n" for i, r in enumerate(GOOD)))
+    cases.append(("lone_surrogate", {"source": lone}))
     headerless = tmp / "headerless_wrong_width.tsv"
     headerless.write_text("".join(f"{r['query']}\t{r['positive']}\n" for r in GOOD))
     cases.append(("headerless_wrong_width", {"source": headerless}))
@@ -117,6 +120,7 @@ EXPECTED = {  # the check each malformed input must fail, and text from the offe
     "inf_score": ("check_score_is_finite", "row 6"),
     "truncated_jsonl": ("valid_jsonl", "line 2"),
     "non_utf8": ("utf8_encoding", "caf"),
+    "lone_surrogate": ("utf8_encoding", "line 4 escapes half of a UTF-16 surrogate pair"),
     "headerless_wrong_width": ("header_row", "its 2 fields are not the 3 of kind 'triplets'"),
     "text_is_a_list": ("text_fields", "line 4: query is a list"),
     "text_is_an_object": ("text_fields", "line 5: positive is an object"),
