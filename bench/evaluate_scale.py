@@ -10,7 +10,8 @@ real vectors, not a uniform or Zipf law. Queries are real query vectors perturbe
 
 Documents are written shard by shard (pipeline.retrieval.CorpusShards, as the evaluate stage's ranks
 write them) to a temporary folder; then the stage's retrieval runs on them:
-- exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread;
+- exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread; then again on
+  every core (--threads), a shard per thread, checked to return the same;
 - approximate: pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its
   estimate does not fit), its query_cut / heap_factor chosen by pipeline.retrieval.sweep for
   --recall-target on 200 queries, then searched on one thread.
@@ -90,16 +91,20 @@ def save_csr(path: Path, matrix) -> None:
         save_npz(handle, matrix)
 
 
-def perturbed(rng, source, rows: int, term_ids: np.ndarray, term_odds: np.ndarray, weights: np.ndarray):
-    """`rows` vectors, each a random row of `source` perturbed (see the module's docstring)."""
+def perturbed(rng, source, rows: int, passages):
+    """`rows` vectors, each a random row of `source` perturbed (see the module's docstring): a dropped
+    term's replacement drawn by its document frequency among `passages`, its weight from `source`'s."""
     from scipy.sparse import csr_matrix
+
+    frequency = np.bincount(passages.indices, minlength=passages.shape[1]).astype(float)
+    term_ids = np.flatnonzero(frequency)
 
     picked = source[rng.integers(0, source.shape[0], rows)].tocoo()
     keep = rng.random(picked.nnz) < KEEP
     dropped = int((~keep).sum())
     row = np.concatenate([picked.row[keep], picked.row[~keep]])
-    col = np.concatenate([picked.col[keep], rng.choice(term_ids, dropped, p=term_odds)])
-    data = np.concatenate([picked.data[keep], rng.choice(weights, dropped)])
+    col = np.concatenate([picked.col[keep], rng.choice(term_ids, dropped, p=frequency[term_ids] / frequency.sum())])
+    data = np.concatenate([picked.data[keep], rng.choice(source.data, dropped)])
     data = (data * rng.lognormal(0.0, NOISE, len(data))).astype(np.float32)
     matrix = csr_matrix((data, (row, col)), shape=(rows, source.shape[1]))  # a repeated term: summed
     matrix.sum_duplicates()
@@ -111,12 +116,9 @@ def synthetic_corpus(folder: Path, docs: int, shard_docs: int, passages, seed: i
 
     corpus = CorpusShards(folder, {"synthetic": "splade-tiny msmarco", "seed": seed}, docs, passages.shape[1],
                           shard_docs)
-    frequency = np.bincount(passages.indices, minlength=passages.shape[1]).astype(float)
-    term_ids = np.flatnonzero(frequency)
     rng = np.random.default_rng(seed)
     for index in range(corpus.count):
-        corpus.write(index, perturbed(rng, passages, len(corpus.rows(index)), term_ids,
-                                      frequency[term_ids] / frequency.sum(), passages.data))
+        corpus.write(index, perturbed(rng, passages, len(corpus.rows(index)), passages))
     return corpus
 
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--sweep-queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="exact search's second run (0: every core)")
     args = parser.parse_args()
     from pipeline.cli import StageError
     from pipeline.retrieval import SeismicIndex, exact_search, recall, sweep
@@ -141,10 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evaluate-scale-", dir=os.environ.get("BENCH_TMP")) as folder:
         started = time.perf_counter()
         corpus = synthetic_corpus(Path(folder), args.docs, args.shard_docs, passages, args.seed)
-        frequency = np.bincount(passages.indices, minlength=passages.shape[1]).astype(float)
-        term_ids = np.flatnonzero(frequency)
-        queries = perturbed(np.random.default_rng(args.seed + 1), real_queries, args.queries, term_ids,
-                            frequency[term_ids] / frequency.sum(), real_queries.data)
+        queries = perturbed(np.random.default_rng(args.seed + 1), real_queries, args.queries, passages)
         postings = corpus.nnz
         result.update(generate_seconds=round(time.perf_counter() - started, 1),
                       doc_active_dims=round(postings / args.docs, 1),
@@ -157,6 +157,15 @@ def main() -> None:
         seconds = time.perf_counter() - started
         result["exact"] = {"ms_per_query": round(1000 * seconds / args.queries, 2), "seconds": round(seconds, 1),
                            "peak_rss_gb": peak_rss_gb()}
+        threads = args.threads or os.cpu_count()
+        started = time.perf_counter()
+        threaded = exact_search(corpus, queries, 100, threads)
+        seconds = time.perf_counter() - started
+        result["exact_threads"] = {
+            "threads": threads, "ms_per_query": round(1000 * seconds / args.queries, 2), "seconds": round(seconds, 1),
+            "same_as_one_thread": all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+                                      for a, b in zip(truth, threaded)),
+            "peak_rss_gb": peak_rss_gb()}
 
         started = time.perf_counter()
         try:

@@ -280,7 +280,8 @@ class ExportConfig(Section):
 class IndexConfig(Section):
     """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks) or
     seismic (pyseismic-lsr's approximate learned-sparse index: extra `scale`); auto: exact up to
-    exact_max_docs documents (1M took 45 ms per query on one CPU core), seismic past it."""
+    exact_max_docs documents (1M took 45 ms per query on one CPU core), seismic past it when its build
+    fits memory_gb (exact otherwise, the reason in eval.json)."""
 
     kind: Literal["auto", "exact", "seismic"] = "auto"
     exact_max_docs: PositiveInt = 2_000_000
@@ -292,6 +293,8 @@ class IndexConfig(Section):
     sweep_queries: PositiveInt = 200
     # seismic: the memory its build may take; checked (estimated from the corpus's postings) before it starts
     memory_gb: PositiveFloat = 8.0
+    # exact: shards scored at once (0: one per core); each adds a shard to the memory it holds
+    threads: NonNegativeInt = 0
 
 
 class EvaluateConfig(Section):

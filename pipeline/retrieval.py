@@ -5,17 +5,21 @@ The corpus is held on disk as shards of sparse vectors (CorpusShards: scipy CSR 
 by the encoding ranks; nothing here holds a second full copy of it.
 exact: a shard at a time, scipy sparse products against that shard's term-major copy (an inverted
 index: one row of postings per dimension), a block of queries at a time, merged into a running top-k:
-what the stock evaluator ranks, without its dense (queries x documents) product. Memory: one shard.
+what the stock evaluator ranks, without its dense (queries x documents) product; evaluate.index.threads
+shards at once (scipy releases the GIL). Memory: a shard per thread.
 seismic: a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists with
 summaries), approximate, fed shard by shard; its build must fit evaluate.index.memory_gb (checked
-before it starts), and its search parameters can be chosen by a sweep against exact on a sample of
+before it starts: kind auto then searches exactly), and its search parameters can be chosen by a sweep against exact on a sample of
 queries. Measured by bench/evaluate_scale.py.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from collections.abc import Iterator
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ import numpy as np
 from pipeline.cli import StageError
 from pipeline.config import IndexConfig
 from pipeline.shards import ShardFiles
+
+log = logging.getLogger(__name__)
 
 # seismic's build peaks at about this many bytes per posting of the corpus, plus a fixed part
 # (bench/evaluate_scale.py, splade-tiny-shaped vectors: +1.15 GB at 200k documents, 25M postings;
@@ -67,13 +73,14 @@ class CorpusShards(ShardFiles):
     def __iter__(self):
         return (self.load(i) for i in range(self.count))
 
+    def document_lengths(self) -> np.ndarray:
+        """Each document's active dimensions, read from the shards' row offsets only."""
+        return np.concatenate([np.diff(np.load(self.path(i))["indptr"]) for i in range(self.count)])
+
     @property
     def nnz(self) -> int:
-        """Postings in the whole corpus, read from the shards' row offsets only."""
-        return sum(int(np.load(self.path(i))["indptr"][-1]) for i in range(self.count))
-
-    def document_lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(np.load(self.path(i))["indptr"]) for i in range(self.count)])
+        """Postings in the whole corpus."""
+        return int(self.document_lengths().sum())
 
 
 def shard_top(shard, queries, depth: int, max_cells: int = 2 ** 23) -> tuple[np.ndarray, np.ndarray]:
@@ -90,26 +97,46 @@ def shard_top(shard, queries, depth: int, max_cells: int = 2 ** 23) -> tuple[np.
     return np.concatenate(rows), np.concatenate(scores).astype(np.float32)
 
 
-def exact_search(corpus, queries, depth: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
+def exact_search(corpus, queries, depth: int = 100, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """(document rows, scores) of each query's `depth` best, best first, in query order: the corpus's
-    shards scored one at a time, each shard's best merged into a running top-k."""
+    shards scored `threads` at a time (scipy's products release the GIL; 0: every core), each shard's
+    best merged into a running top-k in shard order, so the result does not depend on `threads`.
+    Memory: `threads` shards and the one being read."""
     best_rows = np.zeros((queries.shape[0], 0), dtype=np.int64)
     best_scores = np.zeros((queries.shape[0], 0), dtype=np.float32)
-    offset = 0
-    for shard in corpus:
-        rows, scores = shard_top(shard, queries, depth)
+
+    def merge(offset: int, found) -> None:
+        nonlocal best_rows, best_scores
+        rows, scores = found.result()
         best_rows = np.concatenate([best_rows, rows + offset], axis=1)
         best_scores = np.concatenate([best_scores, scores], axis=1)
         if best_rows.shape[1] > depth:
             keep = np.argpartition(-best_scores, depth - 1, axis=1)[:, :depth]
             best_rows, best_scores = (np.take_along_axis(m, keep, axis=1) for m in (best_rows, best_scores))
-        offset += shard.shape[0]
+
+    threads = threads or os.cpu_count() or 1
+    pending, offset = deque(), 0
+    with ThreadPoolExecutor(threads) as pool:
+        for shard in corpus:  # read here while the workers score the shards before it
+            pending.append((offset, pool.submit(shard_top, shard, queries, depth)))
+            offset += shard.shape[0]
+            if len(pending) == threads:
+                merge(*pending.popleft())
+        while pending:
+            merge(*pending.popleft())
     order = np.lexsort((best_rows, -best_scores), axis=1) if best_rows.size else best_rows
     return list(zip(np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)))
 
 
-def seismic_build_bytes(postings: int) -> int:
-    return SEISMIC_BUILD_BYTES_PER_POSTING * postings + SEISMIC_BUILD_FIXED_BYTES
+def seismic_over_budget(corpus, memory_gb: float | None) -> str | None:
+    """Why seismic's build would not fit in memory_gb (estimated from the corpus's postings), or None."""
+    postings = corpus.nnz
+    needed = SEISMIC_BUILD_BYTES_PER_POSTING * postings + SEISMIC_BUILD_FIXED_BYTES
+    if memory_gb is None or needed <= memory_gb * 2 ** 30:
+        return None
+    return (f"the seismic index of {corpus.docs:,} documents ({postings:,} postings) needs about "
+            f"{needed / 2 ** 30:.1f} GB to build (measured: {SEISMIC_BUILD_BYTES_PER_POSTING} B per posting and "
+            f"0.5 GB), over evaluate.index.memory_gb ({memory_gb:g} GB)")
 
 
 class SeismicIndex:
@@ -122,14 +149,10 @@ class SeismicIndex:
         except ImportError:
             raise StageError("evaluate.index seismic needs pyseismic-lsr: pip install -e '.[scale]' "
                              "(or set evaluate.index: exact)") from None
-        postings = corpus.nnz
-        if memory_gb is not None and seismic_build_bytes(postings) > memory_gb * 2 ** 30:
-            raise StageError(
-                f"the seismic index of {corpus.docs:,} documents ({postings:,} postings) needs about "
-                f"{seismic_build_bytes(postings) / 2 ** 30:.1f} GB to build "
-                f"(measured: {SEISMIC_BUILD_BYTES_PER_POSTING} B per posting and 0.5 GB), over evaluate.index.memory_gb "
-                f"({memory_gb:g} GB). Raise evaluate.index.memory_gb on a machine that has it, or set "
-                "evaluate.index.kind: exact (streamed shard by shard: one shard in memory, slower)")
+        too_big = seismic_over_budget(corpus, memory_gb)
+        if too_big:
+            raise StageError(f"{too_big}. Raise evaluate.index.memory_gb on a machine that has it, or set "
+                             "evaluate.index.kind: exact (streamed shard by shard: a shard per thread in memory, slower)")
         dataset = SeismicDataset(dim=corpus.dims)
         for offset, shard in zip(range(0, corpus.docs, corpus.shard_docs), corpus):
             shard.sort_indices()  # seismic wants increasing components within a row
@@ -164,14 +187,14 @@ def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndar
 
 
 def sweep(index: SeismicIndex, corpus, queries, target: float, sample: int, depth: int = 100,
-          seed: int = 0) -> dict:
+          seed: int = 0, threads: int = 1) -> dict:
     """Seismic's search parameters chosen on `sample` of the queries: of the settings whose recall@depth
     against exact reaches `target`, the fastest (one thread); when none does, the most accurate. Leaves
     them set on the index and returns what was tried and chosen."""
     picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
                                                        replace=False))
     probe = queries[picks]
-    truth = exact_search(corpus, probe, depth)
+    truth = exact_search(corpus, probe, depth, threads)
     tried = []
     for query_cut in SWEEP_QUERY_CUTS:
         for heap_factor in SWEEP_HEAP_FACTORS:
@@ -190,7 +213,8 @@ def sweep(index: SeismicIndex, corpus, queries, target: float, sample: int, dept
 
 
 def index_kind(cfg: IndexConfig, docs: int) -> str:
-    """exact or seismic; auto: exact up to cfg.exact_max_docs documents."""
+    """exact or seismic; auto: exact up to cfg.exact_max_docs documents (search() also checks seismic's
+    memory)."""
     if cfg.kind != "auto":
         return cfg.kind
     return "exact" if docs <= cfg.exact_max_docs else "seismic"
@@ -198,13 +222,19 @@ def index_kind(cfg: IndexConfig, docs: int) -> str:
 
 def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, dict]:
     """Each query's `depth` best (rows, scores), and what found them (eval.json's "index")."""
-    kind = index_kind(cfg, corpus.docs)
+    kind, facts = index_kind(cfg, corpus.docs), {}
+    if kind == "seismic" and cfg.kind == "auto":  # auto: what fits; an explicit seismic is refused instead
+        too_big = seismic_over_budget(corpus, cfg.memory_gb)
+        if too_big:
+            log.warning("evaluate.index auto: exact search (a shard per thread in memory, slower) instead of seismic: %s",
+                        too_big)
+            kind, facts = "exact", {"seismic_skipped": too_big}
     if kind == "exact":
-        return exact_search(corpus, queries, depth), {"kind": "exact"}
+        return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", **facts}
     started = time.perf_counter()
     index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor, memory_gb=cfg.memory_gb)
     facts = {"kind": "seismic", "build_seconds": time.perf_counter() - started,
              "query_cut": cfg.query_cut, "heap_factor": cfg.heap_factor}
     if cfg.recall_target is not None:
-        facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth))
+        facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth, threads=cfg.threads))
     return index.search(queries, depth), facts

@@ -50,6 +50,12 @@ from pipeline.tracking import replace_folder, stage_record, write_atomically, wr
 
 log = logging.getLogger(__name__)
 
+
+def unique_texts(train: pd.DataFrame, columns: list[str]) -> list[str]:
+    """The texts of `columns`, each once, in the order first seen."""
+    return list(dict.fromkeys(v for c in columns for v in train[c].tolist()))
+
+
 def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
     unpinned = unpinned_hub_id("train.base_model", cfg.base_model, cfg.revision)
     if unpinned:
@@ -58,12 +64,11 @@ def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
         return csr_encoder(cfg.base_model, cfg)
     mlm, revision = cfg.base_model, cfg.revision
     if mlm == "synthetic":
-        texts = list(dict.fromkeys(v for c in text_columns(train) for v in train[c].tolist()))
-        build_synthetic_mlm(texts, cfg.student, cfg.max_seq_length, scratch)
+        build_synthetic_mlm(unique_texts(train, text_columns(train)), cfg.student, cfg.max_seq_length, scratch)
         mlm, revision = str(scratch), None
     if cfg.architecture == "splade":
         return splade_encoder(mlm, cfg.max_seq_length, revision)
-    documents = (list(dict.fromkeys(v for c in text_columns(train) if c != "query" for v in train[c].tolist()))
+    documents = (unique_texts(train, [c for c in text_columns(train) if c != "query"])
                  if cfg.query_weights == "idf" else None)
     return inference_free_splade(mlm, cfg.max_seq_length, revision, documents)
 

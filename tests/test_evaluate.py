@@ -169,6 +169,59 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
         SeismicIndex(vectors.corpus, memory_gb=0.01)  # refused before building
 
 
+def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 100):
+    """(corpus shards, the same rows as one matrix, queries): random sparse vectors."""
+    import numpy as np
+    from scipy.sparse import random as sparse_random
+
+    from pipeline.retrieval import CorpusShards
+
+    rng = np.random.default_rng(0)
+    matrix = sparse_random(docs, dims, density=0.05, format="csr", dtype=np.float32, random_state=rng)
+    corpus = CorpusShards(folder, {"test": "random"}, docs, dims, shard_docs)
+    for index in range(corpus.count):
+        rows = corpus.rows(index)
+        corpus.write(index, matrix[rows.start:rows.stop])
+    return corpus, matrix, sparse_random(7, dims, density=0.1, format="csr", dtype=np.float32, random_state=rng)
+
+
+def test_exact_search_on_several_threads_returns_what_one_thread_does(tmp_path):
+    import numpy as np
+
+    corpus, matrix, queries = random_corpus(tmp_path, docs=950)  # 10 shards
+    one = exact_search(corpus, queries, 20, threads=1)
+    dense = (queries @ matrix.T).toarray()
+    for q, (rows, scores) in enumerate(one):
+        np.testing.assert_allclose(scores, np.sort(dense[q])[::-1][:20], rtol=1e-6)
+        np.testing.assert_allclose(dense[q, rows], scores, rtol=1e-6)
+    for threads in (3, 0):  # 0: one per core
+        many = exact_search(corpus, queries, 20, threads=threads)
+        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(one, many))
+
+
+def test_auto_index_searches_exactly_when_seismic_would_not_fit_the_memory_budget(tmp_path):
+    """auto past exact_max_docs falls back to exact search, saying why, when seismic's estimated
+    build exceeds evaluate.index.memory_gb; an explicit seismic is refused instead."""
+    import numpy as np
+
+    from pipeline.cli import StageError
+    from pipeline.retrieval import search
+
+    corpus, matrix, queries = random_corpus(tmp_path)
+    too_small = IndexConfig(exact_max_docs=100, memory_gb=0.4)  # under the build's fixed 0.5 GB
+    found, facts = search(corpus, queries, too_small, depth=10)
+    assert facts["kind"] == "exact"
+    assert f"({matrix.nnz:,} postings) needs about 0.5 GB" in facts["seismic_skipped"]
+    assert "over evaluate.index.memory_gb (0.4 GB)" in facts["seismic_skipped"]
+    dense = (queries @ matrix.T).toarray()
+    for q, (rows, scores) in enumerate(found):
+        np.testing.assert_allclose(scores, np.sort(dense[q])[::-1][:10], rtol=1e-6)
+        np.testing.assert_allclose(dense[q, rows], scores, rtol=1e-6)
+    assert search(corpus, queries, IndexConfig(exact_max_docs=230, memory_gb=0.4), depth=10)[1] == {"kind": "exact"}
+    with pytest.raises(StageError, match=r"over evaluate.index.memory_gb \(0.4 GB\). Raise"):
+        search(corpus, queries, IndexConfig(kind="seismic", memory_gb=0.4), depth=10)
+
+
 def test_corpus_encoded_in_shards_equals_one_pass_and_bf16_stays_close(tmp_path, shared, cut_beir):
     """The corpus encoded a few documents per shard gives the same rows as one pass, and the same as
     sentence-transformers' encode_document (fp32, also with the model's max_active_dims); bf16 mode
