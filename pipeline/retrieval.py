@@ -9,8 +9,8 @@ what the stock evaluator ranks, without its dense (queries x documents) product;
 shards at once (scipy releases the GIL). Memory: a shard per thread.
 seismic: a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists with
 summaries), approximate, fed shard by shard; its build must fit evaluate.index.memory_gb (checked
-before it starts: kind auto then searches exactly), and its search parameters can be chosen by a sweep against exact on a sample of
-queries. Measured by bench/evaluate_scale.py.
+before it starts: kind auto then searches exactly), and its search parameters can be chosen by a
+sweep against exact on a sample of queries. Measured by bench/evaluate_scale.py.
 """
 
 from __future__ import annotations
