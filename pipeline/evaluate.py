@@ -24,7 +24,6 @@ evaluate.precision bf16 trades exactness for speed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -46,7 +45,7 @@ from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metric
 from pipeline.models import load_encoder
 from pipeline.onnx_backend import onnx_path, onnx_encoder
 from pipeline.retrieval import CorpusShards, search
-from pipeline.runtime import process_rank, update_with_file, use_bf16, use_local_gpu
+from pipeline.runtime import folder_digest, process_rank, use_bf16, use_local_gpu
 from pipeline.shards import remove_stale, wait_for_shards
 from pipeline.sources import RetrievalSet, read_retrieval_set
 from pipeline.tracking import stage_record, write_atomically, write_json
@@ -95,12 +94,7 @@ def to_csr(vectors: "torch.Tensor") -> "scipy.sparse.csr_matrix":
 def model_identity(model_dir: Path, onnx_file: Path | None = None) -> str:
     """sha256 of every file that shapes the model's vectors: its folder but the card, and the ONNX file
     that runs it, if any."""
-    digest = hashlib.sha256()
-    files = [p for p in sorted(Path(model_dir).rglob("*")) if p.is_file() and p.name != "README.md"]
-    for path in files + ([onnx_file] if onnx_file else []):  # by relative name: the same in any clone
-        digest.update((path.name if path == onnx_file else path.relative_to(model_dir).as_posix()).encode() + b"\0")
-        update_with_file(digest, path)
-    return digest.hexdigest()
+    return folder_digest(model_dir, lambda path: path.name != "README.md", onnx_file)
 
 
 def corpus_shards(model, identity: str, data: RetrievalSet, batch_size: int, bf16: bool,

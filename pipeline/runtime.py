@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -50,15 +51,22 @@ def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
             digest.update(block)
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 of a local model folder's weight files (safetensors, bin), in path order: what its
-    outputs depend on, without its README or other metadata."""
+def folder_digest(folder: Path, wanted: Callable[[Path], bool], extra: Path | None = None) -> str:
+    """sha256 of the folder's files that `wanted` accepts, each by its path in the folder (the same in
+    any clone), in path order, then the `extra` file by its name."""
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.suffix in {".safetensors", ".bin"} and path.is_file():
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            update_with_file(digest, path)
+    files = [(path.relative_to(folder).as_posix(), path) for path in sorted(Path(folder).rglob("*"))
+             if path.is_file() and wanted(path)]
+    for name, path in files + ([(extra.name, extra)] if extra else []):
+        digest.update(name.encode() + b"\0")
+        update_with_file(digest, path)
     return digest.hexdigest()
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a local model folder's weight files (safetensors, bin): what its outputs depend on,
+    without its README or other metadata."""
+    return folder_digest(folder, lambda path: path.suffix in {".safetensors", ".bin"})
 
 
 def import_bm25s():
