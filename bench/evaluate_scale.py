@@ -12,13 +12,15 @@ Documents are written shard by shard (pipeline.retrieval.CorpusShards, as the ev
 write them) to a temporary folder; then the stage's retrieval runs on them:
 - exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread; then again on
   every core (--threads), a shard per thread, checked to return the same;
-- approximate: pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its
-  estimate does not fit), its query_cut / heap_factor chosen by pipeline.retrieval.sweep for
-  --recall-target on 200 queries, then searched on one thread.
-Prints one JSON line: docs, peak RSS after each phase, build seconds, ms/query of exact and
-approximate, recall@100 of approximate against exact.
+- approximate, each index in turn: pipeline.blockmax.BlockMaxIndex (built on every core, --threads),
+  then pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its estimate
+  does not fit); each one's query_cut / heap_factor chosen by pipeline.retrieval.sweep for
+  --recall-target on 200 queries, then all queries searched on one thread.
+Prints one JSON line: docs, peak RSS after each phase (the process's peak so far: blockmax runs
+before seismic), build seconds, ms/query of exact and approximate, recall@100 of approximate against
+exact.
 
-    python bench/evaluate_scale.py --docs 2000000 [--queries 500] [--memory-gb 20]
+    python bench/evaluate_scale.py --docs 2000000 [--queries 500] [--memory-gb 20] [--indexes blockmax,seismic]
 """
 
 from __future__ import annotations
@@ -131,9 +133,12 @@ def main() -> None:
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--sweep-queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="exact search's second run (0: every core)")
+    parser.add_argument("--indexes", default="blockmax,seismic", help="the approximate indexes measured, in turn")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="exact search's second run, blockmax's build (0: every core)")
     args = parser.parse_args()
     from pipeline.cli import StageError
+    from pipeline.blockmax import BlockMaxIndex
     from pipeline.retrieval import SeismicIndex, exact_search, recall, sweep
 
     passages, real_queries = real_vectors()
@@ -167,22 +172,31 @@ def main() -> None:
                                       for a, b in zip(truth, threaded)),
             "peak_rss_gb": peak_rss_gb()}
 
-        started = time.perf_counter()
-        try:
-            with stdout_to_stderr():
-                index = SeismicIndex(corpus, memory_gb=args.memory_gb)
-        except StageError as refused:
-            result["approximate"] = {"refused": str(refused)}
-        else:
-            approximate = {"build_seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb()}
-            chosen = sweep(index, corpus, queries, args.recall_target, args.sweep_queries)
-            approximate["sweep"] = {k: v for k, v in chosen.items() if k != "tried"}
+        def approximate(build):
+            started = time.perf_counter()
+            try:
+                with stdout_to_stderr():
+                    index = build()
+            except StageError as refused:
+                return {"refused": str(refused)}
+            facts = {"build_seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb()}
+            if isinstance(index, BlockMaxIndex):
+                facts["index_gb"] = round(index.nbytes / 2 ** 30, 3)
+            chosen = sweep(index, corpus, queries, args.recall_target, args.sweep_queries, threads=threads)
+            facts["sweep"] = {k: v for k, v in chosen.items() if k != "tried"}
             index.search_threads = 1
             started = time.perf_counter()
             found = index.search(queries, 100)
-            approximate.update(ms_per_query=round(1000 * (time.perf_counter() - started) / args.queries, 3),
-                               recall_at_100=round(recall(found, truth), 4), peak_rss_gb_after_search=peak_rss_gb())
-            result["approximate"] = approximate
+            facts.update(ms_per_query=round(1000 * (time.perf_counter() - started) / args.queries, 3),
+                         recall_at_100=round(recall(found, truth), 4), peak_rss_gb_after_search=peak_rss_gb())
+            if isinstance(index, BlockMaxIndex):
+                facts["blocks_scored_per_query"] = round(float(index.blocks_scored.mean()), 1)
+            return facts
+
+        builds = {"blockmax": lambda: BlockMaxIndex(corpus, threads=threads),
+                  "seismic": lambda: SeismicIndex(corpus, memory_gb=args.memory_gb)}
+        for kind in args.indexes.split(","):
+            result[kind] = approximate(builds[kind])
     result["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(result))
 

@@ -278,21 +278,23 @@ class ExportConfig(Section):
 
 
 class IndexConfig(Section):
-    """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks) or
-    seismic (pyseismic-lsr's approximate learned-sparse index: extra `scale`); auto: exact up to
-    exact_max_docs documents (1M took 45 ms per query on one CPU core), seismic past it when its build
-    fits memory_gb (exact otherwise, the reason in eval.json)."""
+    """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks),
+    blockmax (an approximate block-max pruned index, a few bytes per posting: pipeline.blockmax) or
+    seismic (pyseismic-lsr's approximate learned-sparse index, 28 B per posting to build: extra
+    `scale`); auto: exact up to exact_max_docs documents (1M took 45 ms per query on one CPU core),
+    blockmax past it when its build fits memory_gb (exact otherwise, the reason in eval.json)."""
 
-    kind: Literal["auto", "exact", "seismic"] = "auto"
+    kind: Literal["auto", "exact", "blockmax", "seismic"] = "auto"
     exact_max_docs: PositiveInt = 2_000_000
-    query_cut: PositiveInt = 20  # seismic: a query's largest terms searched
-    heap_factor: float = Field(0.8, gt=0, le=1)  # seismic: 1 prunes least
-    # seismic: choose query_cut and heap_factor instead, the fastest whose recall@100 against exact
+    query_cut: PositiveInt = 20  # approximate: a query's largest terms searched
+    heap_factor: float = Field(0.8, gt=0, le=1)  # approximate: 1 prunes least
+    # approximate: choose query_cut and heap_factor instead, the fastest whose recall@100 against exact
     # reaches this on sweep_queries of the queries (null: use the two above)
     recall_target: float | None = Field(0.95, gt=0, le=1)
     sweep_queries: PositiveInt = 200
-    # seismic: the memory its build may take; checked (estimated from the corpus's postings) before it starts
-    memory_gb: PositiveFloat = 8.0
+    # approximate: the memory its build may take; checked (estimated from the corpus's postings) before it starts
+    memory_gb: PositiveFloat = 12.0
+    block_size: PositiveInt = 8  # blockmax: documents per block (smaller: tighter bounds, more blocks)
     # exact: shards scored at once (0: one per core); each adds a shard to the memory it holds
     threads: NonNegativeInt = 0
 

@@ -16,7 +16,7 @@ SPLADE models are encoded without their full logits tensor (pipeline.splade_head
 resumable shards in data/eval_shards/ that ranks (torchrun, or RANK / WORLD_SIZE by hand) split
 between them (Sharding); each query's top 100 comes from pipeline.retrieval: exact sparse products a
 shard at a time, or past evaluate.index.exact_max_docs documents (MS MARCO's 8.8M passages) the
-approximate seismic index, within evaluate.index.memory_gb, its search settings swept for
+approximate blockmax (or seismic) index, within evaluate.index.memory_gb, its search settings swept for
 evaluate.index.recall_target ("index" in eval.json says what ran).
 evaluate.precision bf16 trades exactness for speed.
 """
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=EvaluateConfig().batch_size)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--max-active-dims", type=int, nargs="*", default=[])
-    parser.add_argument("--index", choices=["auto", "exact", "seismic"], default="auto",
-                        help="top-100 search: exact, or seismic (approximate; auto: past 2M documents)")
+    parser.add_argument("--index", choices=["auto", "exact", "blockmax", "seismic"], default="auto",
+                        help="top-100 search: exact, or approximate: blockmax (auto: past 2M documents) or seismic")
     parser.add_argument("--shards", help="keep the corpus vectors in this folder: a rerun resumes from them, "
                         "and processes started with RANK / WORLD_SIZE share the encoding (default: a temporary folder)")
     parser.add_argument("--shard-docs", type=int, default=EvaluateConfig().shard_docs, help="documents per shard")

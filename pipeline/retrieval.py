@@ -7,10 +7,13 @@ exact: a shard at a time, scipy sparse products against that shard's term-major 
 index: one row of postings per dimension), a block of queries at a time, merged into a running top-k:
 what the stock evaluator ranks, without its dense (queries x documents) product; evaluate.index.threads
 shards at once (scipy releases the GIL). Memory: a shard per thread.
-seismic: a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists with
-summaries), approximate, fed shard by shard; its build must fit evaluate.index.memory_gb (checked
-before it starts: kind auto then searches exactly), and its search parameters can be chosen by a
-sweep against exact on a sample of queries. Measured by bench/evaluate_scale.py.
+blockmax: approximate, pipeline.blockmax's block-max pruned index, built shard by shard in a few bytes
+per posting (the default past exact_max_docs).
+seismic: approximate, a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists
+with summaries), fed shard by shard; its build takes 28 B per posting.
+An approximate index's build must fit evaluate.index.memory_gb (checked before it starts: kind auto
+then searches exactly), and its search parameters can be chosen by a sweep against exact on a sample
+of queries. Measured by bench/evaluate_scale.py.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from pipeline.shards import ShardFiles
 
 log = logging.getLogger(__name__)
 
-# seismic's build peaks at about this many bytes per posting of the corpus, plus a fixed part
-# (bench/evaluate_scale.py, splade-tiny-shaped vectors: +1.15 GB at 200k documents, 25M postings;
-# +6.7 GB at 2M documents, 254M postings)
-SEISMIC_BUILD_BYTES_PER_POSTING = 28
-SEISMIC_BUILD_FIXED_BYTES = 2 ** 29
+# an approximate index's build peaks at about this many bytes per posting of the corpus, plus a fixed
+# part (bench/evaluate_scale.py, splade-tiny-shaped vectors; seismic: +1.15 GB at 200k documents, 25M
+# postings, +6.7 GB at 2M documents, 254M postings; blockmax: +2.0 GB at 2M, +8.6 GB at 8.8M, 1.1G postings)
+BUILD_BYTES_PER_POSTING = {"seismic": 28, "blockmax": 8}
+BUILD_FIXED_BYTES = 2 ** 29
 # the search parameters the sweep tries, cheapest first (a query's largest terms, pruning: 1 least)
 SWEEP_QUERY_CUTS = (5, 8, 12, 20, 30)
 SWEEP_HEAP_FACTORS = (0.7, 0.8, 0.9, 1.0)
@@ -128,15 +131,20 @@ def exact_search(corpus, queries, depth: int = 100, threads: int = 1) -> list[tu
     return list(zip(np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)))
 
 
-def seismic_over_budget(corpus, memory_gb: float | None) -> str | None:
-    """Why seismic's build would not fit in memory_gb (estimated from the corpus's postings), or None."""
+def over_budget(kind: str, corpus, memory_gb: float | None) -> str | None:
+    """Why the `kind` index's build would not fit in memory_gb (estimated from the corpus's postings), or None."""
     postings = corpus.nnz
-    needed = SEISMIC_BUILD_BYTES_PER_POSTING * postings + SEISMIC_BUILD_FIXED_BYTES
+    needed = BUILD_BYTES_PER_POSTING[kind] * postings + BUILD_FIXED_BYTES
     if memory_gb is None or needed <= memory_gb * 2 ** 30:
         return None
-    return (f"the seismic index of {corpus.docs:,} documents ({postings:,} postings) needs about "
-            f"{needed / 2 ** 30:.1f} GB to build (measured: {SEISMIC_BUILD_BYTES_PER_POSTING} B per posting and "
+    return (f"the {kind} index of {corpus.docs:,} documents ({postings:,} postings) needs about "
+            f"{needed / 2 ** 30:.1f} GB to build (measured: {BUILD_BYTES_PER_POSTING[kind]} B per posting and "
             f"0.5 GB), over evaluate.index.memory_gb ({memory_gb:g} GB)")
+
+
+def refuse(too_big: str):
+    return StageError(f"{too_big}. Raise evaluate.index.memory_gb on a machine that has it, or set "
+                      "evaluate.index.kind: exact (streamed shard by shard: a shard per thread in memory, slower)")
 
 
 class SeismicIndex:
@@ -149,10 +157,9 @@ class SeismicIndex:
         except ImportError:
             raise StageError("evaluate.index seismic needs pyseismic-lsr: pip install -e '.[scale]' "
                              "(or set evaluate.index: exact)") from None
-        too_big = seismic_over_budget(corpus, memory_gb)
+        too_big = over_budget("seismic", corpus, memory_gb)
         if too_big:
-            raise StageError(f"{too_big}. Raise evaluate.index.memory_gb on a machine that has it, or set "
-                             "evaluate.index.kind: exact (streamed shard by shard: a shard per thread in memory, slower)")
+            raise refuse(too_big)
         dataset = SeismicDataset(dim=corpus.dims)
         for offset, shard in zip(range(0, corpus.docs, corpus.shard_docs), corpus):
             shard.sort_indices()  # seismic wants increasing components within a row
@@ -186,9 +193,9 @@ def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndar
     return float(np.mean([len(np.intersect1d(f, t)) / max(1, len(t)) for (f, _), (t, _) in zip(found, truth)]))
 
 
-def sweep(index: SeismicIndex, corpus, queries, target: float, sample: int, depth: int = 100,
+def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
           seed: int = 0, threads: int = 1) -> dict:
-    """Seismic's search parameters chosen on `sample` of the queries: of the settings whose recall@depth
+    """An approximate index's search parameters (seismic or blockmax: query_cut, heap_factor) chosen on `sample` of the queries: of the settings whose recall@depth
     against exact reaches `target`, the fastest (one thread); when none does, the most accurate. Leaves
     them set on the index and returns what was tried and chosen."""
     picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
@@ -213,28 +220,36 @@ def sweep(index: SeismicIndex, corpus, queries, target: float, sample: int, dept
 
 
 def index_kind(cfg: IndexConfig, docs: int) -> str:
-    """exact or seismic; auto: exact up to cfg.exact_max_docs documents (search() also checks seismic's
-    memory)."""
+    """exact, blockmax or seismic; auto: exact up to cfg.exact_max_docs documents, blockmax past it
+    (search() also checks its memory)."""
     if cfg.kind != "auto":
         return cfg.kind
-    return "exact" if docs <= cfg.exact_max_docs else "seismic"
+    return "exact" if docs <= cfg.exact_max_docs else "blockmax"
 
 
 def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, dict]:
     """Each query's `depth` best (rows, scores), and what found them (eval.json's "index")."""
     kind, facts = index_kind(cfg, corpus.docs), {}
-    if kind == "seismic" and cfg.kind == "auto":  # auto: what fits; an explicit seismic is refused instead
-        too_big = seismic_over_budget(corpus, cfg.memory_gb)
-        if too_big:
-            log.warning("evaluate.index auto: exact search (a shard per thread in memory, slower) instead of seismic: %s",
-                        too_big)
-            kind, facts = "exact", {"seismic_skipped": too_big}
+    too_big = None if kind == "exact" else over_budget(kind, corpus, cfg.memory_gb)
+    if too_big and cfg.kind == "auto":  # auto: what fits; an explicit approximate kind is refused instead
+        log.warning("evaluate.index auto: exact search (a shard per thread in memory, slower) instead of %s: %s",
+                    kind, too_big)
+        kind, facts = "exact", {f"{kind}_skipped": too_big}
+    elif too_big:
+        raise refuse(too_big)
     if kind == "exact":
         return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", **facts}
     started = time.perf_counter()
-    index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor, memory_gb=cfg.memory_gb)
-    facts = {"kind": "seismic", "build_seconds": time.perf_counter() - started,
+    if kind == "seismic":
+        index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor, memory_gb=cfg.memory_gb)
+    else:
+        from pipeline.blockmax import BlockMaxIndex
+
+        index = BlockMaxIndex(corpus, cfg.block_size, cfg.query_cut, cfg.heap_factor, threads=cfg.threads)
+    facts = {"kind": kind, "build_seconds": time.perf_counter() - started,
              "query_cut": cfg.query_cut, "heap_factor": cfg.heap_factor}
+    if kind == "blockmax":
+        facts.update(block_size=cfg.block_size, index_gb=index.nbytes / 2 ** 30)
     if cfg.recall_target is not None:
         facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth, threads=cfg.threads))
     return index.search(queries, depth), facts

@@ -164,7 +164,7 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
     assert seismic.metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
     assert seismic.index["kind"] == "seismic" and seismic.index["recall_target"] == 0.95
     auto = IndexConfig(exact_max_docs=1000)
-    assert index_kind(auto, 1000) == "exact" and index_kind(auto, 1001) == "seismic"
+    assert index_kind(auto, 1000) == "exact" and index_kind(auto, 1001) == "blockmax"
     with pytest.raises(StageError, match=r"needs about 0\.\d GB to build .* over evaluate.index.memory_gb \(0.01 GB\)"):
         SeismicIndex(vectors.corpus, memory_gb=0.01)  # refused before building
 
@@ -199,9 +199,9 @@ def test_exact_search_on_several_threads_returns_what_one_thread_does(tmp_path):
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(one, many))
 
 
-def test_auto_index_searches_exactly_when_seismic_would_not_fit_the_memory_budget(tmp_path):
-    """auto past exact_max_docs falls back to exact search, saying why, when seismic's estimated
-    build exceeds evaluate.index.memory_gb; an explicit seismic is refused instead."""
+def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_the_memory_budget(tmp_path):
+    """auto past exact_max_docs falls back to exact search, saying why, when blockmax's estimated
+    build exceeds evaluate.index.memory_gb; an explicit approximate kind is refused instead."""
     import numpy as np
 
     from pipeline.cli import StageError
@@ -211,15 +211,72 @@ def test_auto_index_searches_exactly_when_seismic_would_not_fit_the_memory_budge
     too_small = IndexConfig(exact_max_docs=100, memory_gb=0.4)  # under the build's fixed 0.5 GB
     found, facts = search(corpus, queries, too_small, depth=10)
     assert facts["kind"] == "exact"
-    assert f"({matrix.nnz:,} postings) needs about 0.5 GB" in facts["seismic_skipped"]
-    assert "over evaluate.index.memory_gb (0.4 GB)" in facts["seismic_skipped"]
+    assert f"the blockmax index of 230 documents ({matrix.nnz:,} postings) needs about 0.5 GB" in facts["blockmax_skipped"]
+    assert "over evaluate.index.memory_gb (0.4 GB)" in facts["blockmax_skipped"]
     dense = (queries @ matrix.T).toarray()
     for q, (rows, scores) in enumerate(found):
         np.testing.assert_allclose(scores, np.sort(dense[q])[::-1][:10], rtol=1e-6)
         np.testing.assert_allclose(dense[q, rows], scores, rtol=1e-6)
     assert search(corpus, queries, IndexConfig(exact_max_docs=230, memory_gb=0.4), depth=10)[1] == {"kind": "exact"}
-    with pytest.raises(StageError, match=r"over evaluate.index.memory_gb \(0.4 GB\). Raise"):
-        search(corpus, queries, IndexConfig(kind="seismic", memory_gb=0.4), depth=10)
+    for kind in ("blockmax", "seismic"):
+        with pytest.raises(StageError, match=rf"the {kind} index .* over evaluate.index.memory_gb \(0.4 GB\). Raise"):
+            search(corpus, queries, IndexConfig(kind=kind, memory_gb=0.4), depth=10)
+
+
+def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_pruned(tmp_path):
+    """blockmax over shards of 100 documents in blocks of 8 (blocks cut by shard ends): with every
+    query term and heap_factor 1 its bounds are upper bounds, so it returns exact search's top k with
+    the true dot products (weights stored as uint16); pruning scores fewer blocks; the sweep and
+    search(auto) choose and report its settings."""
+    import numpy as np
+
+    from pipeline.blockmax import BlockMaxIndex
+    from pipeline.retrieval import recall, search
+
+    from scipy.sparse import random as sparse_random, vstack
+
+    corpus, matrix, queries = random_corpus(tmp_path, docs=950, dims=300)
+    long = sparse_random(1, 300, density=0.95, format="csr", dtype=np.float32, random_state=1)
+    queries = vstack([queries, long]).tocsr()  # 285 terms: its lookup table takes two bytes per term
+    dense = (queries @ matrix.T).toarray()
+    exact = exact_search(corpus, queries, 20)
+    index = BlockMaxIndex(corpus, block_size=8, query_cut=1000, heap_factor=1.0, progress=False)
+    assert sorted(index.rows) == list(range(950))  # reordered within shards, every row once
+    found = index.search(queries, 20)
+    for q, (rows, scores) in enumerate(found):
+        assert len(rows) == 20 and np.all(np.diff(scores) <= 0)
+        np.testing.assert_allclose(scores, dense[q, rows], rtol=1e-3)
+        np.testing.assert_allclose(scores, exact[q][1], rtol=1e-3)
+    assert recall(found, exact) >= 0.95  # only near-ties at the 20th may swap
+    unpruned = index.blocks_scored.copy()
+    assert np.all(unpruned < -(-950 // 8) + 9)  # a block cut by a shard's end may count twice
+    index.query_cut, index.heap_factor = 3, 0.5
+    index.search(queries, 20)
+    assert np.all(index.blocks_scored <= unpruned) and index.blocks_scored.sum() < unpruned.sum()
+    found, facts = search(corpus, queries, IndexConfig(exact_max_docs=900, sweep_queries=8), depth=20)
+    assert facts["kind"] == "blockmax" and facts["block_size"] == 8 and facts["sample_queries"] == 8
+    assert facts["target_met"] and facts["recall_at_20"] >= 0.95 and len(facts["tried"]) == 20
+    assert recall(found, exact) == pytest.approx(facts["recall_at_20"])  # the sample was every query
+
+
+def test_bisection_puts_documents_that_share_terms_in_the_same_blocks():
+    """Documents drawn from two disjoint vocabularies, interleaved: after the bisection every block
+    of 4 holds documents of one vocabulary only, and the order is a permutation."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    from pipeline.blockmax import _bisection_order
+
+    rng = np.random.default_rng(0)
+    group = np.arange(64) % 2  # even rows: terms 0-49, odd rows: terms 50-99
+    dense = np.zeros((64, 100), np.float32)
+    for row, g in enumerate(group):
+        terms = rng.choice(50, 15, replace=False) + 50 * g
+        dense[row, terms] = rng.random(15) + 0.1
+    matrix = csr_matrix(dense)
+    order = _bisection_order(matrix.indptr, matrix.indices, 100, 4, 10)
+    assert sorted(order) == list(range(64))
+    assert all(len(set(group[order[b:b + 4]])) == 1 for b in range(0, 64, 4))
 
 
 def test_corpus_encoded_in_shards_equals_one_pass_and_bf16_stays_close(tmp_path, shared, cut_beir):
