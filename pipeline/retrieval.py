@@ -142,7 +142,8 @@ def over_budget(kind: str, corpus, memory_gb: float | None) -> str | None:
             f"0.5 GB), over evaluate.index.memory_gb ({memory_gb:g} GB)")
 
 
-def refuse(too_big: str):
+def refuse(too_big: str) -> StageError:
+    """The error an explicit approximate kind stops with when its build would not fit."""
     return StageError(f"{too_big}. Raise evaluate.index.memory_gb on a machine that has it, or set "
                       "evaluate.index.kind: exact (streamed shard by shard: a shard per thread in memory, slower)")
 
@@ -195,9 +196,10 @@ def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndar
 
 def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
           seed: int = 0, threads: int = 1) -> dict:
-    """An approximate index's search parameters (seismic or blockmax: query_cut, heap_factor) chosen on `sample` of the queries: of the settings whose recall@depth
-    against exact reaches `target`, the fastest (one thread); when none does, the most accurate. Leaves
-    them set on the index and returns what was tried and chosen."""
+    """An approximate index's search parameters (blockmax or seismic: query_cut, heap_factor) chosen on
+    `sample` of the queries: of the settings whose recall@depth against exact reaches `target`, the
+    fastest (one thread); when none does, the most accurate. Leaves them set on the index and returns
+    what was tried and chosen."""
     picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
                                                        replace=False))
     probe = queries[picks]
