@@ -4,17 +4,21 @@ block-max pruning (BMP; Mallia, Suel, Tonellotto, SIGIR 2024).
 Build, one corpus shard at a time:
 - reorder the shard's documents by recursive graph bisection (Dhulipala et al., KDD 2016), so that
   documents sharing terms sit side by side;
-- cut them into blocks of `block_size`; keep each document's postings (a forward index: uint16 term
-  ids where the vocabulary allows, weights quantized to uint16), and for each term the blocks that hold
-  it with the term's largest weight there (uint8, rounded up: an upper bound).
-Memory: about 4 B per posting plus 5 B per (block, term) pair, and one shard while it is read.
+- cut them into blocks of `block_size` and lay each block out block-inverted: its terms (entries:
+  uint16 term ids where the vocabulary allows, and how many of its documents hold each), and each
+  entry's postings (the document's place in the block, its weight quantized to uint16);
+- for each term, the blocks that hold it with the term's largest weight there (uint8, rounded up: an
+  upper bound).
+Memory: about 3 B per posting plus 8 B per (block, term) entry (about 0.35 entries per posting in
+blocks of 8), and a shard per build thread while it is laid out.
 
 Search, a query at a time: each block's upper bound is summed from its largest weights over the
 query's `query_cut` largest terms (uint16 sums, rounded up); blocks are visited from the highest bound
-down, their documents scored against the whole query (the query's terms looked up through a table of
-the vocabulary's size, one byte per term where the query has under 256 terms: it stays in L1), and
-the walk stops at the first block whose bound times `heap_factor` cannot beat the k-th best score
-found (1: stops last; with every query term it is exact, up to the weights' rounding).
+down (a counting sort of the bounds), their documents scored against the whole query from the
+block's entries of the query's terms (found through a table of the vocabulary's size, one byte per
+term where the query has under 256 terms), and the walk stops at the first block whose bound times
+`heap_factor` cannot beat the k-th best score found (1: stops last; with every query term it is
+exact, up to the weights' rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-BAND = 0.8  # the search takes blocks in bands of bounds within this factor of each other
+WALK_BUCKETS = 1024  # the search sorts blocks by bound into this many buckets
+WALK_CHUNK = 4096  # blocks sorted in at a time, the best bounds first (about 4 times what a query scores)
 
 
 @njit(cache=True, nogil=True)
@@ -103,32 +108,75 @@ def _bisection_order(indptr, indices, dims, leaf, iterations):
 
 
 @njit(cache=True, nogil=True)
-def _block_maxima(indptr, indices, weights, block_size, dims, first_row, largest):
-    """(term, block, largest weight as uint8 of `largest`, rounded up) for every term of every block
-    of the rows, numbered from row `first_row` of the corpus, in block order. A block cut by a shard's
-    end gets entries from both shards: its bound is summed twice, still an upper bound."""
+def _block_layout(indptr, indices, weights, block_size, dims, largest):
+    """One shard's rows (in their block order) cut into blocks of `block_size` rows, block-inverted:
+    - entries: each block's terms in first-seen order, with how many of its rows hold each and the
+      largest weight there (uint8 of `largest`, rounded up: an upper bound); `block_entries` where each
+      block's entries end;
+    - postings, entry by entry, at the block's own positions of the rows' postings: the row's place in
+      the block and its weight (uint16 of `largest`, rounded to nearest)."""
     n = len(indptr) - 1
-    terms = np.empty(len(indices), np.int32)
-    blocks = np.empty(len(indices), np.int32)
-    maxima = np.empty(len(indices), np.float32)
+    n_blocks = (n + block_size - 1) // block_size
+    entry_terms = np.empty(len(indices), np.int32)
+    entry_counts = np.zeros(len(indices), np.uint8)
+    entry_largest = np.zeros(len(indices), np.float32)
+    block_entries = np.zeros(n_blocks + 1, np.int64)
+    post_docs = np.empty(len(indices), np.uint8)
+    post_weights = np.empty(len(indices), np.uint16)
     seen_in = np.full(dims, -1, np.int64)
-    slot = np.zeros(dims, np.int64)
+    entry_of = np.empty(dims, np.int64)
+    widest = 0  # the most postings a block has: at most that many entries
+    for block in range(n_blocks):
+        widest = max(widest, indptr[min(n, (block + 1) * block_size)] - indptr[block * block_size])
+    cursor = np.empty(widest, np.int64)  # where each of a block's entries' next posting goes
     count = 0
-    for row in range(n):
-        block = (first_row + row) // block_size
-        for p in range(indptr[row], indptr[row + 1]):
-            term = indices[p]
-            if seen_in[term] != block:
-                seen_in[term] = block
-                slot[term] = count
-                terms[count], blocks[count], maxima[count] = term, block, weights[p]
-                count += 1
-            elif weights[p] > maxima[slot[term]]:
-                maxima[slot[term]] = weights[p]
-    quantized = np.empty(count, np.uint8)
-    for i in range(count):
-        quantized[i] = min(255, max(0, math.ceil(maxima[i] / largest * 255)))
-    return terms[:count].copy(), blocks[:count].copy(), quantized
+    for block in range(n_blocks):
+        first_row, end_row = block * block_size, min(n, (block + 1) * block_size)
+        first_entry = count
+        for row in range(first_row, end_row):
+            for p in range(indptr[row], indptr[row + 1]):
+                term = indices[p]
+                if seen_in[term] != block:
+                    seen_in[term], entry_of[term], entry_terms[count] = block, count, term
+                    count += 1
+                e = entry_of[term]
+                entry_counts[e] += 1
+                entry_largest[e] = max(entry_largest[e], weights[p])
+        block_entries[block + 1] = count
+        at = indptr[first_row]
+        for e in range(first_entry, count):
+            cursor[e - first_entry] = at
+            at += entry_counts[e]
+        for row in range(first_row, end_row):
+            for p in range(indptr[row], indptr[row + 1]):
+                c = entry_of[indices[p]] - first_entry
+                post_docs[cursor[c]] = row - first_row
+                post_weights[cursor[c]] = round(min(max(weights[p], 0.0), largest) / largest * 65535)
+                cursor[c] += 1
+    maxima = np.empty(count, np.uint8)
+    for e in range(count):
+        maxima[e] = min(255, max(0, math.ceil(entry_largest[e] / largest * 255)))
+    return (entry_terms[:count].copy(), entry_counts[:count].copy(), maxima, block_entries, post_docs,
+            post_weights)
+
+
+@njit(cache=True, nogil=True)
+def _invert(entry_terms, entry_maxima, block_entries, dims):
+    """Term-major: for each term (from term_ptr[term]), the blocks that hold it, ascending, with its
+    largest weight there."""
+    per_term = np.zeros(dims + 1, np.int64)
+    for e in range(len(entry_terms)):
+        per_term[entry_terms[e] + 1] += 1
+    term_ptr = np.cumsum(per_term)
+    term_blocks = np.empty(term_ptr[-1], np.int32)
+    term_maxima = np.empty(term_ptr[-1], np.uint8)
+    at = term_ptr[:-1].copy()
+    for block in range(len(block_entries) - 1):
+        for e in range(block_entries[block], block_entries[block + 1]):
+            term = entry_terms[e]
+            term_blocks[at[term]], term_maxima[at[term]] = block, entry_maxima[e]
+            at[term] += 1
+    return term_ptr, term_blocks, term_maxima
 
 
 @njit(cache=True, nogil=True)
@@ -159,55 +207,96 @@ def _push(heap_scores, heap_rows, size, score, row):
 
 
 @njit(cache=True, nogil=True)
-def _walk(bound, offset, unit, heap_factor, block_size, n_docs, doc_ptr, doc_terms, doc_weights, slot, slot_weight,
-          band, heap_scores, heap_rows):
-    """Scores the blocks from the highest bound down until a bound (plus `offset`, in `unit`s of score) times
-    heap_factor cannot beat the k-th best found; returns (heap size, blocks scored). The blocks are
-    taken in bands (bounds within a factor BAND of each other, each band sorted), each band found by a
-    pass over the bounds: no full sort."""
-    k = len(heap_scores)
-    n_blocks = len(bound)
-    top = 0
-    for b in range(n_blocks):
-        top = max(top, bound[b])
-    size, scored = 0, 0
-    upper = top + 1
-    lower = int(top * BAND)
-    while True:
-        n = 0
-        for b in range(n_blocks):
-            v = bound[b]
-            if v >= lower and v < upper:
-                band[n] = b
-                n += 1
-        in_band = band[:n]
-        order = np.argsort(-bound[in_band].astype(np.int32))
-        for i in order:
-            block = in_band[i]
-            if size == k and (bound[block] + offset) * unit * heap_factor <= heap_scores[0]:
-                break
-            scored += 1
-            for doc in range(block * block_size, min(n_docs, (block + 1) * block_size)):
-                score = np.float32(0.0)
-                for p in range(doc_ptr[doc], doc_ptr[doc + 1]):
-                    score += slot_weight[slot[doc_terms[p]]] * doc_weights[p]
-                size = _push(heap_scores, heap_rows, size, score, doc)
-        if lower == 0 or (size == k and (lower + offset) * unit * heap_factor <= heap_scores[0]):
-            return size, scored
-        upper = lower
-        lower = int(lower * BAND)
+def _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights,
+                 slot, slot_weight, matched, scores, heap_scores, heap_rows, size):
+    """Scores a block's rows from its entries of the query's terms (found through `slot`: 0 for the
+    others) into the heap; returns the heap's size. The entries are matched first, their postings
+    read after, so that those reads (mostly cache misses) overlap."""
+    n, p = 0, block_posts[block]
+    for e in range(block_entries[block], block_entries[block + 1]):
+        if slot[entry_terms[e]] != 0:
+            matched[n, 0], matched[n, 1], matched[n, 2] = slot[entry_terms[e]], p, p + entry_counts[e]
+            n += 1
+        p += entry_counts[e]
+    rows = block_docs[block + 1] - block_docs[block]
+    scores[:rows] = 0
+    for i in range(n):
+        weight = slot_weight[matched[i, 0]]
+        for q in range(matched[i, 1], matched[i, 2]):
+            scores[post_docs[q]] += weight * post_weights[q]
+    for d in range(rows):
+        size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
+    return size
 
 
 @njit(cache=True, nogil=True)
-def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr, term_blocks, term_maxima,
-            max_scale, block_size, doc_ptr, doc_terms, doc_weights, dims, out_rows, out_scores, out_scored):
-    n_docs = len(doc_ptr) - 1
-    n_blocks = (n_docs + block_size - 1) // block_size
+def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
+          post_weights, slot, slot_weight, counts, order, matched, scores, heap_scores, heap_rows):
+    """Scores the blocks from the highest bound down until a bound (plus `offset`; x threshold: its unit
+    in score units x heap_factor) cannot beat the k-th best found; returns (heap size, blocks scored).
+    The order comes from a counting sort of the bounds in len(counts) - 1 buckets, WALK_CHUNK blocks
+    or more at a time: two passes over the bounds, no comparison sort."""
+    k, buckets = len(heap_scores), len(counts) - 1
+    if len(bound) == 0:
+        return 0, 0
+    top, shift = np.int64(bound.max()), np.int64(0)
+    while top >> shift >= buckets:
+        shift += 1
+    counts[:] = 0
+    for b in range(len(bound)):
+        counts[np.int64(bound[b]) >> shift] += 1
+    size, scored, upper = 0, 0, top >> shift  # the buckets upper..lower are sorted in, the best first
+    while upper >= 0:
+        lower, n = upper, counts[upper]
+        while lower > 0 and n < WALK_CHUNK:
+            lower -= 1
+            n += counts[lower]
+        at = 0
+        for v in range(upper, lower - 1, -1):  # where each bucket starts in `order`
+            counts[v], at = at, at + counts[v]
+        for b in range(len(bound)):
+            v = np.int64(bound[b]) >> shift
+            if lower <= v <= upper:
+                order[counts[v]] = b
+                counts[v] += 1
+        start = 0
+        for v in range(upper, lower - 1, -1):  # counts[v] now: where bucket v ends
+            if size == k and ((v << shift) + (1 << shift) - 1 + offset) * threshold <= heap_scores[0]:
+                return size, scored
+            for block in order[start:counts[v]]:
+                if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
+                    continue
+                scored += 1
+                size = _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts,
+                                    post_docs, post_weights, slot, slot_weight, matched, scores, heap_scores,
+                                    heap_rows, size)
+            start = counts[v]
+        upper = lower - 1
+        if upper >= 0:  # the buckets below: counted again
+            counts[:upper + 1] = 0
+            for b in range(len(bound)):
+                v = np.int64(bound[b]) >> shift
+                if v <= upper:
+                    counts[v] += 1
+    return size, scored
+
+
+@njit(cache=True, nogil=True)
+def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr, term_blocks, term_maxima, max_scale,
+            block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights, dims,
+            out_rows, out_scores, out_scored):
+    n_blocks = len(block_docs) - 1
     slot8 = np.zeros(dims, np.uint8)
     slot16 = np.zeros(dims, np.uint16)
-    slot_weight = np.zeros(2 ** 16, np.float32)
+    slot_weight = np.zeros(2 ** 16, np.float32)  # slot 0: not a query term
     bound = np.zeros(n_blocks, np.uint16)
-    band = np.empty(n_blocks, np.int32)
+    counts = np.zeros(WALK_BUCKETS + 1, np.int64)
+    order = np.empty(n_blocks, np.int64)
+    longest = 0
+    for q in range(len(q_indptr) - 1):
+        longest = max(longest, q_indptr[q + 1] - q_indptr[q])
+    matched = np.empty((longest, 3), np.int64)  # a block's entries of the query's terms: slot, postings
+    scores = np.zeros(256, np.float32)
     heap_scores = np.empty(k, np.float32)
     heap_rows = np.empty(k, np.int64)
     for q in range(len(q_indptr) - 1):
@@ -222,7 +311,7 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
         bound[:] = 0
         largest = max(q_weights[lo + by_weight[0]], np.float32(1e-30)) if hi > lo else np.float32(1.0)
         for i in range(min(query_cut, hi - lo, 256)):  # uint16 bounds hold 256 terms' parts
-            # a term's part of a block's bound, (query weight x block max) on a 0-254 scale, rounded up
+            # a term's part of a block's bound, (query weight x block max) on a 0-255 scale, rounded up
             weight8 = min(255, max(0, math.ceil(q_weights[lo + by_weight[i]] / largest * 255)))
             term = q_indices[lo + by_weight[i]]
             for e in range(term_ptr[term], term_ptr[term + 1]):
@@ -233,12 +322,15 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
         for i in range(256, min(query_cut, hi - lo)):
             rest += q_weights[lo + by_weight[i]]
         offset = math.ceil(rest * 255 * max_scale / unit)
-        if hi - lo < 256:
-            size, scored = _walk(bound, offset, unit, heap_factor, block_size, n_docs, doc_ptr, doc_terms, doc_weights,
-                                 slot8, slot_weight, band, heap_scores, heap_rows)
+        threshold = unit * heap_factor
+        if hi - lo < 256:  # (two calls: numba types the two tables apart)
+            size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
+                                 entry_counts, post_docs, post_weights, slot8, slot_weight, counts, order, matched,
+                                 scores, heap_scores, heap_rows)
         else:
-            size, scored = _walk(bound, offset, unit, heap_factor, block_size, n_docs, doc_ptr, doc_terms,
-                                 doc_weights, slot16, slot_weight, band, heap_scores, heap_rows)
+            size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
+                                 entry_counts, post_docs, post_weights, slot16, slot_weight, counts, order, matched,
+                                 scores, heap_scores, heap_rows)
         for p in range(lo, hi):
             slot8[q_indices[p]] = 0
             slot16[q_indices[p]] = 0
@@ -257,71 +349,79 @@ class BlockMaxIndex:
         """Built from the corpus's shards, `threads` at a time (0: every core); each adds a shard in memory."""
         from tqdm.auto import tqdm
 
+        if not 0 < block_size <= 255:
+            raise ValueError(f"block_size {block_size}: a block's rows are counted in one byte (1-255)")
         self.block_size, self.query_cut, self.heap_factor = block_size, query_cut, heap_factor
         self.search_threads, self.dims = search_threads, corpus.dims
-        postings = corpus.nnz
-        self.doc_ptr = np.zeros(corpus.docs + 1, np.int64)
-        self.doc_terms = np.empty(postings, np.uint16 if corpus.dims <= 2 ** 16 else np.uint32)
-        self.doc_weights = np.empty(postings, np.uint16)
+        postings, largest = 0, 0.0
+        for i in range(corpus.count):  # weights are quantized against the corpus's largest
+            data = np.load(corpus.path(i))["data"]
+            postings, largest = postings + len(data), max(largest, float(data.max(initial=0.0)))
+        largest = largest or 1.0
+        self.weight_scale = largest / 65535  # posting weights as uint16, linear against the largest
+        self.max_scale = largest / 255  # blocks' largest weights as uint8, rounded up
+        shard_blocks = [-(-len(corpus.rows(i)) // block_size) for i in range(corpus.count)]
+        n_blocks = sum(shard_blocks)
         self.rows = np.empty(corpus.docs, np.int64)  # index position -> corpus row
-        largest = max(float(np.load(corpus.path(i))["data"].max(initial=0.0)) for i in range(corpus.count)) or 1.0
-        self.weight_scale = largest / 65535  # weights as uint16, linear against the largest
-        self.max_scale = largest / 255  # block maxima as uint8, rounded up
+        self.block_docs = np.zeros(n_blocks + 1, np.int64)  # where each block's rows start
+        self.block_posts = np.zeros(n_blocks + 1, np.int64)  # and its postings
+        self.post_docs = np.empty(postings, np.uint8)
+        self.post_weights = np.empty(postings, np.uint16)
+        term_type = np.uint16 if corpus.dims <= 2 ** 16 else np.uint32
 
-        def reordered(index: int):
+        def laid_out(index: int):
             shard = corpus.load(index)
             order = _bisection_order(shard.indptr, shard.indices, corpus.dims, block_size, bisection_iterations)
             shard = shard[order]
-            terms, blocks, maxima = _block_maxima(shard.indptr, shard.indices, shard.data, block_size, corpus.dims,
-                                                  corpus.rows(index).start, largest)
-            return order, shard, (terms.astype(self.doc_terms.dtype), blocks, maxima)
+            terms, counts, maxima, block_entries, post_docs, post_weights = _block_layout(
+                shard.indptr, shard.indices, shard.data, block_size, corpus.dims, largest)
+            piece = (terms.astype(term_type), counts, maxima, block_entries)
+            return order, shard.indptr, piece, post_docs, post_weights
 
-        pieces, done, threads = [], 0, threads or os.cpu_count() or 1
+        pieces, done, block, threads = [], 0, 0, threads or os.cpu_count() or 1
         with ThreadPoolExecutor(threads) as pool, tqdm(total=corpus.count, desc="block-max index", unit="shard",
                                                         disable=not progress) as bar:
             pending = deque()
             for index in range(corpus.count):
-                pending.append((index, pool.submit(reordered, index)))
+                pending.append((index, pool.submit(laid_out, index)))
                 while len(pending) > threads or (pending and index + 1 == corpus.count):
                     at, found = pending.popleft()
-                    order, shard, piece = found.result()
-                    first, n, nnz = corpus.rows(at).start, shard.shape[0], shard.nnz
+                    order, indptr, piece, post_docs, post_weights = found.result()
+                    first, n, blocks = corpus.rows(at).start, len(order), shard_blocks[at]
                     self.rows[first:first + n] = first + order
-                    self.doc_ptr[first + 1:first + n + 1] = done + shard.indptr[1:]
-                    self.doc_terms[done:done + nnz] = shard.indices
-                    self.doc_weights[done:done + nnz] = np.rint(np.clip(shard.data, 0, largest) / self.weight_scale)
+                    starts = np.minimum(np.arange(1, blocks + 1) * block_size, n)
+                    self.block_docs[block + 1:block + blocks + 1] = first + starts
+                    self.block_posts[block + 1:block + blocks + 1] = done + indptr[starts]
+                    self.post_docs[done:done + len(post_docs)] = post_docs
+                    self.post_weights[done:done + len(post_docs)] = post_weights
                     pieces.append(piece)
-                    done += nnz
+                    done, block = done + len(post_docs), block + blocks
                     bar.update()
-        self._invert(pieces)
-
-    def _invert(self, pieces) -> None:
-        """Each term's (block, largest weight) entries, term-major, blocks ascending."""
-        counts = np.zeros(self.dims + 1, np.int64)
-        for terms, _, _ in pieces:
-            counts[1:] += np.bincount(terms, minlength=self.dims)
-        self.term_ptr = np.cumsum(counts)
-        self.term_blocks = np.empty(self.term_ptr[-1], np.int32)
-        self.term_maxima = np.empty(self.term_ptr[-1], np.uint8)
-        cursor = self.term_ptr[:-1].copy()
-        while pieces:  # freed one by one as they are copied in
-            terms, blocks, maxima = pieces.pop(0)
-            order = np.argsort(terms, kind="stable")
-            terms, per_term = terms[order], np.bincount(terms, minlength=self.dims)
-            at = cursor[terms] + np.arange(len(terms)) - np.repeat(np.cumsum(per_term) - per_term, per_term)
-            self.term_blocks[at], self.term_maxima[at] = blocks[order], maxima[order]
-            cursor += per_term
+        # the blocks' entries, one array each, the shards' pieces freed as they are copied in
+        entries = sum(len(piece[0]) for piece in pieces)
+        self.entry_terms, self.entry_counts = np.empty(entries, term_type), np.empty(entries, np.uint8)
+        maxima, self.block_entries = np.empty(entries, np.uint8), np.zeros(n_blocks + 1, np.int64)
+        done, block = 0, 0
+        while pieces:
+            terms, counts, piece_maxima, block_entries = pieces.pop(0)
+            self.entry_terms[done:done + len(terms)], self.entry_counts[done:done + len(terms)] = terms, counts
+            maxima[done:done + len(terms)] = piece_maxima
+            self.block_entries[block + 1:block + len(block_entries)] = done + block_entries[1:]
+            done, block = done + len(terms), block + len(block_entries) - 1
+        self.term_ptr, self.term_blocks, self.term_maxima = _invert(self.entry_terms, maxima, self.block_entries,
+                                                                    corpus.dims)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.doc_ptr, self.doc_terms, self.doc_weights, self.rows,
-                                      self.term_ptr, self.term_blocks, self.term_maxima))
+        return sum(a.nbytes for a in (
+            self.rows, self.block_docs, self.block_posts, self.block_entries, self.post_docs, self.post_weights,
+            self.entry_terms, self.entry_counts, self.term_ptr, self.term_blocks, self.term_maxima))
 
     def _search_part(self, queries, depth, rows, scores, scored):
         _search(queries.indptr, queries.indices, queries.data.astype(np.float32), self.query_cut,
                 np.float32(self.heap_factor), depth, self.term_ptr, self.term_blocks, self.term_maxima,
-                np.float32(self.max_scale / self.weight_scale), self.block_size, self.doc_ptr, self.doc_terms,
-                self.doc_weights, self.dims, rows, scores, scored)
+                np.float32(self.max_scale / self.weight_scale), self.block_docs, self.block_entries, self.block_posts,
+                self.entry_terms, self.entry_counts, self.post_docs, self.post_weights, self.dims, rows, scores, scored)
 
     def search(self, queries, depth: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each query's `depth` best (corpus rows, scores), best first; queries split over search_threads

@@ -294,7 +294,7 @@ class IndexConfig(Section):
     sweep_queries: PositiveInt = 200
     # approximate: the memory its build may take; checked (estimated from the corpus's postings) before it starts
     memory_gb: PositiveFloat = 12.0
-    block_size: PositiveInt = 8  # blockmax: documents per block (smaller: tighter bounds, more blocks)
+    block_size: int = Field(8, gt=0, le=255)  # blockmax: documents per block (smaller: tighter bounds, more blocks)
     # exact: shards scored at once (0: one per core); each adds a shard to the memory it holds
     threads: NonNegativeInt = 0
 

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # an approximate index's build peaks at about this many bytes per posting of the corpus, plus a fixed
 # part (bench/evaluate_scale.py, splade-tiny-shaped vectors; seismic: +1.15 GB at 200k documents, 25M
-# postings, +6.7 GB at 2M documents, 254M postings; blockmax: +2.0 GB at 2M, +8.6 GB at 8.8M, 1.1G postings)
-BUILD_BYTES_PER_POSTING = {"seismic": 28, "blockmax": 8}
+# postings, +6.7 GB at 2M documents, 254M postings; blockmax: +1.5 GB at 2M, +7.4 GB at 8.8M, 1.1G postings)
+BUILD_BYTES_PER_POSTING = {"seismic": 28, "blockmax": 7}
 BUILD_FIXED_BYTES = 2 ** 29
 # the search parameters the sweep tries, cheapest first (a query's largest terms, pruning: 1 least)
 SWEEP_QUERY_CUTS = (5, 8, 12, 20, 30)
@@ -243,7 +243,7 @@ def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, d
         return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", **facts}
     started = time.perf_counter()
     if kind == "seismic":
-        index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor, memory_gb=cfg.memory_gb)
+        index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor)  # its budget: checked above
     else:
         from pipeline.blockmax import BlockMaxIndex
 
