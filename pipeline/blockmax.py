@@ -7,18 +7,20 @@ Build, one corpus shard at a time:
 - cut them into blocks of `block_size` and lay each block out block-inverted: its terms (entries:
   uint16 term ids where the vocabulary allows, and how many of its documents hold each), and each
   entry's postings (the document's place in the block, its weight quantized to uint16);
-- for each term, the blocks that hold it with the term's largest weight there (uint8, rounded up: an
-  upper bound).
+- for each term, its largest weight in each block that holds it (uint8, rounded up: an upper
+  bound): a list of (block, weight) for a term in under a fifth of the blocks, a byte per block for
+  the others (no larger, and summed in one sequential pass).
 Memory: about 3 B per posting plus 8 B per (block, term) entry (about 0.35 entries per posting in
 blocks of 8), and a shard per build thread while it is laid out.
 
 Search, a query at a time: each block's upper bound is summed from its largest weights over the
 query's `query_cut` largest terms (uint16 sums, rounded up); blocks are visited from the highest bound
-down (a counting sort of the bounds), their documents scored against the whole query from the
-block's entries of the query's terms (found through a table of the vocabulary's size, one byte per
-term where the query has under 256 terms), and the walk stops at the first block whose bound times
-`heap_factor` cannot beat the k-th best score found (1: stops last; with every query term it is
-exact, up to the weights' rounding).
+down (in tiers: over half the highest bound, then a quarter, ...; each a pass over the bounds and a
+counting sort), their documents scored against the whole query from the block's entries of the
+query's terms (found through a table of the vocabulary's size, one byte per term where the query has
+under 256 terms), and the walk stops at the first block whose bound times `heap_factor` cannot beat
+the k-th best score found (1: stops last; with every query term it is exact, up to the weights'
+rounding).
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-WALK_BUCKETS = 1024  # the search sorts blocks by bound into this many buckets
-WALK_CHUNK = 4096  # blocks sorted in at a time, the best bounds first (about 4 times what a query scores)
 
 
 @njit(cache=True, nogil=True)
@@ -162,21 +162,36 @@ def _block_layout(indptr, indices, weights, block_size, dims, largest):
 
 @njit(cache=True, nogil=True)
 def _invert(entry_terms, entry_maxima, block_entries, dims):
-    """Term-major: for each term (from term_ptr[term]), the blocks that hold it, ascending, with its
-    largest weight there."""
-    per_term = np.zeros(dims + 1, np.int64)
+    """Term-major, each term's largest weight in each block that holds it: for a term in under a fifth
+    of the blocks, a list of (block, largest weight), blocks ascending, from term_ptr[term]; for the
+    others, a row of `dense` (row dense_row[term]) with a byte per block (0: not there), which takes no
+    more memory and sums fastest."""
+    n_blocks = len(block_entries) - 1
+    per_term = np.zeros(dims, np.int64)
     for e in range(len(entry_terms)):
-        per_term[entry_terms[e] + 1] += 1
-    term_ptr = np.cumsum(per_term)
+        per_term[entry_terms[e]] += 1
+    dense_row = np.full(dims, -1, np.int64)
+    n_dense = 0
+    for term in range(dims):
+        if per_term[term] * 5 >= n_blocks and per_term[term] > 0:
+            dense_row[term] = n_dense
+            n_dense += 1
+            per_term[term] = 0
+    term_ptr = np.zeros(dims + 1, np.int64)
+    term_ptr[1:] = np.cumsum(per_term)
     term_blocks = np.empty(term_ptr[-1], np.int32)
     term_maxima = np.empty(term_ptr[-1], np.uint8)
+    dense = np.zeros((n_dense, n_blocks), np.uint8)
     at = term_ptr[:-1].copy()
-    for block in range(len(block_entries) - 1):
+    for block in range(n_blocks):
         for e in range(block_entries[block], block_entries[block + 1]):
             term = entry_terms[e]
-            term_blocks[at[term]], term_maxima[at[term]] = block, entry_maxima[e]
-            at[term] += 1
-    return term_ptr, term_blocks, term_maxima
+            if dense_row[term] >= 0:
+                dense[dense_row[term], block] = entry_maxima[e]
+            else:
+                term_blocks[at[term]], term_maxima[at[term]] = block, entry_maxima[e]
+                at[term] += 1
+    return term_ptr, term_blocks, term_maxima, dense_row, dense
 
 
 @njit(cache=True, nogil=True)
@@ -231,58 +246,44 @@ def _score_block(block, block_docs, block_entries, block_posts, entry_terms, ent
 
 @njit(cache=True, nogil=True)
 def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
-          post_weights, slot, slot_weight, counts, order, matched, scores, heap_scores, heap_rows):
+          post_weights, slot, slot_weight, counts, tier, order, matched, scores, heap_scores, heap_rows):
     """Scores the blocks from the highest bound down until a bound (plus `offset`; x threshold: its unit
     in score units x heap_factor) cannot beat the k-th best found; returns (heap size, blocks scored).
-    The order comes from a counting sort of the bounds in len(counts) - 1 buckets, WALK_CHUNK blocks
-    or more at a time: two passes over the bounds, no comparison sort."""
-    k, buckets = len(heap_scores), len(counts) - 1
-    if len(bound) == 0:
-        return 0, 0
-    top, shift = np.int64(bound.max()), np.int64(0)
-    while top >> shift >= buckets:
-        shift += 1
-    counts[:] = 0
-    for b in range(len(bound)):
-        counts[np.int64(bound[b]) >> shift] += 1
-    size, scored, upper = 0, 0, top >> shift  # the buckets upper..lower are sorted in, the best first
+    The blocks are taken in tiers, each found by a pass over the bounds: those over half the highest
+    bound, then over a quarter, ...; each tier ordered by a counting sort (a count per bound value)."""
+    k = len(heap_scores)
+    size, scored = 0, 0
+    upper = np.int64(bound.max()) if len(bound) else np.int64(-1)  # the tier: bounds in [floor, upper]
     while upper >= 0:
-        lower, n = upper, counts[upper]
-        while lower > 0 and n < WALK_CHUNK:
-            lower -= 1
-            n += counts[lower]
-        at = 0
-        for v in range(upper, lower - 1, -1):  # where each bucket starts in `order`
-            counts[v], at = at, at + counts[v]
+        floor = upper // 2 if upper >= 16 else 0
+        n = 0
         for b in range(len(bound)):
-            v = np.int64(bound[b]) >> shift
-            if lower <= v <= upper:
-                order[counts[v]] = b
-                counts[v] += 1
-        start = 0
-        for v in range(upper, lower - 1, -1):  # counts[v] now: where bucket v ends
-            if size == k and ((v << shift) + (1 << shift) - 1 + offset) * threshold <= heap_scores[0]:
+            if floor <= bound[b] <= upper:
+                tier[n] = b
+                n += 1
+        counts[:upper - floor + 2] = 0
+        for i in range(n):
+            counts[upper - bound[tier[i]] + 1] += 1  # the highest bounds first
+        for v in range(1, upper - floor + 2):  # counts[v]: where bound upper - v starts in `order`
+            counts[v] += counts[v - 1]
+        for i in range(n):
+            v = upper - bound[tier[i]]
+            order[counts[v]] = tier[i]
+            counts[v] += 1
+        for block in order[:n]:
+            if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
                 return size, scored
-            for block in order[start:counts[v]]:
-                if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
-                    continue
-                scored += 1
-                size = _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts,
-                                    post_docs, post_weights, slot, slot_weight, matched, scores, heap_scores,
-                                    heap_rows, size)
-            start = counts[v]
-        upper = lower - 1
-        if upper >= 0:  # the buckets below: counted again
-            counts[:upper + 1] = 0
-            for b in range(len(bound)):
-                v = np.int64(bound[b]) >> shift
-                if v <= upper:
-                    counts[v] += 1
+            scored += 1
+            size = _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts,
+                                post_docs, post_weights, slot, slot_weight, matched, scores, heap_scores,
+                                heap_rows, size)
+        upper = floor - 1
     return size, scored
 
 
 @njit(cache=True, nogil=True)
-def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr, term_blocks, term_maxima, max_scale,
+def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr, term_blocks, term_maxima, dense_row,
+            dense, max_scale,
             block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights, dims,
             out_rows, out_scores, out_scored):
     n_blocks = len(block_docs) - 1
@@ -290,7 +291,8 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
     slot16 = np.zeros(dims, np.uint16)
     slot_weight = np.zeros(2 ** 16, np.float32)  # slot 0: not a query term
     bound = np.zeros(n_blocks, np.uint16)
-    counts = np.zeros(WALK_BUCKETS + 1, np.int64)
+    counts = np.zeros(2 ** 16 + 1, np.int64)
+    tier = np.empty(n_blocks, np.int64)
     order = np.empty(n_blocks, np.int64)
     longest = 0
     for q in range(len(q_indptr) - 1):
@@ -314,6 +316,10 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
             # a term's part of a block's bound, (query weight x block max) on a 0-255 scale, rounded up
             weight8 = min(255, max(0, math.ceil(q_weights[lo + by_weight[i]] / largest * 255)))
             term = q_indices[lo + by_weight[i]]
+            if dense_row[term] >= 0:
+                row = dense[dense_row[term]]
+                for b in range(n_blocks):
+                    bound[b] += (weight8 * np.int32(row[b]) + 255) >> 8
             for e in range(term_ptr[term], term_ptr[term + 1]):
                 bound[term_blocks[e]] += (weight8 * term_maxima[e] + 255) >> 8
         unit = np.float32(largest * max_scale * 256 / 255)  # a bound's unit, in score units
@@ -325,12 +331,12 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
         threshold = unit * heap_factor
         if hi - lo < 256:  # (two calls: numba types the two tables apart)
             size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
-                                 entry_counts, post_docs, post_weights, slot8, slot_weight, counts, order, matched,
-                                 scores, heap_scores, heap_rows)
+                                 entry_counts, post_docs, post_weights, slot8, slot_weight, counts, tier, order,
+                                 matched, scores, heap_scores, heap_rows)
         else:
             size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
-                                 entry_counts, post_docs, post_weights, slot16, slot_weight, counts, order, matched,
-                                 scores, heap_scores, heap_rows)
+                                 entry_counts, post_docs, post_weights, slot16, slot_weight, counts, tier, order,
+                                 matched, scores, heap_scores, heap_rows)
         for p in range(lo, hi):
             slot8[q_indices[p]] = 0
             slot16[q_indices[p]] = 0
@@ -408,20 +414,22 @@ class BlockMaxIndex:
             maxima[done:done + len(terms)] = piece_maxima
             self.block_entries[block + 1:block + len(block_entries)] = done + block_entries[1:]
             done, block = done + len(terms), block + len(block_entries) - 1
-        self.term_ptr, self.term_blocks, self.term_maxima = _invert(self.entry_terms, maxima, self.block_entries,
-                                                                    corpus.dims)
+        self.term_ptr, self.term_blocks, self.term_maxima, self.dense_row, self.dense = _invert(
+            self.entry_terms, maxima, self.block_entries, corpus.dims)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (
             self.rows, self.block_docs, self.block_posts, self.block_entries, self.post_docs, self.post_weights,
-            self.entry_terms, self.entry_counts, self.term_ptr, self.term_blocks, self.term_maxima))
+            self.entry_terms, self.entry_counts, self.term_ptr, self.term_blocks, self.term_maxima, self.dense_row,
+            self.dense))
 
     def _search_part(self, queries, depth, rows, scores, scored):
         _search(queries.indptr, queries.indices, queries.data.astype(np.float32), self.query_cut,
                 np.float32(self.heap_factor), depth, self.term_ptr, self.term_blocks, self.term_maxima,
-                np.float32(self.max_scale / self.weight_scale), self.block_docs, self.block_entries, self.block_posts,
-                self.entry_terms, self.entry_counts, self.post_docs, self.post_weights, self.dims, rows, scores, scored)
+                self.dense_row, self.dense, np.float32(self.max_scale / self.weight_scale), self.block_docs,
+                self.block_entries, self.block_posts, self.entry_terms, self.entry_counts, self.post_docs,
+                self.post_weights, self.dims, rows, scores, scored)
 
     def search(self, queries, depth: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each query's `depth` best (corpus rows, scores), best first; queries split over search_threads
