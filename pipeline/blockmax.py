@@ -283,9 +283,8 @@ def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entr
 
 @njit(cache=True, nogil=True)
 def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr, term_blocks, term_maxima, dense_row,
-            dense, max_scale,
-            block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights, dims,
-            out_rows, out_scores, out_scored):
+            dense, max_scale, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
+            post_weights, dims, out_rows, out_scores, out_scored):
     n_blocks = len(block_docs) - 1
     slot8 = np.zeros(dims, np.uint8)
     slot16 = np.zeros(dims, np.uint16)
