@@ -8,8 +8,8 @@ Build, one corpus shard at a time:
   uint16 term ids where the vocabulary allows, and how many of its documents hold each), and each
   entry's postings (the document's place in the block, its weight quantized to uint16);
 - for each term, its largest weight in each block that holds it (uint8, rounded up: an upper
-  bound): a list of (block, weight) for a term in under a fifth of the blocks, a byte per block for
-  the others (no larger, and summed in one sequential pass).
+  bound): a list of (block, weight) for a term in under a tenth of the blocks, a byte per block for
+  the others (at most twice its list, and summed in one sequential pass).
 Memory: about 3 B per posting plus 8 B per (block, term) entry (about 0.35 entries per posting in
 blocks of 8), and a shard per build thread while it is laid out.
 
@@ -31,7 +31,30 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PREFETCH_AHEAD = 8  # blocks: the walk asks for a block's memory this many blocks before it scores it
+DENSE_SHARE = 10  # a term in at least 1/DENSE_SHARE of the blocks keeps a byte per block, not a list
+CHUNK = 64  # blocks per largest bound kept, so that a tier's pass skips the chunks below it
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Asks the CPU for array[index]'s cache line without waiting for it (llvm.prefetch): the blocks'
+    memory is read in a known order, each block a few scattered cache misses."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        pointer = cgutils.get_item_pointer(context, builder, array_type,
+                                           context.make_array(array_type)(context, builder, args[0]), [args[1]])
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(prefetch, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])  # read, keep, data
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
 
 
 
@@ -162,10 +185,10 @@ def _block_layout(indptr, indices, weights, block_size, dims, largest):
 
 @njit(cache=True, nogil=True)
 def _invert(entry_terms, entry_maxima, block_entries, dims):
-    """Term-major, each term's largest weight in each block that holds it: for a term in under a fifth
-    of the blocks, a list of (block, largest weight), blocks ascending, from term_ptr[term]; for the
-    others, a row of `dense` (row dense_row[term]) with a byte per block (0: not there), which takes no
-    more memory and sums fastest."""
+    """Term-major, each term's largest weight in each block that holds it: for a term in under
+    1/DENSE_SHARE of the blocks, a list of (block, largest weight), blocks ascending, from
+    term_ptr[term]; for the others, a row of `dense` (row dense_row[term]) with a byte per block (0: not
+    there), at most twice the memory of its list, summed in one vectorized pass instead of a scatter."""
     n_blocks = len(block_entries) - 1
     per_term = np.zeros(dims, np.int64)
     for e in range(len(entry_terms)):
@@ -173,7 +196,7 @@ def _invert(entry_terms, entry_maxima, block_entries, dims):
     dense_row = np.full(dims, -1, np.int64)
     n_dense = 0
     for term in range(dims):
-        if per_term[term] * 5 >= n_blocks and per_term[term] > 0:
+        if per_term[term] * DENSE_SHARE >= n_blocks and per_term[term] > 0:
             dense_row[term] = n_dense
             n_dense += 1
             per_term[term] = 0
@@ -194,7 +217,7 @@ def _invert(entry_terms, entry_maxima, block_entries, dims):
     return term_ptr, term_blocks, term_maxima, dense_row, dense
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")  # inlined: a call would count references on each array
 def _push(heap_scores, heap_rows, size, score, row):
     """Into a min-heap of the best len(heap_scores) (score, row) found so far; returns its new size."""
     k = len(heap_scores)
@@ -240,8 +263,27 @@ def _score_block(block, block_docs, block_entries, block_posts, entry_terms, ent
         for q in range(matched[i, 1], matched[i, 2]):
             scores[post_docs[q]] += weight * post_weights[q]
     for d in range(rows):
-        size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
+        if size < len(heap_scores) or scores[d] > heap_scores[0]:
+            size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
     return size
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_range(array, lo, hi):
+    """Asks for array[lo:hi], a cache line (64 bytes) at a time."""
+    for i in range(lo, hi, max(1, 64 // array.itemsize)):
+        _prefetch(array, i)
+    if hi > lo:
+        _prefetch(array, hi - 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_block(block, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights):
+    """Asks for a block's entries and postings."""
+    _prefetch_range(entry_terms, block_entries[block], block_entries[block + 1])
+    _prefetch_range(entry_counts, block_entries[block], block_entries[block + 1])
+    _prefetch_range(post_docs, block_posts[block], block_posts[block + 1])
+    _prefetch_range(post_weights, block_posts[block], block_posts[block + 1])
 
 
 @njit(cache=True, nogil=True)
@@ -249,18 +291,28 @@ def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entr
           post_weights, slot, slot_weight, counts, tier, order, matched, scores, heap_scores, heap_rows):
     """Scores the blocks from the highest bound down until a bound (plus `offset`; x threshold: its unit
     in score units x heap_factor) cannot beat the k-th best found; returns (heap size, blocks scored).
-    The blocks are taken in tiers, each found by a pass over the bounds: those over half the highest
-    bound, then over a quarter, ...; each tier ordered by a counting sort (a count per bound value)."""
+    The blocks are taken in tiers, each found by a pass over the chunks of CHUNK bounds whose largest
+    reaches it: those over half the highest bound, then over a quarter, ...; each tier ordered by a
+    counting sort (a count per bound value). Each block's memory is asked for PREFETCH_AHEAD blocks
+    before it is scored (its offsets twice that), so that its cache misses overlap the scoring."""
     k = len(heap_scores)
     size, scored = 0, 0
-    upper = np.int64(bound.max()) if len(bound) else np.int64(-1)  # the tier: bounds in [floor, upper]
+    n_chunks = (len(bound) + CHUNK - 1) // CHUNK
+    chunk_max = np.zeros(n_chunks, np.uint16)
+    for c in range(n_chunks):
+        largest = np.uint16(0)
+        for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):
+            largest = max(largest, bound[b])
+        chunk_max[c] = largest
+    upper = np.int64(chunk_max.max()) if len(bound) else np.int64(-1)  # the tier: bounds in [floor, upper]
     while upper >= 0:
         floor = upper // 2 if upper >= 16 else 0
         n = 0
-        for b in range(len(bound)):
-            if floor <= bound[b] <= upper:
-                tier[n] = b
-                n += 1
+        for c in range(n_chunks):
+            if chunk_max[c] >= floor:
+                for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):  # no branch: kept or overwritten
+                    tier[n] = b
+                    n += np.int64(floor <= bound[b]) & np.int64(bound[b] <= upper)
         counts[:upper - floor + 2] = 0
         for i in range(n):
             counts[upper - bound[tier[i]] + 1] += 1  # the highest bounds first
@@ -270,9 +322,20 @@ def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entr
             v = upper - bound[tier[i]]
             order[counts[v]] = tier[i]
             counts[v] += 1
-        for block in order[:n]:
+        for j in range(n):
+            block = order[j]
             if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
                 return size, scored
+            if j + 2 * PREFETCH_AHEAD < n:
+                ahead = order[j + 2 * PREFETCH_AHEAD]
+                _prefetch(block_entries, ahead)
+                _prefetch(block_entries, ahead + 1)
+                _prefetch(block_posts, ahead)
+                _prefetch(block_posts, ahead + 1)
+                _prefetch(block_docs, ahead)
+            if j + PREFETCH_AHEAD < n:
+                _prefetch_block(order[j + PREFETCH_AHEAD], block_entries, block_posts, entry_terms, entry_counts,
+                                post_docs, post_weights)
             scored += 1
             size = _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts,
                                 post_docs, post_weights, slot, slot_weight, matched, scores, heap_scores,
@@ -315,10 +378,10 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
             # a term's part of a block's bound, (query weight x block max) on a 0-255 scale, rounded up
             weight8 = min(255, max(0, math.ceil(q_weights[lo + by_weight[i]] / largest * 255)))
             term = q_indices[lo + by_weight[i]]
-            if dense_row[term] >= 0:
-                row = dense[dense_row[term]]
+            if dense_row[term] >= 0:  # in 16 bits (255 x 255 + 255 fits), so that it vectorizes widest
+                row, weight16 = dense[dense_row[term]], np.uint16(weight8)
                 for b in range(n_blocks):
-                    bound[b] += (weight8 * np.int32(row[b]) + 255) >> 8
+                    bound[b] += np.uint16(np.uint16(weight16 * np.uint16(row[b])) + np.uint16(255)) >> np.uint16(8)
             for e in range(term_ptr[term], term_ptr[term + 1]):
                 bound[term_blocks[e]] += (weight8 * term_maxima[e] + 255) >> 8
         unit = np.float32(largest * max_scale * 256 / 255)  # a bound's unit, in score units
@@ -356,7 +419,7 @@ class BlockMaxIndex:
 
         if not 0 < block_size <= 255:
             raise ValueError(f"block_size {block_size}: a block's rows are counted in one byte (1-255)")
-        self.block_size, self.query_cut, self.heap_factor = block_size, query_cut, heap_factor
+        self.query_cut, self.heap_factor = query_cut, heap_factor
         self.search_threads, self.dims = search_threads, corpus.dims
         postings, largest = 0, 0.0
         for i in range(corpus.count):  # weights are quantized against the corpus's largest
