@@ -263,8 +263,7 @@ def _score_block(block, block_docs, block_entries, block_posts, entry_terms, ent
         for q in range(matched[i, 1], matched[i, 2]):
             scores[post_docs[q]] += weight * post_weights[q]
     for d in range(rows):
-        if size < len(heap_scores) or scores[d] > heap_scores[0]:
-            size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
+        size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
     return size
 
 
