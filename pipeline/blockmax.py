@@ -36,7 +36,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-PREFETCH_AHEAD = 8  # blocks: the walk asks for a block's memory this many blocks before it scores it
+AHEAD = 8  # blocks: the walk matches a block's entries this many blocks before it scores it (see _walk)
+RING = 16  # blocks whose matched entries are held: a power of two over AHEAD
 DENSE_SHARE = 10  # a term in at least 1/DENSE_SHARE of the blocks keeps a byte per block, not a list
 CHUNK = 64  # blocks per largest bound kept, so that a tier's pass skips the chunks below it
 
@@ -244,29 +245,6 @@ def _push(heap_scores, heap_rows, size, score, row):
     return size
 
 
-@njit(cache=True, nogil=True)
-def _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights,
-                 slot, slot_weight, matched, scores, heap_scores, heap_rows, size):
-    """Scores a block's rows from its entries of the query's terms (found through `slot`: 0 for the
-    others) into the heap; returns the heap's size. The entries are matched first, their postings
-    read after, so that those reads (mostly cache misses) overlap."""
-    n, p = 0, block_posts[block]
-    for e in range(block_entries[block], block_entries[block + 1]):
-        if slot[entry_terms[e]] != 0:
-            matched[n, 0], matched[n, 1], matched[n, 2] = slot[entry_terms[e]], p, p + entry_counts[e]
-            n += 1
-        p += entry_counts[e]
-    rows = block_docs[block + 1] - block_docs[block]
-    scores[:rows] = 0
-    for i in range(n):
-        weight = slot_weight[matched[i, 0]]
-        for q in range(matched[i, 1], matched[i, 2]):
-            scores[post_docs[q]] += weight * post_weights[q]
-    for d in range(rows):
-        size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
-    return size
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _prefetch_range(array, lo, hi):
     """Asks for array[lo:hi], a cache line (64 bytes) at a time."""
@@ -277,23 +255,47 @@ def _prefetch_range(array, lo, hi):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _prefetch_block(block, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights):
-    """Asks for a block's entries and postings."""
-    _prefetch_range(entry_terms, block_entries[block], block_entries[block + 1])
-    _prefetch_range(entry_counts, block_entries[block], block_entries[block + 1])
-    _prefetch_range(post_docs, block_posts[block], block_posts[block + 1])
-    _prefetch_range(post_weights, block_posts[block], block_posts[block + 1])
+def _match(block, block_entries, block_posts, entry_terms, entry_counts, post_docs, post_weights, slot, matched, r):
+    """A block's entries of the query's terms (found through `slot`: 0 for the others) into matched[r]:
+    (slot, first posting, end), each one's postings asked for; returns how many."""
+    n, p = 0, block_posts[block]
+    for e in range(block_entries[block], block_entries[block + 1]):
+        s = slot[entry_terms[e]]
+        if s != 0:
+            matched[r, n, 0], matched[r, n, 1], matched[r, n, 2] = s, p, p + entry_counts[e]
+            _prefetch(post_docs, p)
+            _prefetch(post_weights, p)
+            n += 1
+        p += entry_counts[e]
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _score(block, n, matched, r, block_docs, post_docs, post_weights, slot_weight, scores, heap_scores, heap_rows,
+           size):
+    """Scores a block's rows from its n entries in matched[r] into the heap; returns the heap's size."""
+    rows = block_docs[block + 1] - block_docs[block]
+    scores[:rows] = 0
+    for i in range(n):
+        weight = slot_weight[matched[r, i, 0]]
+        for q in range(matched[r, i, 1], matched[r, i, 2]):
+            scores[post_docs[q]] += weight * post_weights[q]
+    for d in range(rows):
+        size = _push(heap_scores, heap_rows, size, scores[d], block_docs[block] + d)
+    return size
 
 
 @njit(cache=True, nogil=True)
 def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
-          post_weights, slot, slot_weight, counts, tier, order, matched, scores, heap_scores, heap_rows):
+          post_weights, slot, slot_weight, counts, tier, order, matched, n_matched, scores, heap_scores, heap_rows):
     """Scores the blocks from the highest bound down until a bound (plus `offset`; x threshold: its unit
     in score units x heap_factor) cannot beat the k-th best found; returns (heap size, blocks scored).
     The blocks are taken in tiers, each found by a pass over the chunks of CHUNK bounds whose largest
     reaches it: those over half the highest bound, then over a quarter, ...; each tier ordered by a
-    counting sort (a count per bound value). Each block's memory is asked for PREFETCH_AHEAD blocks
-    before it is scored (its offsets twice that), so that its cache misses overlap the scoring."""
+    counting sort (a count per bound value). A pipeline, so that each block's cache misses overlap the
+    work on the blocks before it: its offsets are asked for 3 x AHEAD blocks before it is scored, its
+    entries 2 x AHEAD before, and AHEAD before, its entries of the query's terms are matched (held in
+    a ring of RING blocks) and their postings asked for."""
     k = len(heap_scores)
     size, scored = 0, 0
     n_chunks = (len(bound) + CHUNK - 1) // CHUNK
@@ -321,24 +323,30 @@ def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entr
             v = upper - bound[tier[i]]
             order[counts[v]] = tier[i]
             counts[v] += 1
-        for j in range(n):
-            block = order[j]
-            if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
-                return size, scored
-            if j + 2 * PREFETCH_AHEAD < n:
-                ahead = order[j + 2 * PREFETCH_AHEAD]
+        for j in range(-2 * AHEAD, n):  # j < 0: the pipeline filling
+            if j + 3 * AHEAD < n:
+                ahead = order[j + 3 * AHEAD]
                 _prefetch(block_entries, ahead)
                 _prefetch(block_entries, ahead + 1)
                 _prefetch(block_posts, ahead)
-                _prefetch(block_posts, ahead + 1)
                 _prefetch(block_docs, ahead)
-            if j + PREFETCH_AHEAD < n:
-                _prefetch_block(order[j + PREFETCH_AHEAD], block_entries, block_posts, entry_terms, entry_counts,
-                                post_docs, post_weights)
+                _prefetch(block_docs, ahead + 1)
+            if 0 <= j + 2 * AHEAD < n:
+                ahead = order[j + 2 * AHEAD]
+                _prefetch_range(entry_terms, block_entries[ahead], block_entries[ahead + 1])
+                _prefetch_range(entry_counts, block_entries[ahead], block_entries[ahead + 1])
+            if 0 <= j + AHEAD < n:
+                r = (j + AHEAD) % RING
+                n_matched[r] = _match(order[j + AHEAD], block_entries, block_posts, entry_terms, entry_counts,
+                                      post_docs, post_weights, slot, matched, r)
+            if j < 0:
+                continue
+            block = order[j]
+            if size == k and (bound[block] + offset) * threshold <= heap_scores[0]:
+                return size, scored
             scored += 1
-            size = _score_block(block, block_docs, block_entries, block_posts, entry_terms, entry_counts,
-                                post_docs, post_weights, slot, slot_weight, matched, scores, heap_scores,
-                                heap_rows, size)
+            size = _score(block, n_matched[j % RING], matched, j % RING, block_docs, post_docs, post_weights,
+                          slot_weight, scores, heap_scores, heap_rows, size)
         upper = floor - 1
     return size, scored
 
@@ -358,7 +366,8 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
     longest = 0
     for q in range(len(q_indptr) - 1):
         longest = max(longest, q_indptr[q + 1] - q_indptr[q])
-    matched = np.empty((longest, 3), np.int64)  # a block's entries of the query's terms: slot, postings
+    matched = np.empty((RING, longest, 3), np.int64)  # blocks' entries of the query's terms: slot, postings
+    n_matched = np.zeros(RING, np.int64)
     scores = np.zeros(256, np.float32)
     heap_scores = np.empty(k, np.float32)
     heap_rows = np.empty(k, np.int64)
@@ -393,11 +402,11 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
         if hi - lo < 256:  # (two calls: numba types the two tables apart)
             size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
                                  entry_counts, post_docs, post_weights, slot8, slot_weight, counts, tier, order,
-                                 matched, scores, heap_scores, heap_rows)
+                                 matched, n_matched, scores, heap_scores, heap_rows)
         else:
             size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
                                  entry_counts, post_docs, post_weights, slot16, slot_weight, counts, tier, order,
-                                 matched, scores, heap_scores, heap_rows)
+                                 matched, n_matched, scores, heap_scores, heap_rows)
         for p in range(lo, hi):
             slot8[q_indices[p]] = 0
             slot16[q_indices[p]] = 0
