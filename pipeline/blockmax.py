@@ -259,7 +259,7 @@ def _match(block, block_entries, block_posts, entry_terms, entry_counts, post_do
     """A block's entries of the query's terms (found through `slot`: 0 for the others) into matched[r]:
     (slot, first posting, end), each one's postings asked for; returns how many."""
     n, p = 0, block_posts[block]
-    for e in range(block_entries[block], block_entries[block + 1]):
+    for e in range(np.uint64(block_entries[block]), np.uint64(block_entries[block + 1])):  # unsigned: no wraparound
         s = slot[entry_terms[e]]
         if s != 0:
             matched[r, n, 0], matched[r, n, 1], matched[r, n, 2] = s, p, p + entry_counts[e]
