@@ -376,6 +376,7 @@ def shard_matrices(folder) -> dict:
     return {path.name: load_npz(path) for path in sorted(folder.glob("*-of-*.npz"))}
 
 
+@pytest.mark.e2e
 def test_two_ranks_encode_what_one_process_does_and_a_killed_run_resumes(tmp_path, shared, cut_beir):
     """Corpus shards written by 2 ranks (RANK / WORLD_SIZE, sharing a folder) are those one process
     writes, bit for bit, and rank 0's metrics are the same; a run killed with SIGKILL half way keeps

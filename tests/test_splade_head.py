@@ -133,6 +133,7 @@ def test_every_loss_and_activation_gets_stock_gradients_on_a_random_bert(tmp_pat
     assert_same_gradients(fused[1], stock[1])
 
 
+@pytest.mark.e2e
 def test_ddp_on_two_processes_gets_one_process_gradients_on_the_whole_batch(tmp_path, shared):
     """torchrun, 2 CPU processes (gloo), DistributedDataParallel, 4 rows each through the fused head,
     FLOPS over the whole batch: DDP's averaged gradients are the stock head's on 8 rows in one process."""

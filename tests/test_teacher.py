@@ -246,6 +246,7 @@ def scores_file(workdir) -> pd.DataFrame:
     return pd.read_parquet(workdir / TEACHER_SCORED)
 
 
+@pytest.mark.e2e
 def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_match_one(workdir, scifact_stage):
     teacher.run(scifact_stage)  # uninterrupted, in this process
     uninterrupted = scores_file(workdir)

@@ -90,6 +90,7 @@ def weights(folder) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.e2e
 def test_kill_mid_training_then_rerun_ends_with_the_uninterrupted_runs_weights(workdir, tiny_params):
     """kill -9 mid-training, rerun: the resumed run continues the step count, the optimiser, the
     scheduler, the FLOPS warm-up and the data order, so its final weights equal an uninterrupted
@@ -194,6 +195,7 @@ def crash_after_first_checkpoint(monkeypatch) -> None:
     monkeypatch.setattr(train, "build_trainer", crashing)
 
 
+@pytest.mark.e2e
 def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params, monkeypatch):
     """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
     model, because FLOPS is taken over the whole batch (per-process FLOPS would differ). Dropout is
