@@ -331,7 +331,7 @@ def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entr
                 _prefetch(block_posts, ahead)
                 _prefetch(block_docs, ahead)
                 _prefetch(block_docs, ahead + 1)
-            if 0 <= j + 2 * AHEAD < n:
+            if j + 2 * AHEAD < n:
                 ahead = order[j + 2 * AHEAD]
                 _prefetch_range(entry_terms, block_entries[ahead], block_entries[ahead + 1])
                 _prefetch_range(entry_counts, block_entries[ahead], block_entries[ahead + 1])
