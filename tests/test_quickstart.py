@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import make_project_copy
 from tests.services import answers, free_port, wait_until
 
-pytestmark = pytest.mark.e2e  # minutes: `pytest -m e2e`, run by CI after the default suite
+pytestmark = pytest.mark.e2e  # minutes: `pytest -m "e2e and not slow"`, run by CI after the default suite
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
