@@ -12,6 +12,8 @@ Documents are written shard by shard (pipeline.retrieval.CorpusShards, as the ev
 write them) to a temporary folder; then the stage's retrieval runs on them:
 - exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread; then again on
   every core (--threads), a shard per thread, checked to return the same;
+- blockmax rank-safe (the stage's default past exact_max_docs: every query term, heap_factor 1, the
+  candidates rescored exactly), on one thread, compared with exact search's top 100;
 - approximate, each index in turn: pipeline.blockmax.BlockMaxIndex (built on every core, --threads),
   then pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its estimate
   does not fit); each one's query_cut / heap_factor chosen by pipeline.retrieval.sweep for
@@ -139,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     from pipeline.cli import StageError
     from pipeline.blockmax import BlockMaxIndex
-    from pipeline.retrieval import SeismicIndex, exact_search, recall, sweep
+    from pipeline.retrieval import ALL_TERMS, SeismicIndex, exact_search, recall, rescore, sweep
 
     passages, real_queries = real_vectors()
     result = {"docs": args.docs, "queries": args.queries, "shard_docs": args.shard_docs,
@@ -182,6 +184,7 @@ def main() -> None:
             facts = {"build_seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb()}
             if isinstance(index, BlockMaxIndex):
                 facts["index_gb"] = round(index.nbytes / 2 ** 30, 3)
+                facts["rank_safe"] = rank_safe(index)
             chosen = sweep(index, corpus, queries, args.recall_target, args.sweep_queries, threads=threads)
             facts["sweep"] = {k: v for k, v in chosen.items() if k != "tried"}
             index.search_threads = 1
@@ -192,6 +195,26 @@ def main() -> None:
             if isinstance(index, BlockMaxIndex):
                 facts["blocks_scored_per_query"] = round(float(index.blocks_scored.mean()), 1)
             return facts
+
+        def rank_safe(index) -> dict:
+            """The evaluate stage's default past exact_max_docs: every query term, no early stop, then
+            the candidates rescored exactly; one thread. Compared with exact search's top 100."""
+            index.query_cut, index.heap_factor, index.search_threads = ALL_TERMS, 1.0, 1
+            started = time.perf_counter()
+            found = index.search(queries, 100)
+            searched = time.perf_counter() - started
+            found = rescore(corpus, queries, found)
+            seconds = time.perf_counter() - started
+            same = [np.array_equal(np.sort(f[0]), np.sort(t[0])) for f, t in zip(found, truth)]
+            # a query whose top 100 differs: the swapped documents tie with exact's 100th within the
+            # weights' rounding (uint16 of the largest weight per posting)
+            gaps = [float(abs(f[1][-1] - t[1][-1]) / max(abs(t[1][-1]), 1e-30)) for f, t, s in zip(found, truth, same)
+                    if not s]
+            return {"ms_per_query": round(1000 * seconds / args.queries, 2),
+                    "search_ms_per_query": round(1000 * searched / args.queries, 2),
+                    "recall_at_100": round(recall(found, truth), 6), "queries_with_exact_top_100": int(sum(same)),
+                    "largest_relative_gap_at_100th": max(gaps, default=0.0),
+                    "blocks_scored_per_query": round(float(index.blocks_scored.mean()), 1)}
 
         builds = {"blockmax": lambda: BlockMaxIndex(corpus, threads=threads),
                   "seismic": lambda: SeismicIndex(corpus, memory_gb=args.memory_gb)}

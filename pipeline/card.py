@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import plots
+from pipeline import plots, stats
 from pipeline.cli import StageError, stage_main
 from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEACHER_SCORED, Params
 from pipeline.dataset import training_rows
@@ -190,6 +190,11 @@ def card_facts(params: Params) -> dict:
         "student_metrics": student,
         "base_metrics": evaluation["base"],
         "bm25_metrics": evaluation["bm25"],
+        "intervals": evaluation["intervals"],
+        "differences": evaluation["differences"],
+        "confidence": evaluation["intervals"]["student"][HEADLINE[0]]["confidence"],
+        "resamples": evaluation["intervals"]["student"][HEADLINE[0]]["resamples"],
+        "machines": {stage: records[stage]["machine"] for stage in ("train", "evaluate")},
         "headline": HEADLINE,
         "sparsity": [k for k in SPARSITY if k in student],
         "teacher_ndcg": records["teacher"]["metrics"].get("eval_dot_ndcg@10"),
@@ -212,6 +217,7 @@ def render(facts: dict) -> str:
 
     env = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
     env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False, default=str)
+    env.filters["interval"] = stats.shown
     return env.from_string(TEMPLATE.read_text()).render(**facts)
 
 

@@ -22,6 +22,15 @@ class StageError(RuntimeError):
     """A failure the user can fix (bad input, failed check): printed without a traceback."""
 
 
+class GateRefused(StageError):
+    """The evaluation gate (pipeline.gate) said no: nothing is pushed or promoted, and the run is on
+    record as refused. Carries the verdict (its numbers)."""
+
+    def __init__(self, message: str, verdict: dict | None = None):
+        super().__init__(message)
+        self.verdict = {**(verdict or {}), "passed": False, "reason": message}
+
+
 # a write the disk (or the quota, or the file-size limit) refused
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # how libraries that wrap the OS error in their own (pyarrow, torch, safetensors) still word it

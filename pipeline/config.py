@@ -5,11 +5,12 @@ Unknown keys are refused (a typo in params.yaml must not silently fall back to a
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
 PARAMS_FILE = Path("params.yaml")
@@ -32,6 +33,8 @@ CHECKPOINTS_DIR = Path("models/checkpoints")  # kept across runs: a crashed trai
 EXPORT_DIR = Path("models/export")  # the student's ONNX files, laid out as in its folder (merged at push)
 EVAL_METRICS = Path("metrics/eval.json")
 NDCG_TABLE = Path("metrics/ndcg_per_dataset.csv")
+PER_QUERY = Path("metrics/per_query.csv")  # each scored model's headline metrics per query (committed)
+RUNS_DIR = Path("data/runs")  # each scored model's top 100 per set, TREC run files (DVC cache)
 PLOTS_DIR = Path("metrics/plots")
 TRAIN_LOSS = Path("metrics/train_loss.csv")
 CARD_DIR = Path("build/card")
@@ -40,6 +43,22 @@ PUSH_PLAN = Path("build/push_plan.json")
 RECORDS_DIR = Path("records")
 # The stages that keep a record (records/<stage>.json), in the order dvc.yaml runs them
 RECORDED_STAGES = ("snapshot", "validate", "teacher", "train", "export", "evaluate", "card", "push")
+
+
+# A Hub revision pins only as a full commit id: a branch or a tag moves, and a short id is resolved
+# against whatever the repository holds when it is read
+COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+
+
+def pinned_revision(value: str | None) -> str | None:
+    if value is not None and not COMMIT_ID.fullmatch(str(value)):
+        raise ValueError(f"{value!r} is not a commit id: a Hub revision is pinned only by its full 40-hex commit "
+                         "(a branch or a tag moves, a short id is resolved against the repository as it is then); "
+                         "the commit is on the repository's page under 'Files and versions' > history")
+    return value
+
+
+Revision = Annotated[str | None, AfterValidator(pinned_revision)]
 
 
 class Section(BaseModel):
@@ -95,7 +114,7 @@ class TrainDataConfig(Section):
     rename: dict[str, str] = {}  # source column -> pipeline column, e.g. {anchor: query}
     split: str = "train"  # Hugging Face split, or the BEIR/NanoBEIR qrels split
     config: str | None = None  # Hugging Face dataset config
-    revision: str | None = None  # Hugging Face commit / tag; required for Hub ids
+    revision: Revision = None  # Hugging Face commit (40 hex); required for Hub ids
     # id-based rows (query_id, positive_id, negative_id...) are joined against these (tsv or jsonl)
     corpus: str | None = None
     queries: str | None = None
@@ -111,7 +130,7 @@ class EvalDataConfig(Section):
     source: str = "synthetic"
     format: Literal["auto", "beir", "nanobeir", "hf"] = "auto"
     split: str = "test"  # the BEIR qrels split (MS MARCO: dev)
-    revision: str | None = None  # Hugging Face commit / tag; required for Hub ids
+    revision: Revision = None  # Hugging Face commit (40 hex); required for Hub ids
     # hf: the sets to score, as split names (NanoSciFact) or sentence-transformers' short names
     # (scifact, msmarco, nq, ...); empty: every set the dataset has (NanoBEIR-en: all 13)
     datasets: list[str] = []
@@ -156,7 +175,7 @@ class TeacherConfig(Section):
     # bi-encoder: any SentenceTransformer folder or Hub id (its similarity of query and document).
     kind: Literal["lexicon-bm25", "cross-encoder", "bi-encoder"] = "lexicon-bm25"
     model: str | None = None
-    revision: str | None = None  # required for a Hub id
+    revision: Revision = None  # the Hub commit (40 hex); required for a Hub id
     # pairs per forward pass; "auto": the largest that fits on a GPU, a measured default on CPU
     batch_size: PositiveInt | Literal["auto"] = "auto"
     # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU pays off with AVX512-BF16 or AMX
@@ -209,7 +228,7 @@ class TrainConfig(Section):
     # splade, inference-free-splade: "synthetic" (a tiny student built from config) or a
     # *ForMaskedLM folder / Hub id; csr: a sentence-transformers folder / Hub id
     base_model: str = "synthetic"
-    revision: str | None = None  # required for a Hub id
+    revision: Revision = None  # the Hub commit (40 hex); required for a Hub id
     student: StudentConfig = StudentConfig()
     # margin-mse: MSE on the teacher's margins; kl-div: KL divergence to the teacher's score lists;
     # mnrl: in-batch negatives (contrastive), needs no teacher
@@ -279,24 +298,45 @@ class ExportConfig(Section):
 
 class IndexConfig(Section):
     """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks),
-    blockmax (an approximate block-max pruned index, a few bytes per posting: pipeline.blockmax) or
-    seismic (pyseismic-lsr's approximate learned-sparse index, 28 B per posting to build: extra
-    `scale`); auto: exact up to exact_max_docs documents (1M took 45 ms per query on one CPU core),
-    blockmax past it when its build fits memory_gb (exact otherwise, the reason in eval.json)."""
+    blockmax (a block-max pruned index, a few bytes per posting: pipeline.blockmax) or seismic
+    (pyseismic-lsr's approximate learned-sparse index, 28 B per posting to build: extra `scale`);
+    auto: exact up to exact_max_docs documents (1M took 45 ms per query on one CPU core), blockmax
+    past it when its build fits memory_gb (exact otherwise, the reason in eval.json).
+
+    Rank-safe by default: blockmax with every query term (query_cut null) and no early stop
+    (heap_factor 1) returns exact search's top 100, its candidates rescored exactly (up to ties within
+    its weights' rounding). A query_cut, a heap_factor below 1, a recall_target or seismic make the
+    search approximate: faster, and eval.json then reports, on sweep_queries of the queries searched
+    both ways, how far each headline metric is from exact search's."""
 
     kind: Literal["auto", "exact", "blockmax", "seismic"] = "auto"
     exact_max_docs: PositiveInt = 2_000_000
-    query_cut: PositiveInt = 20  # approximate: a query's largest terms searched
-    heap_factor: float = Field(0.8, gt=0, le=1)  # approximate: 1 prunes least
+    query_cut: PositiveInt | None = None  # approximate: a query's largest terms searched (null: all)
+    heap_factor: float = Field(1.0, gt=0, le=1)  # approximate below 1 (prunes more)
     # approximate: choose query_cut and heap_factor instead, the fastest whose recall@100 against exact
     # reaches this on sweep_queries of the queries (null: use the two above)
-    recall_target: float | None = Field(0.95, gt=0, le=1)
-    sweep_queries: PositiveInt = 200
+    recall_target: float | None = Field(None, gt=0, le=1)
+    sweep_queries: PositiveInt = 200  # the sweep's queries, and those an approximate search is checked on
     # approximate: the memory its build may take; checked (estimated from the corpus's postings) before it starts
     memory_gb: PositiveFloat = 12.0
     block_size: int = Field(8, gt=0, le=255)  # blockmax: documents per block (smaller: tighter bounds, more blocks)
     # exact: shards scored at once (0: one per core); each adds a shard to the memory it holds
     threads: NonNegativeInt = 0
+
+    def rank_safe(self, kind: str) -> bool:
+        """Whether an index of `kind` searched with these settings returns exact search's top k."""
+        return kind == "exact" or (kind == "blockmax" and self.query_cut is None and self.heap_factor == 1
+                                   and self.recall_target is None)
+
+
+class IntervalConfig(Section):
+    """How sure each number is: a percentile bootstrap over queries (paired for differences, within
+    each set when there are several), and the paired randomization test the gate decides by."""
+
+    resamples: int = Field(2000, ge=1000)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    test_resamples: int = Field(10_000, ge=1000)  # the smallest p-value it can give is 1 / this
+    seed: int = 0
 
 
 class EvaluateConfig(Section):
@@ -309,6 +349,7 @@ class EvaluateConfig(Section):
     # also score the student keeping only its top-k dimensions, for each k (CSR cards report 4...256)
     max_active_dims: list[PositiveInt] = []
     index: IndexConfig = IndexConfig()
+    intervals: IntervalConfig = IntervalConfig()
     # corpus vectors per shard file (data/eval_shards/): the most encoding a crash can lose, and the
     # most of the corpus exact retrieval holds in memory at once
     shard_docs: PositiveInt = 100_000
@@ -322,6 +363,10 @@ class CardConfig(Section):
     license: str = "apache-2.0"
 
 
+# the metrics reported side by side (student, untrained start, BM25, gain) in records and cards, with
+# their per-query values and intervals
+HEADLINE = ("dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1", "dot_graded_ndcg@10")
+
 # What the push gate may compare (higher is better): the ranking metrics of sentence-transformers'
 # IR evaluator at its default cut-offs, as pipeline.metrics names them, and graded nDCG@10
 GATE_METRICS = tuple([f"dot_{name}@{k}" for name in ("accuracy", "precision", "recall") for k in (1, 3, 5, 10)]
@@ -330,15 +375,19 @@ GATE_METRICS = tuple([f"dot_{name}@{k}" for name in ("accuracy", "precision", "r
 
 class GateConfig(Section):
     """What the model must reach to be pushed (and to become the registry's champion), on its main
-    evaluation result (the mean when there are several sets): at least `minimum`, above the
-    untrained model it started from (`beat_base`), and no more than `max_drop` below the model it
-    would replace (the one pushed to the same repo and branch, or the registry's champion), compared
-    only when that model was evaluated on the same evaluation (source, revision, split, sets and
-    content hash)."""
+    evaluation result (the mean when there are several sets): at least `minimum`, and by `rule`
+    significance: significantly above the untrained model it started from (`beat_base`) and not
+    significantly below the champion (one-sided paired randomization tests on the per-query values
+    at `alpha`); threshold: above its untrained start and no more than `max_drop` below the
+    champion. The champion is the registry's champion of the same evaluation (source, revision,
+    split, sets and content hash); under threshold, the Hub push compares with the card on its
+    branch instead, as before."""
 
     metric: str = "dot_ndcg@10"
+    rule: Literal["significance", "threshold"] = "significance"
+    alpha: float = Field(0.05, gt=0, lt=1)
     minimum: float | None = None
-    max_drop: float | None = 0.01
+    max_drop: float | None = 0.01  # threshold; and significance against a champion with no per-query values
     beat_base: bool = True
 
 
@@ -407,6 +456,10 @@ class Params(Section):
         if self.push.gate.metric not in GATE_METRICS:
             problems.append(f"push.gate.metric {self.push.gate.metric!r} is not a ranking metric the "
                             f"evaluate stage reports; one of {list(GATE_METRICS)}")
+        elif self.push.gate.rule == "significance" and self.push.gate.metric not in HEADLINE:
+            problems.append(f"push.gate.rule significance tests per-query values, which evaluate keeps for "
+                            f"{list(HEADLINE)}; push.gate.metric {self.push.gate.metric!r} is not among them "
+                            "(or use rule threshold)")
         if self.evaluate.index.kind == "seismic" and importlib.util.find_spec("seismic") is None:
             problems.append("evaluate.index.kind seismic needs pyseismic-lsr: pip install -e '.[scale]'")
         if problems:
@@ -425,7 +478,7 @@ def unpinned_hub_id(key: str, named: str | None, revision: str | None) -> str | 
         return None
     section = key.rsplit(".", 1)[0]
     return (f"{key} {named!r} is a Hub id (no folder of that name here): pin it with {section}.revision "
-            "(a commit hash) so the run can be reproduced")
+            "(its full 40-hex commit) so the run can be reproduced")
 
 
 def unpinned_models(params: Params) -> list[str]:

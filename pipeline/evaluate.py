@@ -9,15 +9,21 @@ over the sets when there are several, as sentence-transformers' NanoBEIR mean), 
 under "datasets": {name: {"student", "base"}}, and with evaluate.max_active_dims both models'
 retrieval metrics at each top-k size ("student_max_active_dims": {"16": {...}, ...},
 "base_max_active_dims"), as CSR model cards report them. A BM25 row (bm25s) on the same sets sits
-beside them ("bm25"). Also metrics/ndcg_per_dataset.csv and two figures in metrics/plots/: nDCG@10
-per set and model, and the documents' active dimensions.
+beside them ("bm25"). Each headline metric has its 95% interval over queries ("intervals", per
+model) and the student's paired differences from base and BM25 theirs, with one-sided p-values
+("differences"); "machine" is where it ran (pipeline.runtime.machine_fingerprint). Also
+metrics/per_query.csv (each model's headline metrics per query), data/runs/<set>/<model>.trec (each
+model's top 100, TREC run files), metrics/ndcg_per_dataset.csv and two figures in metrics/plots/:
+nDCG@10 per set and model, and the documents' active dimensions.
 
 SPLADE models are encoded without their full logits tensor (pipeline.splade_head), the corpus into
 resumable shards in data/eval_shards/ that ranks (torchrun, or RANK / WORLD_SIZE by hand) split
 between them (Sharding); each query's top 100 comes from pipeline.retrieval: exact sparse products a
 shard at a time, or past evaluate.index.exact_max_docs documents (MS MARCO's 8.8M passages) the
-approximate blockmax (or seismic) index, within evaluate.index.memory_gb, its search settings swept for
-evaluate.index.recall_target ("index" in eval.json says what ran).
+blockmax index within evaluate.index.memory_gb, rank-safe by default ("index" in eval.json says what
+ran). Approximate settings (a query_cut, a heap_factor below 1, a recall_target, seismic) are used only
+when asked, and then "index" also says, on a sample of queries searched both ways, how far each
+headline metric is from exact search's ("against_exact").
 evaluate.precision bf16 trades exactness for speed.
 """
 
@@ -29,26 +35,26 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from pipeline import plots, splade_head
+from pipeline import plots, splade_head, stats
 from pipeline.cli import StageError, run_stage
 from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, EVAL_SHARDS_DIR, EXPORT_DIR, NDCG_TABLE, PARAMS_FILE,
-                             PLOTS_DIR, STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
+                             PER_QUERY, PLOTS_DIR, RUNS_DIR, STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_training_snapshot
-from pipeline.metrics import HEADLINE, graded_ndcg, mean_metrics, ranking_metrics
+from pipeline.metrics import HEADLINE, judged_queries, mean_metrics, per_query_values, scored_ranking, untied
 from pipeline.models import load_encoder
 from pipeline.onnx_backend import onnx_path, onnx_encoder
-from pipeline.retrieval import CorpusShards, search
-from pipeline.runtime import folder_digest, process_rank, use_bf16, use_local_gpu
+from pipeline.retrieval import CorpusShards, exact_search, search
+from pipeline.runtime import folder_digest, machine_fingerprint, process_rank, use_bf16, use_local_gpu
 from pipeline.shards import remove_stale, wait_for_shards
 from pipeline.sources import RetrievalSet, read_retrieval_set
-from pipeline.tracking import stage_record, write_atomically, write_json
+from pipeline.tracking import replace_folder, stage_record, write_atomically, write_json
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -172,6 +178,8 @@ class SetScores:
     queries: int
     docs: int
     index: dict
+    ranking: dict[str, dict[str, float]] | None = None  # {query id: {doc id: score}}, the top DEPTH
+    per_query: pd.DataFrame | None = None  # the headline metrics of each query
 
 
 def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
@@ -185,17 +193,38 @@ def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
     found, facts = search(corpus, queries, index, DEPTH)
     ranking = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(indices, values)}
                for q, (indices, values) in zip(vectors.query_ids, found)}
+    if not facts["rank_safe"] and k is None:
+        facts["against_exact"] = approximation_check(vectors, data, corpus, queries, ranking, index)
     doc_counts = np.zeros(width)
     for shard in corpus:
         doc_counts += np.bincount(shard.indices, minlength=width)
     query_dims, corpus_dims = float(np.diff(queries.indptr).mean()), float(doc_counts.sum() / corpus.docs)
-    metrics = {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking),
-               "query_active_dims": query_dims, "query_sparsity_ratio": 1 - query_dims / width,
+    ranked, per_query, ranking = scored_ranking(data, ranking)
+    metrics = {**ranked, "query_active_dims": query_dims, "query_sparsity_ratio": 1 - query_dims / width,
                "corpus_active_dims": corpus_dims, "corpus_sparsity_ratio": 1 - corpus_dims / width}
     result = SetScores(metrics, np.bincount(queries.indices, minlength=width).astype(float), doc_counts,
-                       queries.shape[0], corpus.docs, facts)
+                       queries.shape[0], corpus.docs, facts, ranking, per_query)
     result.metrics["avg_flops"] = pooled_flops([result])
     return result
+
+
+def approximation_check(vectors: Encoded, data: RetrievalSet, corpus, queries, ranking: dict,
+                        cfg: IndexConfig) -> dict:
+    """How far an approximate search's numbers are from exact search's: on sweep_queries of the
+    queries (seeded), searched exactly too, the recall@DEPTH of the approximate top DEPTH and the
+    difference of each headline metric's mean (approximate − exact)."""
+    picks = np.sort(np.random.default_rng(0).choice(len(vectors.query_ids), min(cfg.sweep_queries,
+                                                                             len(vectors.query_ids)), replace=False))
+    truth = exact_search(corpus, queries[picks], DEPTH, cfg.threads)
+    picked = [vectors.query_ids[p] for p in picks]
+    exact = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(rows, values)} for q, (rows, values) in zip(picked, truth)}
+    sample = RetrievalSet(data.corpus, {q: data.queries[q] for q in picked}, {q: data.qrels[q] for q in picked})
+    approximate = per_query_values(sample, untied({q: ranking[q] for q in picked}))
+    exhaustive = per_query_values(sample, untied(exact))
+    found = [len(set(ranking[q]) & set(exact[q])) / max(1, len(exact[q])) for q in picked]
+    return {"sample_queries": len(picks), f"recall_at_{DEPTH}": float(np.mean(found)),
+            "difference": {m: float((approximate[m] - exhaustive[m]).mean()) for m in HEADLINE},
+            "largest_query_difference": {m: float((approximate[m] - exhaustive[m]).abs().max()) for m in HEADLINE}}
 
 
 def pooled_flops(per_set: list[SetScores]) -> float:
@@ -260,7 +289,9 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
         digests.add(vectors.corpus.digest)
         per_set[name] = retrieval_scores(vectors, data, index=index)
         doc_dims.append(vectors.corpus.document_lengths())
-        sweeps.append({k: retrieval_scores(vectors, data, k, index) for k in max_active_dims})
+        # each top-k size's pooled metrics only: its rankings are not kept
+        sweeps.append({k: replace(retrieval_scores(vectors, data, k, index), ranking=None, per_query=None)
+                       for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
         triplets = SparseTripletEvaluator(
@@ -270,28 +301,83 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
             metrics.update({f"train_triplets_{k}": float(v) for k, v in triplets(model).items()})
     return {"metrics": metrics, "datasets": {name: scores.metrics for name, scores in per_set.items()},
             "index": {name: scores.index for name, scores in per_set.items()},
+            "rankings": {name: scores.ranking for name, scores in per_set.items()},
+            "per_query": {name: scores.per_query for name, scores in per_set.items()},
             "max_active_dims": {str(k): pooled_metrics([sweep[k] for sweep in sweeps])
                                 for k in max_active_dims},
             "doc_active_dims": np.concatenate(doc_dims), "shard_digests": digests}
 
 
-def bm25_metrics(data: RetrievalSet, depth: int = DEPTH) -> dict[str, float]:
-    """BM25 (bm25s, English stop words) on the same set: the lexical baseline. Its ranking metrics
+def bm25_model(sets: dict[str, RetrievalSet], depth: int = DEPTH) -> dict:
+    """BM25 (bm25s, English stop words) on the same sets, the lexical baseline, in evaluate_model's
+    shape (pooled metrics, and per set: metrics, ranking, per-query values). Its ranking metrics
     carry the models' names (dot_ndcg@10, ...) so that the rows compare column by column."""
     from pipeline.runtime import import_bm25s
 
     bm25s = import_bm25s()
-    doc_ids = list(data.corpus)
-    query_ids = [q for q in data.qrels if q in data.queries]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False),
-                    show_progress=False)
-    queries = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en", return_ids=False,
-                             show_progress=False)
-    found, scores = retriever.retrieve(queries, k=min(depth, len(doc_ids)), show_progress=False)
-    ranking = {q: {doc_ids[j]: float(s) for j, s in zip(rows, values)}
-               for q, rows, values in zip(query_ids, found, scores)}
-    return {**ranking_metrics(data, ranking), "dot_graded_ndcg@10": graded_ndcg(data, ranking)}
+    datasets, rankings, per_query = {}, {}, {}
+    for name, data in sets.items():
+        doc_ids = list(data.corpus)
+        query_ids = judged_queries(data)
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False),
+                        show_progress=False)
+        queries = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en", return_ids=False,
+                                 show_progress=False)
+        found, scores = retriever.retrieve(queries, k=min(depth, len(doc_ids)), show_progress=False)
+        ranking = {q: {doc_ids[j]: float(s) for j, s in zip(rows, values)}
+                   for q, rows, values in zip(query_ids, found, scores)}
+        datasets[name], per_query[name], rankings[name] = scored_ranking(data, ranking)
+    return {"metrics": mean_metrics(list(datasets.values())), "datasets": datasets, "rankings": rankings,
+            "per_query": per_query}
+
+
+def write_runs(folder: Path, rankings: dict[str, dict[str, dict]]) -> None:
+    """Each model's ranking of each set (untied: best first, no two scores equal) as a TREC run file,
+    <folder>/<set>/<model>.trec ("query Q0 doc rank score model", the top DEPTH), for trec_eval,
+    ir-measures or ranx: they compute eval.json's numbers from it."""
+    def write(tmp: Path) -> None:
+        for model, per_set in rankings.items():
+            for dataset, ranking in per_set.items():
+                lines = [f"{query} Q0 {doc} {rank} {score!r} {model}\n"  # repr: every digit, read back equal
+                         for query, docs in ranking.items()
+                         for rank, (doc, score) in enumerate(docs.items(), 1)]
+                (tmp / dataset).mkdir(exist_ok=True)
+                (tmp / dataset / f"{model}.trec").write_text("".join(lines))
+
+    replace_folder(folder, write)
+
+
+def per_query_table(per_query: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
+    """Rows (model, dataset, query_id) with each headline metric: metrics/per_query.csv."""
+    return pd.concat([frame.reset_index().assign(model=model, dataset=dataset)
+                      for model, per_set in per_query.items() for dataset, frame in per_set.items()],
+                     ignore_index=True)[["model", "dataset", "query_id", *HEADLINE]]
+
+
+def per_set_values(table: pd.DataFrame, model: str, metric: str, order: pd.DataFrame | None = None) -> list[np.ndarray]:
+    """One model's per-query values of `metric`, one array per set, in `order`'s (dataset, query_id)
+    order when given (so that two models' arrays pair query by query)."""
+    rows = table[table["model"] == model].set_index(["dataset", "query_id"])[metric]
+    if order is not None:
+        missing = order.index.difference(rows.index)
+        if len(missing):
+            raise StageError(f"model {model} has no {metric} for {len(missing)} of the queries it is compared on "
+                             f"(first: {list(missing[:3])})")
+        rows = rows.loc[order.index]
+    return [group.to_numpy(dtype=float) for _, group in rows.groupby(level="dataset", sort=False)]
+
+
+def intervals(table: pd.DataFrame, resampling: stats.Resampling) -> tuple[dict, dict]:
+    """Each model's interval for each headline metric, and the paired differences student − base
+    and student − BM25 (eval.json's "intervals" and "differences")."""
+    order = table[table["model"] == "student"].set_index(["dataset", "query_id"])
+    spreads = {model: {metric: stats.interval(per_set_values(table, model, metric), resampling)
+                       for metric in HEADLINE} for model in table["model"].unique()}
+    differences = {f"student - {other}": {metric: stats.paired_difference(
+        per_set_values(table, "student", metric), per_set_values(table, other, metric, order), resampling)
+        for metric in HEADLINE} for other in ("base", "bm25")}
+    return spreads, differences
 
 
 def run(params: Params) -> dict:
@@ -312,13 +398,13 @@ def run(params: Params) -> dict:
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
                                         precision=cfg.precision, index=cfg.index, sharding=sharding)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))
-        bm25 = {name: bm25_metrics(data) for name, data in sets.items()}
-        result = {"student": student["metrics"], "base": base["metrics"],
-                  "bm25": mean_metrics(list(bm25.values())),
+        bm25 = bm25_model(sets)
+        result = {"student": student["metrics"], "base": base["metrics"], "bm25": bm25["metrics"],
                   "gain": {k: student["metrics"][k] - base["metrics"][k] for k in HEADLINE},
                   "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
-                                      "bm25": bm25[name]} for name in sets},
+                                      "bm25": bm25["datasets"][name]} for name in sets},
                   "index": student["index"]}
+        scored = {"student": student, "base": base, "bm25": bm25}
         digests = student["shard_digests"] | base["shard_digests"]
         if int8:
             quantized = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], index=cfg.index,
@@ -326,6 +412,13 @@ def run(params: Params) -> dict:
             result["student_onnx_int8"] = quantized["metrics"]
             result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - quantized["metrics"]["dot_ndcg@10"]
             digests |= quantized["shard_digests"]
+            scored["student_onnx_int8"] = quantized
+        table = per_query_table({model: s["per_query"] for model, s in scored.items()})
+        result["intervals"], result["differences"] = intervals(table, cfg.intervals)
+        result["queries"] = sum(len(judged_queries(data)) for data in sets.values())
+        result["machine"] = machine_fingerprint()  # another id explains numbers no commit changed
+        write_runs(RUNS_DIR, {model: s["rankings"] for model, s in scored.items()})
+        write_atomically(PER_QUERY, lambda tmp: table.to_csv(tmp, index=False))
         remove_stale(EVAL_SHARDS_DIR, digests)  # other models' vectors (the base's stay: reused next run)
         if cfg.max_active_dims:
             result["student_max_active_dims"] = student["max_active_dims"]
@@ -338,6 +431,7 @@ def run(params: Params) -> dict:
         record["metrics"] = {**result["student"], **{f"base_{k}": v for k, v in result["base"].items()},
                              **{f"bm25_{k}": result["bm25"][k] for k in HEADLINE},
                              **{f"gain_{k}": v for k, v in result["gain"].items()},
+                             **interval_metrics(result),
                              **({f"onnx_int8_{k}": result["student_onnx_int8"][k] for k in HEADLINE}
                                 | {"onnx_int8_ndcg_drop": result["onnx_int8_ndcg_drop"]}
                                 if "student_onnx_int8" in result else {}),
@@ -348,6 +442,21 @@ def run(params: Params) -> dict:
                                  for data_name, per_set in result["datasets"].items() for name in HEADLINE}
                                 if len(sets) > 1 else {})}
     return result
+
+
+def interval_metrics(result: dict) -> dict[str, float]:
+    """The student's intervals and its differences from base and BM25 as flat numbers (MLflow's):
+    dot_ndcg@10_ci_low, ..., vs_base_dot_ndcg@10_diff, vs_base_dot_ndcg@10_p, ..."""
+    flat = {}
+    for metric, spread in result["intervals"]["student"].items():
+        flat.update({f"{metric}_ci_low": spread["low"], f"{metric}_ci_high": spread["high"],
+                     f"{metric}_se": spread["standard_error"]})
+    for name, per_metric in result["differences"].items():
+        other = name.split(" - ")[1]
+        for metric, diff in per_metric.items():
+            flat.update({f"vs_{other}_{metric}_diff": diff["difference"], f"vs_{other}_{metric}_ci_low": diff["low"],
+                         f"vs_{other}_{metric}_ci_high": diff["high"], f"vs_{other}_{metric}_p": diff["p_greater"]})
+    return flat
 
 
 def write_ndcg_table(datasets: dict, path: Path) -> None:

@@ -2,10 +2,12 @@
 
 Always writes build/push/ (exactly the files that are uploaded: the model, the card and its figures)
 and build/push_plan.json (repo, branch, commit message with the git SHA and the dvc.lock hash, files
-with sizes and sha256, the evaluation gate's numbers). The gate comes first (pipeline.gate): a model
-below push.gate.minimum, not above its untrained start, or more than push.gate.max_drop below the card
-already on the branch (when that card was measured on the same evaluation) is not pushed: the plan
-says why, the stage fails naming the numbers (and BM25's), and the run goes to MLflow tagged
+with sizes and sha256, the intervals, the evaluation gate's verdict). The gate comes first
+(pipeline.gate): under push.gate.rule significance, against the registry's champion of the same
+evaluation (read from the MLflow store the run tracks to: the verdict track will promote by), under
+threshold against the card already on the branch (when that card was measured on the same
+evaluation). A refused model is not pushed: the plan says why, the stage fails naming the test,
+the difference, its interval and p-value (and BM25's figure), and the run goes to MLflow tagged
 outcome=refused. Uploads only when push.dry_run is
 false, with the token from the HF_TOKEN environment variable (never logged or written), to the
 endpoint in HF_ENDPOINT if set; Hub calls failing with a 5xx, a 429 or a timeout are retried with
@@ -24,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import registry
 from pipeline.cli import StageError, stage_main
-from pipeline.config import CARD_DIR, EVAL_METRICS, EXPORT_DIR, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params, PushConfig
-from pipeline.dataset import read_manifest
-from pipeline.gate import GateRefused, check_gate, comparable_previous, scores_from_evaluation
-from pipeline.tracking import (dvc_lock_hash, evaluation_identity, git_revision, main_result_name, stage_record,
-                               write_json)
+from pipeline.config import (CARD_DIR, EVAL_METRICS, EXPORT_DIR, PER_QUERY, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params,
+                             PushConfig)
+from pipeline.dataset import read_eval_snapshot, read_manifest
+from pipeline.gate import (Champion, GateRefused, GateScores, check_gate, comparable_previous, query_texts,
+                           read_per_query, scores_from_evaluation)
+from pipeline.tracking import (dvc_lock_hash, evaluation_identity, git_revision, main_result_name,
+                               mlflow_server_calls, stage_record, tracking_uri, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,27 @@ def upload(api, cfg: PushConfig, folder: Path, message: str, description: str) -
     return commit.oid
 
 
+def registry_verdict(params: Params, scores: GateScores, identity: dict, texts: dict) -> dict:
+    """The gate's verdict against the registry's champion of this evaluation (what track will
+    promote by), read from the MLflow store the run tracks to."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    with mlflow_server_calls(params.tracking, "The gate compares with the champion there: nothing was pushed; "
+                                              "rerun when it is back"):
+        return registry.gate_verdict(mlflow.MlflowClient(), params.tracking.registered_model, params.push.gate,
+                                     scores, identity["id"], params.evaluate.intervals, texts, "pushing")
+
+
+def card_verdict(params: Params, scores: GateScores, previous: dict, texts: dict) -> dict:
+    """push.gate.rule threshold: the verdict against the card on the branch, when comparable."""
+    champion = Champion("the pushed model", previous["value"]) if previous["compared"] else None
+    try:
+        return check_gate(params.push.gate, scores, champion, params.evaluate.intervals, texts)
+    except GateRefused as refused:
+        return refused.verdict
+
+
 def run(params: Params) -> dict:
     cfg = params.push
     with stage_record("push", params) as record:
@@ -104,12 +130,15 @@ def run(params: Params) -> dict:
         manifest = read_manifest()
         identity = evaluation_identity(manifest)
         dataset = main_result_name(manifest)
-        scores = scores_from_evaluation(evaluation, cfg.gate, dataset)
+        scores = scores_from_evaluation(evaluation, cfg.gate, dataset, read_per_query(PER_QUERY))
+        texts = query_texts(read_eval_snapshot(params.snapshot.eval.split))
         message = f"Upload {params.card.model_name} (git {git_revision()}, dvc.lock {dvc_lock_hash()})"
         description = f"{cfg.gate.metric} on {dataset}: {scores.value:.4f}. Pushed by sparse-pipeline."
         plan = {"repo_id": cfg.repo_id, "revision": cfg.revision, "private": cfg.private,
                 "dry_run": cfg.dry_run, "commit_message": message, "commit_description": description,
-                "folder": str(PUSH_DIR), "files": [], "commit": None, "eval_id": identity["id"]}
+                "folder": str(PUSH_DIR), "files": [], "commit": None, "eval_id": identity["id"],
+                "intervals": {"queries": evaluation["queries"], "student": evaluation["intervals"]["student"],
+                              **evaluation["differences"]}}
         api, previous = None, {"value": None, "compared": False, "reason": "a dry run reads no pushed card"}
         if not cfg.dry_run:
             from huggingface_hub import HfApi
@@ -120,12 +149,11 @@ def run(params: Params) -> dict:
             api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
             previous = comparable_previous(pushed_card(api, cfg), cfg.gate.metric, identity["id"])
         plan["previous"] = previous
-        try:
-            plan["gate"] = check_gate(cfg.gate, scores, previous["value"] if previous["compared"] else None)
-        except GateRefused as refused:
-            plan["gate"] = {"passed": False, "reason": str(refused)}
+        plan["gate"] = (registry_verdict(params, scores, identity, texts) if cfg.gate.rule == "significance"
+                        else card_verdict(params, scores, previous, texts))
+        if not plan["gate"]["passed"]:
             write_json(PUSH_PLAN, plan)
-            raise
+            raise GateRefused(plan["gate"]["reason"], plan["gate"])
         plan["files"] = stage_upload_folder()
         if api is not None:
             plan["commit"] = upload(api, cfg, PUSH_DIR, message, description)

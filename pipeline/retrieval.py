@@ -7,10 +7,11 @@ exact: a shard at a time, scipy sparse products against that shard's term-major 
 index: one row of postings per dimension), a block of queries at a time, merged into a running top-k:
 what the stock evaluator ranks, without its dense (queries x documents) product; evaluate.index.threads
 shards at once (scipy releases the GIL). Memory: a shard per thread.
-blockmax: approximate, pipeline.blockmax's block-max pruned index, built shard by shard in a few bytes
-per posting (the default past exact_max_docs).
+blockmax: pipeline.blockmax's block-max pruned index, built shard by shard in a few bytes per posting
+(the default past exact_max_docs): rank-safe with every query term and no early stop (the default
+settings), approximate with a query_cut or a heap_factor below 1; its candidates rescored exactly.
 seismic: approximate, a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists
-with summaries), fed shard by shard; its build takes 28 B per posting.
+with summaries), fed shard by shard; its build takes 28 B per posting; its candidates rescored exactly.
 An approximate index's build must fit evaluate.index.memory_gb (checked before it starts: kind auto
 then searches exactly), and its search parameters can be chosen by a sweep against exact on a sample
 of queries. Measured by bench/evaluate_scale.py.
@@ -42,6 +43,7 @@ BUILD_FIXED_BYTES = 2 ** 29
 # denser near 1, where recall@100 0.95 falls at 2M documents (0.92 with 16 terms: 0.955, 0.9: 0.93)
 SWEEP_QUERY_CUTS = (5, 8, 12, 16, 20, 30)
 SWEEP_HEAP_FACTORS = (0.8, 0.9, 0.92, 0.95, 1.0)
+ALL_TERMS = 2 ** 20  # a query_cut past any query's length: every term searched
 FINALISTS = 3  # the fastest settings that reach the target, timed three times more before one is chosen
 
 
@@ -243,8 +245,31 @@ def index_kind(cfg: IndexConfig, docs: int) -> str:
     return "exact" if docs <= cfg.exact_max_docs else "blockmax"
 
 
+def rescore(corpus, queries, found: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's candidates with their exact dot products, best first (ties by row): an index
+    scores with its quantized weights, the metrics read what exact search and the stock evaluator
+    score. One shard in memory at a time."""
+    owner = np.repeat(np.arange(len(found)), [len(rows) for rows, _ in found])
+    rows = np.concatenate([rows for rows, _ in found]) if found else np.empty(0, np.int64)
+    scores = np.zeros(len(rows), np.float32)
+    for index, shard in enumerate(corpus):
+        first = index * corpus.shard_docs
+        here = np.flatnonzero((rows >= first) & (rows < first + shard.shape[0]))
+        if len(here):
+            products = shard[rows[here] - first].multiply(queries[owner[here]])
+            scores[here] = np.asarray(products.sum(axis=1), dtype=np.float32).ravel()
+    out, start = [], 0
+    for candidates, _ in found:
+        mine = slice(start, start + len(candidates))
+        order = np.lexsort((rows[mine], -scores[mine]))
+        out.append((rows[mine][order], scores[mine][order]))
+        start += len(candidates)
+    return out
+
+
 def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, dict]:
-    """Each query's `depth` best (rows, scores), and what found them (eval.json's "index")."""
+    """Each query's `depth` best (rows, scores), and what found them (eval.json's "index": the kind,
+    whether it is rank-safe, the build and the settings)."""
     kind, facts = index_kind(cfg, corpus.docs), {}
     too_big = None if kind == "exact" else over_budget(kind, corpus, cfg.memory_gb)
     if too_big and cfg.kind == "auto":  # auto: what fits; an explicit approximate kind is refused instead
@@ -254,18 +279,19 @@ def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, d
     elif too_big:
         raise refuse(too_big)
     if kind == "exact":
-        return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", **facts}
+        return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", "rank_safe": True, **facts}
     started = time.perf_counter()
+    query_cut = cfg.query_cut or ALL_TERMS
     if kind == "seismic":
-        index = SeismicIndex(corpus, cfg.query_cut, cfg.heap_factor)  # its budget: checked above
+        index = SeismicIndex(corpus, query_cut, cfg.heap_factor)  # its budget: checked above
     else:
         from pipeline.blockmax import BlockMaxIndex
 
-        index = BlockMaxIndex(corpus, cfg.block_size, cfg.query_cut, cfg.heap_factor, threads=cfg.threads)
-    facts = {"kind": kind, "build_seconds": time.perf_counter() - started,
+        index = BlockMaxIndex(corpus, cfg.block_size, query_cut, cfg.heap_factor, threads=cfg.threads)
+    facts = {"kind": kind, "rank_safe": cfg.rank_safe(kind), "build_seconds": time.perf_counter() - started,
              "query_cut": cfg.query_cut, "heap_factor": cfg.heap_factor}
     if kind == "blockmax":
         facts.update(block_size=cfg.block_size, index_gb=index.nbytes / 2 ** 30)
     if cfg.recall_target is not None:
         facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth, threads=cfg.threads))
-    return index.search(queries, depth), facts
+    return rescore(corpus, queries, index.search(queries, depth)), facts

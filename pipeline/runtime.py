@@ -1,10 +1,11 @@
 """What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16
-(and whether the hardware has it),
-and content hashes of large files (model weights)."""
+(and whether the hardware has it), the machine's fingerprint, and content hashes of large files
+(model weights)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,3 +78,52 @@ def import_bm25s():
     import bm25s
 
     return bm25s
+
+
+# CPU features that change which kernels torch, oneDNN and MKL run (and so the last digits of results)
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                "amx_int8")
+
+
+def cpu_facts() -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of KERNEL_FLAGS it has (Linux /proc/cpuinfo; elsewhere none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    first = {}  # the first processor's fields
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        first[key.strip()] = value.strip()
+    flags = set(first.get("flags", "").split())
+    model = first.get("model name")
+    return model, [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
+def machine_fingerprint() -> dict:
+    """What a run's numbers depend on besides code, data and params: the CPU and the features its
+    kernels use, native bf16, the GPU, torch / CUDA / MKL / oneDNN versions, the thread count and the
+    deterministic settings; "id" is a short hash of all of it. Two runs with the same id, commit and
+    params give the same numbers; another id explains a difference that no commit made."""
+    import re
+
+    import torch
+
+    model, flags = cpu_facts()
+    built = torch.__config__.show()
+    version = lambda pattern: (re.search(pattern, built) or [None, None])[1]  # noqa: E731
+    cuda = torch.cuda.is_available()
+    facts = {
+        "cpu_model": model, "cpu_flags": flags, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16("cuda" if cuda else "cpu"),
+        "gpu_model": torch.cuda.get_device_name(0) if cuda else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "mkl": version(r"Math Kernel Library Version ([\d.]+)"), "onednn": version(r"MKL-DNN v([\d.]+)"),
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+    facts["id"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+    return facts

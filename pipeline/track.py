@@ -5,8 +5,9 @@ resolution, and the card, metrics, validation report, manifest and push plan as 
 nested run per stage; every run is tagged with the git revision, the dvc.lock hash and the identity
 of its evaluation (eval.id, eval.source, eval.revision, eval.split, eval.sets, eval.sha256), and
 outcome=ok (a run that a stage stopped is put into MLflow by that stage, tagged refused or failed).
-Registers the student (pipeline.registry: alias challenger, and champion when it passes the gate
-against the champion of the same evaluation). Writes the run id and the registration to
+Registers the student (pipeline.registry: alias challenger, and champion-<eval id> when it passes
+the gate against that champion), and logs the gate's verdict (gate_verdict.json, report.md: the
+intervals and the queries that gained and lost most against the champion; tags gate.*). Writes the run id and the registration to
 records/mlflow_run.json. Runs go to tracking.tracking_uri, or to MLFLOW_TRACKING_URI when that is set
 (a shared server, in CI from a secret); a server that does not answer fails the stage naming it,
 after a bounded number of retries, and a rerun logs the run exactly once.
@@ -17,18 +18,16 @@ from __future__ import annotations
 import json
 import warnings
 
-from pipeline import registry
-from pipeline.cli import StageError, stage_main
-from pipeline.config import EVAL_METRICS, RECORDED_STAGES, RECORDS_DIR, Params
-from pipeline.dataset import read_manifest, read_training_snapshot
-from pipeline.gate import GateScores, scores_from_evaluation
+from pipeline import registry, report, stats
+from pipeline.cli import stage_main
+from pipeline.config import EVAL_METRICS, PER_QUERY, RECORDED_STAGES, RECORDS_DIR, Params
+from pipeline.dataset import read_eval_snapshot, read_manifest, read_training_snapshot
+from pipeline.gate import GateScores, query_texts, read_per_query, scores_from_evaluation
 from pipeline.tracking import (OUTCOME_TAG, STAGE_ARTIFACTS, evaluation_identity, is_server, load_records,
-                               log_pipeline_run, main_result_name, patient_at_most, pipeline_tags, server_answers,
-                               shown_uri, tracking_uri, write_json)
+                               log_pipeline_run, main_result_name, mlflow_server_calls, pipeline_tags, shown_uri,
+                               tracking_uri, write_json)
 
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
-# an MLflow server that drops out: each call waits HTTP_TIMEOUT s, retried with backoff 2, 4, 8 s
-HTTP_TIMEOUT, HTTP_RETRIES = 30, 3
 
 
 def training_dataset(manifest: dict):
@@ -45,26 +44,31 @@ def training_dataset(manifest: dict):
 
 
 def gate_inputs(params: Params) -> tuple[GateScores, dict]:
-    """What the registry's gate reads: this run's numbers, and the identity of their evaluation."""
+    """What the registry's gate reads: this run's numbers (and per-query values), and the identity
+    of their evaluation."""
     manifest = read_manifest()
     scores = scores_from_evaluation(json.loads(EVAL_METRICS.read_text()), params.push.gate,
-                                    main_result_name(manifest))
+                                    main_result_name(manifest), read_per_query(PER_QUERY))
     return scores, evaluation_identity(manifest)
 
 
+def verdict_tags(verdict: dict) -> dict[str, str]:
+    """The gate's verdict as run tags: rule, passed, reason, and each comparison's difference,
+    interval and p-value."""
+    tags = {"gate.rule": verdict["rule"], "gate.passed": str(verdict["passed"]).lower(),
+            "gate.reason": verdict["reason"][:5000]}
+    for name, side in (("vs_base", "p_greater"), ("vs_champion", "p_less")):
+        if name in verdict:
+            diff = verdict[name]
+            tags[f"gate.{name}"] = f"{stats.shown(diff)}, {diff['queries']} queries, one-sided p = {diff[side]:.4g}"
+    return tags
+
+
 def run(params: Params) -> dict:
-    """Log and register, each MLflow call retried at most HTTP_RETRIES times: a server that stays
-    down fails the stage naming it, and the rerun logs the run once (pipeline.tracking's run key)."""
-    uri = tracking_uri(params.tracking)
-    with patient_at_most(seconds=HTTP_TIMEOUT, retries=HTTP_RETRIES):
-        try:
-            return log_and_register(params)
-        except Exception as error:
-            if is_server(uri) and not server_answers(uri):
-                raise StageError(f"the MLflow server {shown_uri(uri)} does not answer (each call retried "
-                                 f"{HTTP_RETRIES} times, with backoff): {type(error).__name__}. Nothing was "
-                                 "registered; rerun when it is back, the run is logged once") from error
-            raise
+    """Log and register, each MLflow call retried at most a few times: a server that stays down
+    fails the stage naming it, and the rerun logs the run once (pipeline.tracking's run key)."""
+    with mlflow_server_calls(params.tracking, "Nothing was registered; rerun when it is back, the run is logged once"):
+        return log_and_register(params)
 
 
 def log_and_register(params: Params) -> dict:
@@ -74,16 +78,24 @@ def log_and_register(params: Params) -> dict:
     tags = {**pipeline_tags(params, records), OUTCOME_TAG: "ok"}
     artifacts = [path for stage in records for path in STAGE_ARTIFACTS.get(stage, [])]
     run_id = log_pipeline_run(records, params, tags, artifacts, [(training_dataset(read_manifest()), "training")])
-    registered = registry.register(run_id, params.tracking.registered_model, params.push.gate, *gate_inputs(params))
-    mlflow.MlflowClient().set_tag(run_id, "registry", f"{registered['name']} version {registered['version']}, "
-                                  + ("champion" if registered["promoted"] else "challenger"))
+    texts = query_texts(read_eval_snapshot(params.snapshot.eval.split))
+    registered = registry.register(run_id, params.tracking.registered_model, params.push.gate, *gate_inputs(params),
+                                   params.evaluate.intervals, texts)
+    client = mlflow.MlflowClient()
+    verdict = registered["verdict"]
+    client.log_dict(run_id, verdict, "gate_verdict.json")
+    client.log_text(run_id, report.markdown(json.loads(EVAL_METRICS.read_text()), verdict), "report.md")
+    for key, value in {**verdict_tags(verdict), "registry": f"{registered['name']} version {registered['version']}, "
+                       + (registered["alias"] if registered["promoted"] else "challenger")}.items():
+        client.set_tag(run_id, key, value)
     uri = shown_uri(tracking_uri(params.tracking))
     out = {"run_id": run_id, "experiment": params.tracking.experiment, "tracking_uri": uri, "registered": registered}
     write_json(RUN_FILE, out)
     print(f"MLflow run {run_id} in experiment {params.tracking.experiment!r} ({uri}); see it "
           + (f"at {uri}" if is_server(uri) else f"with: mlflow ui --backend-store-uri {uri}"))
     print(f"registered {registered['name']} version {registered['version']} (challenger); "
-          + ("champion" if registered["promoted"] else f"not champion: {registered['reason']}"))
+          + (f"{registered['alias']}: {registered['reason']}" if registered["promoted"]
+             else f"not champion: {registered['reason']}"))
     if "not_compared" in registered:
         print(registered["not_compared"])
     return out

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
+from pipeline.cli import GateRefused, StageError
+from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PER_QUERY, PLOTS_DIR, PUSH_PLAN, RECORDED_STAGES,
+                             RECORDS_DIR, RUNS_DIR,
                              SNAPSHOT_MANIFEST, TRAIN_LOSS, VALIDATION_REPORT, Params, TrackingConfig)
-from pipeline.runtime import is_main_process
+from pipeline.runtime import is_main_process, machine_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def dvc_lock_hash() -> str:
 
 # what each stage leaves that the MLflow run keeps as artifacts
 STAGE_ARTIFACTS = {"snapshot": [SNAPSHOT_MANIFEST], "validate": [VALIDATION_REPORT], "train": [TRAIN_LOSS],
-                   "evaluate": [EVAL_METRICS, NDCG_TABLE, PLOTS_DIR], "card": [CARD_DIR / "README.md"],
+                   "evaluate": [EVAL_METRICS, NDCG_TABLE, PER_QUERY, PLOTS_DIR, RUNS_DIR], "card": [CARD_DIR / "README.md"],
                    "push": [PUSH_PLAN]}
 
 
@@ -167,6 +169,7 @@ def measure(record: dict, tracker, started: float, tracking: TrackingConfig) -> 
         "cpu_model": getattr(data, "cpu_model", None), "gpu_model": getattr(data, "gpu_model", None),
         "ram_total_gb": getattr(data, "ram_total_size", None), "country": tracking.country_iso_code,
     }
+    record["machine"] = machine_fingerprint()
 
 
 def record_stopped_run(stage: str, params: Params, record: dict, error: Exception, started_at: float,
@@ -175,8 +178,6 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
     the stages before it and its own, the artifacts they left, and tags saying what stopped it
     (outcome refused or failed, stopped_by, reason). A failure to log is reported, never raised:
     the stage's own error is what the user needs to see."""
-    from pipeline.gate import GateRefused
-
     try:
         before = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage in RECORDED_STAGES else RECORDED_STAGES
         records = load_records([s for s in before if record_path(s, records_dir).exists()], records_dir)
@@ -213,6 +214,25 @@ def patient_at_most(seconds: int, retries: int) -> Iterator[None]:
     finally:
         for name in chosen:
             os.environ.pop(name, None)
+
+
+# an MLflow server that drops out: each call waits HTTP_TIMEOUT s, retried with backoff 2, 4, 8 s
+HTTP_TIMEOUT, HTTP_RETRIES = 30, 3
+
+
+@contextmanager
+def mlflow_server_calls(tracking: TrackingConfig, consequence: str) -> Iterator[None]:
+    """MLflow calls, each retried at most HTTP_RETRIES times: a server that stays down fails the
+    stage naming it (its password hidden) and saying `consequence`."""
+    uri = tracking_uri(tracking)
+    with patient_at_most(seconds=HTTP_TIMEOUT, retries=HTTP_RETRIES):
+        try:
+            yield
+        except Exception as error:
+            if is_server(uri) and not server_answers(uri):
+                raise StageError(f"the MLflow server {shown_uri(uri)} does not answer (each call retried "
+                                 f"{HTTP_RETRIES} times, with backoff): {type(error).__name__}. {consequence}") from error
+            raise
 
 
 def evaluation_identity(manifest: dict) -> dict:
@@ -253,11 +273,20 @@ def pipeline_tags(params: Params, records: dict[str, dict]) -> dict[str, str]:
     revision, lock_hash = git_revision(), dvc_lock_hash()
     tags = {"git_revision": revision, "dvc_lock": lock_hash, RUN_KEY_TAG: run_key(lock_hash, params),
             "model_name": params.card.model_name, "mlflow.runName": f"{params.card.model_name} @ {revision}"}
+    machine = records.get("train", records.get("evaluate", {})).get("machine")  # where the model was made
+    if machine:
+        tags.update(machine_tags(machine))
     if "teacher" in records:  # a folder's weights sha256 or a Hub id's revision
         tags.update({f"teacher.{k}": str(v) for k, v in records["teacher"]["facts"].get("teacher", {}).items()})
     if "manifest" in records.get("snapshot", {}).get("facts", {}):  # not when the snapshot itself failed
         tags.update(identity_tags(evaluation_identity(records["snapshot"]["facts"]["manifest"])))
     return tags
+
+
+def machine_tags(machine: dict) -> dict[str, str]:
+    """A machine fingerprint (pipeline.runtime) as MLflow tags: machine.id, machine.cpu_model, ..."""
+    return {f"machine.{key}": ",".join(value) if isinstance(value, list) else str(value)
+            for key, value in machine.items()}
 
 
 def load_records(stages: list[str], records_dir: Path = RECORDS_DIR) -> dict[str, dict]:

@@ -57,6 +57,7 @@ def test_unknown_validation_check_is_refused(tmp_path):
 
 
 # Each combination a later stage would refuse, as a user would write it: the keys its error must name
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CLASHES = {
     "model teacher without a model": (
         "teacher:\n  kind: cross-encoder\n", ["teacher.kind", "teacher.model"]),
@@ -76,12 +77,21 @@ CLASHES = {
     "gate on a metric that is no ranking": (
         "push:\n  gate:\n    metric: query_active_dims\n", ["push.gate.metric", "dot_ndcg@10"]),
     "csr without a dense model": ("train:\n  architecture: csr\n", ["architecture csr", "base_model"]),
-    "csr cut wider than its k": ("train:\n  architecture: csr\n  base_model: m\n  revision: r\n  csr:\n    k: 16\n",
+    "csr cut wider than its k": (f"train:\n  architecture: csr\n  base_model: m\n  revision: {COMMIT}\n  csr:\n    k: 16\n",
                                  ["max_active_dims 32", "csr.k 16"]),
     "unpinned hub teacher": (
         "snapshot:\n  train:\n    source: triples.tsv\nteacher:\n  kind: cross-encoder\n"
         "  model: cross-encoder/ms-marco-MiniLM-L6-v2\n", ["teacher.model", "teacher.revision"]),
     "unpinned hub base model": ("train:\n  base_model: naver/splade-v3\n", ["train.base_model", "train.revision"]),
+    # a revision pins only as a full commit id: a branch, a tag or a short id fails, naming the key
+    "a branch for a revision": ("train:\n  base_model: naver/splade-v3\n  revision: main\n",
+                                ["train.revision", "'main' is not a commit id"]),
+    "a short id for a revision": ("teacher:\n  revision: e0cef0a\n", ["teacher.revision", "40-hex"]),
+    "a tag for a dataset revision": ("snapshot:\n  eval:\n    revision: v1.0\n", ["snapshot.eval.revision", "'v1.0'"]),
+    "an upper-case commit id": (f"snapshot:\n  train:\n    revision: {COMMIT.upper()}\n",
+                                ["snapshot.train.revision", "not a commit id"]),
+    "significance on a metric without per-query values": (
+        "push:\n  gate:\n    metric: dot_precision@3\n", ["push.gate", "significance", "rule threshold"]),
     "impossible synthetic world": ("snapshot:\n  synthetic:\n    topics: 1\n", ["topics"]),
 }
 
@@ -111,7 +121,8 @@ def test_the_same_keys_in_combinations_that_work_load(tmp_path, shared):
         f"  model: {shared / 'models/all-MiniLM-L6-v2'}\n  hard_negatives: 2\ntrain:\n  loss: kl-div\n",
         # a local folder needs no revision; a Hub id with one is pinned
         f"train:\n  base_model: {shared / 'models/splade-tiny'}\n",
-        "train:\n  base_model: naver/splade-v3\n  revision: 0123abcd\n",
+        f"train:\n  base_model: naver/splade-v3\n  revision: {COMMIT}\n",
+        "push:\n  gate:\n    metric: dot_precision@3\n    rule: threshold\n",
         "push:\n  gate:\n    metric: dot_graded_ndcg@10\n",
     ]
     for text in fine:
@@ -123,10 +134,9 @@ def test_the_same_keys_in_combinations_that_work_load(tmp_path, shared):
 def test_gate_metrics_are_the_ones_evaluation_reports():
     """GATE_METRICS is what pipeline.metrics names (the stock IR evaluator's default cut-offs)."""
     from pipeline.config import GATE_METRICS
-    from pipeline.metrics import graded_ndcg, ranking_metrics
+    from pipeline.metrics import scored_ranking
     from pipeline.sources import RetrievalSet
 
     data = RetrievalSet({"d1": "a b", "d2": "c d"}, {"q1": "a"}, {"q1": {"d1": 1}})
-    reported = {**ranking_metrics(data, {"q1": {"d1": 2.0, "d2": 1.0}}),
-                "dot_graded_ndcg@10": graded_ndcg(data, {"q1": {"d1": 2.0, "d2": 1.0}})}
+    reported, _, _ = scored_ranking(data, {"q1": {"d1": 2.0, "d2": 1.0}})
     assert set(GATE_METRICS) == set(reported)

@@ -161,9 +161,11 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
     assert chosen["ms_per_query"] == min(t["ms_per_query"] for t in chosen["tried"] if t["recall_at_100"] >= 0.9)
     assert (index.query_cut, index.heap_factor) == (chosen["query_cut"], chosen["heap_factor"])
     exact_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
-    seismic = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20))
+    seismic = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20,
+                                                                          recall_target=0.95))
     assert seismic.metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
     assert seismic.index["kind"] == "seismic" and seismic.index["recall_target"] == 0.95
+    assert seismic.index["against_exact"]["sample_queries"] == 20 and not seismic.index["rank_safe"]
     auto = IndexConfig(exact_max_docs=1000)
     assert index_kind(auto, 1000) == "exact" and index_kind(auto, 1001) == "blockmax"
     with pytest.raises(StageError, match=r"needs about 0\.\d GB to build .* over evaluate.index.memory_gb \(0.01 GB\)"):
@@ -218,7 +220,8 @@ def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_th
     for q, (rows, scores) in enumerate(found):
         np.testing.assert_allclose(scores, np.sort(dense[q])[::-1][:10], rtol=1e-6)
         np.testing.assert_allclose(dense[q, rows], scores, rtol=1e-6)
-    assert search(corpus, queries, IndexConfig(exact_max_docs=230, memory_gb=0.4), depth=10)[1] == {"kind": "exact"}
+    assert search(corpus, queries, IndexConfig(exact_max_docs=230, memory_gb=0.4), depth=10)[1] == {
+        "kind": "exact", "rank_safe": True}
     for kind in ("blockmax", "seismic"):
         with pytest.raises(StageError, match=rf"the {kind} index .* over evaluate.index.memory_gb \(0.4 GB\). Raise"):
             search(corpus, queries, IndexConfig(kind=kind, memory_gb=0.4), depth=10)
@@ -261,12 +264,53 @@ def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_prune
     index.query_cut, index.heap_factor = 3, 0.5
     index.search(queries, 20)
     assert np.all(index.blocks_scored <= unpruned) and index.blocks_scored.sum() < unpruned.sum()
+    # search(auto) past exact_max_docs: rank-safe by default, its candidates rescored exactly, so
+    # exact search's top k with exact search's scores
+    found, facts = search(corpus, queries, IndexConfig(exact_max_docs=900), depth=20)
+    assert facts["kind"] == "blockmax" and facts["rank_safe"] and facts["query_cut"] is None
+    for (rows, scores), (exact_rows, exact_scores) in zip(found, exact):
+        np.testing.assert_allclose(scores, exact_scores, rtol=1e-6)
+        assert len(np.intersect1d(rows, exact_rows)) >= 19  # a near-tie at the 20th at most
     short = queries[:7]  # (the long one needs far more than the sweep's 30 largest terms)
-    found, facts = search(corpus, short, IndexConfig(exact_max_docs=900, sweep_queries=7), depth=20)
+    found, facts = search(corpus, short, IndexConfig(exact_max_docs=900, sweep_queries=7, recall_target=0.95),
+                          depth=20)
+    assert not facts["rank_safe"]
     assert facts["kind"] == "blockmax" and facts["block_size"] == 8 and facts["sample_queries"] == 7
     assert facts["target_met"] and facts["recall_at_20"] >= 0.95
     assert len(facts["tried"]) == len(SWEEP_QUERY_CUTS) * len(SWEEP_HEAP_FACTORS)
     assert recall(found, exact[:7]) == pytest.approx(facts["recall_at_20"])  # the sample was every query
+
+
+def test_an_approximate_search_reports_how_far_its_metrics_are_from_exact_and_a_rank_safe_one_is_exact(tmp_path):
+    """The evaluate stage on random vectors past exact_max_docs: by default (rank-safe blockmax) the
+    same metrics as exact search, no check needed; asked for an approximate setting, eval.json's
+    "index" says on a sample of queries searched both ways how much recall and each headline metric
+    differ from exact."""
+    import numpy as np
+
+    from pipeline.metrics import HEADLINE
+    from pipeline.sources import RetrievalSet
+
+    corpus, matrix, queries = random_corpus(tmp_path, docs=950, dims=300)
+    many = random_corpus(tmp_path / "q", docs=40, dims=300, shard_docs=40)[1]  # 40 queries
+    doc_ids = [f"d{i}" for i in range(950)]
+    dense = (many @ matrix.T).toarray()
+    rng = np.random.default_rng(3)
+    qrels = {f"q{q}": {doc_ids[j]: 1 for j in np.argsort(-dense[q])[rng.integers(0, 30, 2)]} for q in range(40)}
+    data = RetrievalSet(dict.fromkeys(doc_ids, "text"), {q: "text" for q in qrels}, qrels)
+    vectors = evaluate.Encoded(list(qrels), many, doc_ids, corpus)
+    exact = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact"))
+    safe = evaluate.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900))
+    assert safe.index["kind"] == "blockmax" and safe.index["rank_safe"] and "against_exact" not in safe.index
+    for name in HEADLINE:
+        assert safe.metrics[name] == pytest.approx(exact.metrics[name], abs=1e-9), name
+    pruned = evaluate.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900, query_cut=2,
+                                                                         heap_factor=0.5, sweep_queries=25))
+    check = pruned.index["against_exact"]
+    print(f"\nquery_cut 2, heap_factor 0.5: recall@100 {check['recall_at_100']:.3f}, "
+          f"nDCG@10 {check['difference']['dot_ndcg@10']:+.4f} from exact on {check['sample_queries']} queries")
+    assert not pruned.index["rank_safe"] and check["sample_queries"] == 25 and check["recall_at_100"] < 0.95
+    assert set(check["difference"]) == set(HEADLINE) and check["largest_query_difference"]["dot_ndcg@10"] > 0
 
 
 def test_bisection_puts_documents_that_share_terms_in_the_same_blocks():

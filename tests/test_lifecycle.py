@@ -135,7 +135,8 @@ def clone_b(origin, tmp_path_factory):
 def test_a_second_machine_pulls_the_run_and_retrains_only_what_a_change_affects(origin, clone_b, services):
     """B pulls: `dvc status` is clean and `dvc repro` runs nothing. A changed train value in B re-runs
     train onwards only. Both runs are in one experiment with the same metric columns; the registry
-    holds both versions, the champion alias where the gate puts it."""
+    holds both versions; under the significance gate the rerun with another seed, not significantly
+    worse, takes the champion alias of the evaluation (no seed's luck refuses it)."""
     env = client_env(services)
     pulled = sh([str(BIN / "dvc"), "pull"], clone_b, env)
     print(f"\nclone B: {pulled.stdout.strip().splitlines()[-1]}")
@@ -159,15 +160,17 @@ def test_a_second_machine_pulls_the_run_and_retrains_only_what_a_change_affects(
     name = params.tracking.registered_model
     versions = {v.version: v.run_id for v in client.search_model_versions(f"name = '{name}'")}
     assert versions == {"1": first.info.run_id, "2": second.info.run_id}
-    # the gate's rule, from the numbers in MLflow: the second takes champion unless it drops more
-    # than push.gate.max_drop below the first (both evaluated on the same set)
+    # the gate's verdict, against the first run's per-query values read from its MLflow run
     old, new = (r.data.metrics["evaluate.dot_ndcg_at_10"] for r in (first, second))
-    promoted = new >= old - params.push.gate.max_drop
-    print(f"nDCG@10 run 1 {old:.4f}, run 2 {new:.4f}: version 2 {'champion' if promoted else 'challenger'}")
-    assert client.get_model_version_by_alias(name, "champion").version == ("2" if promoted else "1")
-    assert client.get_model_version_by_alias(name, "challenger").version == "2"
     recorded = json.loads((clone_b / "records/mlflow_run.json").read_text())["registered"]
-    assert recorded["promoted"] == promoted and recorded["version"] == "2"
+    drop = recorded["verdict"]["vs_champion"]
+    print(f"nDCG@10 run 1 {old:.4f}, run 2 {new:.4f}: difference {drop['difference']:+.4f} "
+          f"[{drop['low']:+.4f}, {drop['high']:+.4f}], p(worse) {drop['p_less']:.3f}")
+    assert recorded["verdict"]["rule"] == "significance" and drop["p_less"] >= params.push.gate.alpha
+    assert recorded["promoted"] and recorded["version"] == "2" and recorded["champion_version"] == "1"
+    assert client.get_model_version_by_alias(name, recorded["alias"]).version == "2"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    assert second.data.tags["gate.passed"] == "true" and "p = " in second.data.tags["gate.vs_champion"]
     assert first.data.tags["eval.id"] == second.data.tags["eval.id"]
 
 
@@ -183,27 +186,29 @@ print("VECTOR", json.dumps(model.predict([sys.argv[3]], params={"side": "query"}
 
 def test_the_champion_loads_and_encodes_in_a_process_that_cannot_import_the_project(origin, clone_b, services,
                                                                                    tmp_path):
-    """models:/<name>@champion, logged as models-from-code (no pickle in it), loads with mlflow and
-    sentence-transformers alone and encodes a query as SparseEncoder.encode_query does, within 1e-6."""
+    """models:/<name>@champion-<eval id>, logged as models-from-code (no pickle in it), loads with
+    mlflow and sentence-transformers alone and encodes a query as SparseEncoder.encode_query does,
+    within 1e-6."""
     import mlflow
     import pandas as pd
     from sentence_transformers import SparseEncoder
 
     name = origin.params.tracking.registered_model
-    champion = mlflow_client(services).get_model_version_by_alias(name, "champion")
+    alias = json.loads((origin.a / "records/mlflow_run.json").read_text())["registered"]["alias"]
+    champion = mlflow_client(services).get_model_version_by_alias(name, alias)
     (clone,) = [c for c in (origin.a, clone_b)
                 if json.loads((c / "records/mlflow_run.json").read_text())["run_id"] == champion.run_id]
     query = pd.read_parquet(clone / "data/snapshot/train.parquet")["query"].iloc[0]
 
     mlflow.set_tracking_uri(services.mlflow.url)
-    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "model")))
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}", dst_path=str(tmp_path / "model")))
     logged = yaml.safe_load((files / "MLmodel").read_text())["flavors"]["python_function"]
     assert logged["model_code_path"].endswith("sparse_encoder_model.py")
     assert not list(files.rglob("*.pkl")) and "import pipeline" not in (files / logged["model_code_path"]).read_text()
 
     env = {key: value for key, value in ENV.items() if key not in ("PYTHONPATH",)}
     done = sh([sys.executable, "-I", "-S", "-c", ISOLATED_LOAD, sysconfig.get_paths()["purelib"],
-               f"models:/{name}@champion", query], tmp_path, {**env, "MLFLOW_TRACKING_URI": services.mlflow.url})
+               f"models:/{name}@{alias}", query], tmp_path, {**env, "MLFLOW_TRACKING_URI": services.mlflow.url})
     loaded = json.loads(re.search(r"^VECTOR (.*)$", done.stdout, re.M).group(1))
     expected = SparseEncoder(str(clone / "models/student")).encode_query([query]).coalesce()
     want = dict(zip(expected.indices()[1].tolist(), expected.values().tolist()))
@@ -239,7 +244,7 @@ def test_the_ci_workflow_steps_run_as_a_script_against_the_services(origin, serv
     services, on a clone whose last commit changed a train value: it pulls the last run from the DVC
     remote (so only train onwards runs), tracks in the MLflow server, pushes to the DVC remote, and
     commits dvc.lock and metrics to a branch with a pull request whose text is the metrics diff
-    against main."""
+    against main, the intervals and the gate's verdict against the champion."""
     c = tmp_path / "runner"
     subprocess.run(["git", "clone", "-q", str(origin.url), str(c)], check=True)
     (c / ".venv").symlink_to(sys.prefix)
@@ -279,6 +284,13 @@ def test_the_ci_workflow_steps_run_as_a_script_against_the_services(origin, serv
     print(f"metrics diff row: {row}")
     assert f"{old:.5f}".rstrip("0") in row and f"{new:.5f}".rstrip("0") in row
     assert (tmp_path / "gh/body.md").read_text() in report
+    # the intervals and the gate's verdict against the champion, with the queries that moved most
+    verdict = json.loads((c / "build/push_plan.json").read_text())["gate"]
+    student = json.loads((c / "metrics/eval.json").read_text())["intervals"]["student"]["dot_ndcg@10"]
+    assert f"| dot_ndcg@10 | {student['value']:.4f} [{student['low']:.4f}, {student['high']:.4f}] |" in report
+    assert f"**Gate (significance): passed.** {verdict['reason']}" in report
+    assert f"Against champion version {verdict['champion_version']} (" in report
+    assert "Gained most against the champion:" in report and "Lost most against the champion:" in report
     args = (tmp_path / "gh/args").read_text().split("\n")
     assert args[:2] == ["pr", "create"] and "retrain/4242" in args and "main" in args
     committed = subprocess.run(["git", "--git-dir", str(origin.url), "show", "retrain/4242:dvc.lock"],

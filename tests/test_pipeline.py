@@ -207,7 +207,9 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         assert_nested_stage_runs(runs, parent)
         assert outcome["registered"]["promoted"] and outcome["registered"]["version"] == "1"
 
-        champion = mlflow.pyfunc.load_model("models:/quickstart-sparse@champion")
+        alias = f"champion-{outcome['registered']['eval_id']}"  # the one champion alias: of this evaluation
+        assert outcome["registered"]["alias"] == alias
+        champion = mlflow.pyfunc.load_model(f"models:/quickstart-sparse@{alias}")
         train_rows = __import__("pandas").read_parquet(SNAPSHOT_TRAIN)
         (query,) = champion.predict([train_rows["query"][0]], params={"side": "query"})
         assert 0 < len(query["indices"]) == len(query["values"]) and min(query["values"]) > 0
@@ -224,7 +226,8 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         refused = track.run(strict)["registered"]
         assert refused["version"] == "2" and not refused["promoted"] and "below push.gate.minimum" in refused["reason"]
         client = mlflow.MlflowClient()
-        assert client.get_model_version_by_alias("quickstart-sparse", "champion").version == "1"
+        assert client.get_model_version_by_alias("quickstart-sparse", alias).version == "1"
+        assert "champion" not in client.get_registered_model("quickstart-sparse").aliases
         assert client.get_model_version_by_alias("quickstart-sparse", "challenger").version == "2"
     finally:
         server.stop()
@@ -271,9 +274,9 @@ def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_u
 def test_a_version_evaluated_on_another_set_is_champion_of_its_own_evaluation(finished_run, tiny_params,
                                                                               cut_beir, tmp_path):
     """The quickstart's champion scores high on its synthetic set; the same student evaluated on
-    SciFact scores far lower. Registered under the same name it still becomes champion (of SciFact,
-    and the latest), reported, not compared with the synthetic number; the synthetic champion keeps
-    its own alias."""
+    SciFact scores far lower. Registered under the same name it still becomes champion of SciFact,
+    reported, not compared with the synthetic number; the synthetic champion keeps its own alias, and
+    no alias names the latest promotion on any evaluation."""
     copy = tmp_path / "copy"
     shutil.copytree(os.getcwd(), copy)
     os.chdir(copy)
@@ -289,13 +292,16 @@ def test_a_version_evaluated_on_another_set_is_champion_of_its_own_evaluation(fi
     first = finished_run["registered"]
     assert outcome["value"] < first["value"] - params.push.gate.max_drop  # a cross-set comparison would refuse
     assert outcome["promoted"] and outcome["champion_version"] is None and outcome["eval_id"] != first["eval_id"]
-    assert f"champion version {first['version']} was evaluated on synthetic" in outcome["not_compared"]
+    assert (f"champions of other evaluations, not compared: champion-{first['eval_id']} (version {first['version']})"
+            in outcome["not_compared"])
     client = mlflow.MlflowClient(f"sqlite:///{copy}/mlflow.db")
     name = params.tracking.registered_model
     def holder(alias: str) -> str:
         return str(client.get_model_version_by_alias(name, alias).version)
 
-    assert holder("champion") == holder(f"champion-{outcome['eval_id']}") == outcome["version"]
+    assert holder(f"champion-{outcome['eval_id']}") == outcome["version"]
+    assert set(client.get_registered_model(name).aliases) == {"challenger", f"champion-{outcome['eval_id']}",
+                                                              f"champion-{first['eval_id']}"}
     assert holder(f"champion-{first['eval_id']}") == first["version"]
     tags = client.get_model_version(name, outcome["version"]).tags
     assert tags["eval.source"] == params.snapshot.eval.source

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline import push
+from pipeline import evaluate, push
 from pipeline.cli import StageError
-from pipeline.config import CARD_DIR, EVAL_METRICS, PUSH_PLAN, SNAPSHOT_MANIFEST, STUDENT_DIR, PushConfig, load_params
+from pipeline.config import (CARD_DIR, EVAL_METRICS, HEADLINE, PER_QUERY, PUSH_PLAN, SNAPSHOT_EVAL, SNAPSHOT_MANIFEST,
+                             STUDENT_DIR, PushConfig, load_params)
 from pipeline.gate import GateRefused
-from pipeline.tracking import evaluation_identity, write_json
+from pipeline.stats import Resampling
+from pipeline.tracking import evaluation_identity, write_atomically, write_json
 from tests.conftest import PROJECT
 from tests.hub_standin import HubStandIn
 
@@ -45,24 +49,57 @@ def card_text(value: float, eval_id: str, dataset: str = "scifact") -> str:
     return f"---\n{data.to_yaml()}\n---\n\n# m\n"
 
 
-def built_model(ndcg: float, base: float = 0.3, eval_sha256: str = "e" * 64) -> None:
-    """A model folder, its card, its evaluation and the snapshot manifest, where the stages leave them."""
+def eval_snapshot(queries: int) -> None:
+    """A BEIR folder for the evaluation set, where the snapshot leaves it: the push reads its query
+    texts."""
+    folder = SNAPSHOT_EVAL / "scifact"
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i}"}) + "\n"
+                                                 for i in range(queries)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n"
+                                                  for i in range(queries)))
+    (folder / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                           + "".join(f"q{i}\td{i}\t1\n" for i in range(queries)))
+
+
+def built_model(ndcg: float, base: float = 0.3, eval_sha256: str = "e" * 64, queries: int = 40,
+                jitter: int | None = None) -> None:
+    """A model folder, its card, its evaluation (means, per-query values around them, intervals) and
+    the snapshot, where the stages leave them. With `jitter` (a seed), the student's per-query values
+    scatter (sd 0.3, mean unchanged) as another training's would."""
     (STUDENT_DIR / "1_SpladePooling").mkdir(parents=True, exist_ok=True)
     (STUDENT_DIR / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
     (STUDENT_DIR / "config.json").write_text('{"model_type": "bert"}')
     (STUDENT_DIR / "1_SpladePooling" / "config.json").write_text('{"pooling_strategy": "max"}')
     write_json(SNAPSHOT_MANIFEST, manifest(eval_sha256))
+    eval_snapshot(queries)
+    spread = np.tile([0.2, -0.2], queries // 2)  # per-query values of exactly the given mean
+    scatter = np.zeros(queries)
+    if jitter is not None:
+        scatter = np.random.default_rng(jitter).normal(0, 0.3, queries)
+        scatter -= scatter.mean()
+    table = pd.DataFrame([{"model": model, "dataset": "scifact", "query_id": f"q{i}",
+                           **{metric: mean + spread[i] + (scatter[i] if model == "student" else 0)
+                              for metric in HEADLINE}}
+                          for model, mean in (("student", ndcg), ("base", base), ("bm25", 0.4))
+                          for i in range(queries)])
+    write_atomically(PER_QUERY, lambda tmp: table.to_csv(tmp, index=False))
+    spreads, differences = evaluate.intervals(table, Resampling())
     write_json(EVAL_METRICS, {"student": {"dot_ndcg@10": ndcg}, "base": {"dot_ndcg@10": base},
-                              "bm25": {"dot_ndcg@10": 0.4}, "datasets": {"scifact": {}}})
+                              "bm25": {"dot_ndcg@10": 0.4}, "datasets": {"scifact": {}}, "queries": queries,
+                              "intervals": spreads, "differences": differences})
     CARD_DIR.mkdir(parents=True, exist_ok=True)
     (CARD_DIR / "README.md").write_text(card_text(ndcg, evaluation_identity(manifest(eval_sha256))["id"]))
     (CARD_DIR / "training_curve.png").write_bytes(b"\x89PNG fake")
 
 
 def params_for(**push_settings):
+    """The project's params with these push settings; the gate's rule threshold (the Hub card's
+    comparison) unless a test names another."""
     params = load_params(PROJECT / "params.yaml")
+    gate = {"rule": "threshold", **push_settings.pop("gate", {})}
     return params.model_copy(update={"push": PushConfig(repo_id="tester/sparse", backoff_seconds=0.01,
-                                                         **push_settings)})
+                                                         gate=gate, **push_settings)})
 
 
 def test_all_files_arrive_in_one_commit_after_a_503_is_retried(workdir, hub, caplog):
@@ -98,7 +135,7 @@ def test_the_gate_refuses_a_regression_a_low_score_and_no_gain_over_the_untraine
     built_model(0.6)
     push.run(params_for(dry_run=False))
     built_model(0.55)
-    with pytest.raises(GateRefused, match=r"0\.5500, 0\.0500 below the pushed model's 0\.6000 \(push.gate.max_drop 0.01\) "
+    with pytest.raises(GateRefused, match=r"threshold\): dot_ndcg@10 on scifact is 0\.5500, 0\.0500 below the pushed model's 0\.6000 \(push.gate.max_drop 0.01\) "
                                           r"\(BM25: 0\.4000\); not pushing"):
         push.run(params_for(dry_run=False))
     assert len(hub.repos["tester/sparse"].branches["main"]) == 1  # nothing pushed
@@ -129,6 +166,57 @@ def test_a_pushed_model_from_another_evaluation_is_reported_not_compared(workdir
     assert "not compared" in plan["previous"]["reason"]
     with pytest.raises(StageError, match="push.gate.metric 'dot_ndgc@10' is not among the evaluation's metrics"):
         push.run(params_for(gate={"metric": "dot_ndgc@10"}))
+
+
+def registered_champion(tracking_uri: str, name: str) -> str:
+    """The model built last as the registry's champion of its evaluation: a run holding its metric and
+    per-query values, a version of `name` from it, and the alias champion-<eval id>."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.create_experiment("champions")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "evaluate.dot_ndcg_at_10", json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"])
+    client.log_artifact(run.info.run_id, str(PER_QUERY))
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    eval_id = evaluation_identity(json.loads(SNAPSHOT_MANIFEST.read_text()))["id"]
+    client.set_registered_model_alias(name, f"champion-{eval_id}", version)
+    return version
+
+
+def test_under_significance_the_push_compares_with_the_registry_champion_per_query(workdir):
+    """push.gate.rule significance: the champion is the registry's champion of this evaluation, its
+    per-query values read from its own MLflow run. A model 0.01 below it with scattered per-query
+    values is pushed (not significantly worse); one 0.15 below is refused, the plan naming the test,
+    the difference, its interval and p-value, and the queries that lost most, with their texts."""
+    from pipeline.config import TrackingConfig
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    base_params = params_for(gate={"rule": "significance"})
+    params = base_params.model_copy(update={"tracking": TrackingConfig(tracking_uri=uri, registered_model="m")})
+    built_model(0.60)
+    version = registered_champion(uri, "m")
+
+    built_model(0.59, jitter=1)
+    plan = push.run(params)
+    verdict = plan["gate"]
+    assert verdict["passed"] and verdict["champion_version"] == version and verdict["previous"] == pytest.approx(0.60)
+    assert verdict["vs_champion"]["difference"] == pytest.approx(-0.01)
+    assert verdict["vs_champion"]["p_less"] >= 0.05 and "not significantly below champion version 1" in verdict["reason"]
+    assert plan["intervals"]["student"]["dot_ndcg@10"]["queries"] == 40
+
+    built_model(0.45)
+    with pytest.raises(GateRefused, match=r"significantly below champion version 1's 0\.6000: difference -0\.1500 "
+                                          r"\[-0\.1500, -0\.1500\] \(95% interval, 40 queries\), one-sided paired "
+                                          r"randomization test .* p = [\d.e-]+ < push.gate.alpha 0.05"):
+        push.run(params)
+    refused = json.loads(PUSH_PLAN.read_text())["gate"]
+    assert not refused["passed"] and refused["vs_champion"]["p_less"] < 0.05
+    lost = refused["movers"]["lost"]
+    assert len(lost) == 5 and lost[0]["query"] == f"query {lost[0]['query_id'][1:]}"
+    assert lost[0]["difference"] == pytest.approx(-0.15)
 
 
 def test_no_token_no_push(workdir, hub, monkeypatch):

@@ -82,6 +82,87 @@ def test_student_learns_far_beyond_its_untrained_start(project):
     assert teacher["eval_dot_ndcg@10"] > trained - 0.05  # the student learns from a teacher that knows
 
 
+def test_the_run_files_and_the_per_query_values_give_eval_json_s_numbers(project):
+    """Each scored model's TREC run file (data/runs/), read by ir-measures (trec_eval's code), gives
+    eval.json's headline metrics within 1e-6, and they are the means of metrics/per_query.csv; each
+    model's interval holds its value."""
+    import ir_measures
+    import pandas as pd
+    from ir_measures import AP, RR, R, Success, nDCG
+
+    from pipeline.dataset import read_eval_snapshot
+
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    data = read_eval_snapshot("test", project / "data/snapshot/eval")["synthetic"]
+    binary = {q: {d: 1 for d in docs} for q, docs in data.qrels.items()}
+    table = pd.read_csv(project / "metrics/per_query.csv", dtype={"query_id": str})
+    measures = {"dot_ndcg@10": nDCG @ 10, "dot_mrr@10": RR @ 10, "dot_map@100": AP @ 100, "dot_recall@10": R @ 10,
+                "dot_accuracy@1": Success @ 1}
+    for model in ("student", "base", "bm25", "student_onnx_int8"):
+        run = list(ir_measures.read_trec_run(str(project / "data/runs/synthetic" / f"{model}.trec")))
+        assert len(run) == 100 * len(binary)  # the top 100 of every judged query
+        found = ir_measures.calc_aggregate(list(measures.values()), binary, run)
+        graded = ir_measures.calc_aggregate([nDCG @ 10], data.qrels, run)[nDCG @ 10]
+        for name, measure in {**measures, "dot_graded_ndcg@10": None}.items():
+            value = evaluation[model][name]
+            assert (graded if measure is None else found[measure]) == pytest.approx(value, abs=1e-6), (model, name)
+            assert table[table["model"] == model][name].mean() == pytest.approx(value, abs=1e-9), (model, name)
+            spread = evaluation["intervals"][model][name]
+            assert spread["low"] <= value <= spread["high"] and spread["queries"] == len(binary) == evaluation["queries"]
+
+
+def test_intervals_are_in_eval_json_the_mlflow_run_the_card_and_the_pull_request_text(project):
+    """The student's nDCG@10 with its interval, and its paired difference from its untrained start,
+    in eval.json, as MLflow metrics and tags of the run, on the card (with the number of queries) and
+    in the text the CI workflow gives its pull request (python -m pipeline.report)."""
+    import mlflow
+
+    from pipeline.stats import shown
+
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    student = evaluation["intervals"]["student"]["dot_ndcg@10"]
+    gain = evaluation["differences"]["student - base"]["dot_ndcg@10"]
+    print(f"\nnDCG@10 {shown(student)} over {student['queries']} queries; over its start {shown(gain)}, "
+          f"p {gain['p_greater']:.2g}")
+    assert student["low"] < student["value"] < student["high"] and student["resamples"] >= 1000
+    assert gain["low"] > 0.5 and gain["p_greater"] < 0.001
+
+    run_id = json.loads((project / "records/mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db")
+    logged = client.get_run(run_id).data
+    assert logged.metrics["evaluate.dot_ndcg_at_10_ci_low"] == pytest.approx(student["low"])
+    assert logged.metrics["evaluate.vs_base_dot_ndcg_at_10_diff"] == pytest.approx(gain["difference"])
+    assert logged.tags["gate.rule"] == "significance" and logged.tags["gate.passed"] == "true"
+    assert logged.tags["gate.vs_base"].startswith(shown(gain))
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"per_query.csv", "gate_verdict.json", "report.md", "eval.json"} <= artifacts
+
+    card_text = (project / "build/card/README.md").read_text()
+    assert f"| dot_ndcg@10 | **{shown(student)}** |" in card_text
+    assert f"on {student['queries']} judged queries" in card_text and f"{shown(gain)} (" in card_text
+
+    report, _ = run([sys.executable, "-m", "pipeline.report"], project)
+    assert f"| dot_ndcg@10 | {shown(student)} |" in report and f"{student['queries']} queries; 95% intervals" in report
+    assert "**Gate (significance): passed.**" in report
+
+
+def test_the_machine_fingerprint_is_in_the_records_the_mlflow_run_the_card_and_eval_json(project):
+    import mlflow
+
+    from pipeline.runtime import machine_fingerprint
+
+    here = machine_fingerprint()
+    for stage in ("snapshot", "teacher", "train", "evaluate", "push"):
+        assert json.loads((project / f"records/{stage}.json").read_text())["machine"] == here, stage
+    assert json.loads((project / "metrics/eval.json").read_text())["machine"] == here
+    run_id = json.loads((project / "records/mlflow_run.json").read_text())["run_id"]
+    tags = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run_id).data.tags
+    assert tags["machine.id"] == here["id"] and tags["machine.native_bf16"] == str(here["native_bf16"])
+    assert tags["machine.cpu_flags"] == ",".join(here["cpu_flags"]) and tags["machine.threads"] == str(here["threads"])
+    card_text = (project / "build/card/README.md").read_text()
+    assert f"| id | {here['id']} | {here['id']} |" in card_text and f"| onednn | {here['onednn']} |" in card_text
+
+
 def test_the_onnx_export_matches_torch_and_is_pushed_with_the_model(project):
     """The export stage's fp32 file gives torch's vectors within 1e-4; its int8 file ranks within
     0.005 nDCG@10 of torch; both go into the uploaded folder where the ONNX backend looks."""
@@ -173,8 +254,11 @@ def test_a_comment_in_any_pipeline_module_makes_exactly_its_importers_out_of_dat
 
 
 # the retrain: 1 epoch at a high learning rate, published to the Hub stand-in
+# a quick retrain pushed to the Hub stand-in: far below the champion, which the significance gate
+# would rightly refuse (tested below), so it is let through by the threshold rule against the
+# card on the branch (none yet) and beat_base off
 PUBLISHED_RETRAIN = {"train.learning_rate": 0.001, "train.epochs": 1, "push.gate.beat_base": False,
-                     "push.dry_run": False, "push.repo_id": "tester/quickstart"}
+                     "push.gate.rule": "threshold", "push.dry_run": False, "push.repo_id": "tester/quickstart"}
 
 
 def set_params(project: Path, **values) -> None:
@@ -282,7 +366,8 @@ def test_a_sweep_of_two_dvc_exp_runs_compares_in_mlflow(project):
     assert exp_run(project, 0.0005).returncode == 0
     refused = exp_run(project, 0.002)
     assert refused.returncode != 0
-    assert "not above the untrained model it started from" in refused.stdout + refused.stderr
+    assert re.search(r"evaluation gate \(significance\): .* (not significantly above the untrained model it started "
+                     r"from|significantly below champion version)", refused.stdout + refused.stderr)
     newest, previous = pipeline_runs(project)[:2]
     assert [float(r.data.params["train.learning_rate"]) for r in (previous, newest)] == [0.0005, 0.002]
     assert (previous.data.tags["outcome"], newest.data.tags["outcome"]) == ("ok", "refused")
@@ -370,3 +455,69 @@ def test_prefect_server_a_scheduled_deployment_a_failed_stage_and_overrides(proj
             if process:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def second_project(tmp_path_factory):
+    """A second fresh copy of the project, its quickstart run: the same commit and params as
+    `project`'s on the same machine, and its own MLflow store."""
+    repo = make_project_copy(tmp_path_factory.mktemp("second"))
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+def test_two_clean_runs_on_one_machine_give_byte_identical_metrics(project, second_project):
+    """The same commit and params, two clean runs: eval.json, the per-query values and the loss curve
+    byte for byte (as `project` committed them)."""
+    for path in ("metrics/eval.json", "metrics/per_query.csv", "metrics/train_loss.csv"):
+        assert (second_project / path).read_text() == git(project, "show", f"HEAD:{path}"), path
+
+
+def repro(project: Path, **values) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """`dvc repro` after setting `values` in params.yaml: the finished process and the push plan's
+    gate verdict (None when the push did not run)."""
+    set_params(project, **values)
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=ENV, capture_output=True, text=True)
+    plan = project / "build/push_plan.json"
+    return done, json.loads(plan.read_text())["gate"] if plan.exists() else None
+
+
+def test_the_significance_gate_keeps_a_seed_rerun_refuses_a_clearly_worse_model_and_promotes_a_better_one(
+        second_project):
+    """Against the first run's champion: the same recipe with another train.seed is not significantly
+    worse and is promoted (its luck decides nothing); one epoch at a high learning rate is refused,
+    the refusal naming the test, the difference, its interval and p-value; under another registered
+    name, a weak two-epoch champion is displaced by the full recipe, clearly better."""
+    from pipeline.stats import shown
+
+    first = json.loads((second_project / "records/mlflow_run.json").read_text())["registered"]
+    assert first["promoted"] and first["version"] == "1"
+
+    done, verdict = repro(second_project, **{"train.seed": 1})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    seed = verdict["vs_champion"]
+    print(f"\nseed 1 against seed 0: {shown(seed)}, p(worse) {seed['p_less']:.3f}")
+    assert verdict["passed"] and verdict["champion_version"] == "1" and seed["p_less"] >= 0.05
+    registered = json.loads((second_project / "records/mlflow_run.json").read_text())["registered"]
+    assert registered["promoted"] and registered["version"] == "2" and registered["alias"] == first["alias"]
+
+    done, verdict = repro(second_project, **{"train.seed": 0, "train.epochs": 1, "train.learning_rate": 0.01})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and not verdict["passed"]
+    worse = verdict["vs_champion"]
+    print(f"one epoch at 0.01: {verdict['value']:.4f}, {shown(worse)}, p(worse) {worse['p_less']:.2g}")
+    assert worse["high"] < 0 and worse["p_less"] < 0.05
+    assert re.search(r"significantly below champion version 2's 0\.\d{4}: difference -0\.\d{4} \[-0\.\d{4}, "
+                     r"-0\.\d{4}\] \(95% interval, 100 queries\), one-sided paired randomization test .* p = "
+                     r"[\d.e-]+ < push.gate.alpha 0.05", output), output[-3000:]
+
+    done, verdict = repro(second_project, **{"train.epochs": 2, "train.learning_rate": 0.0003,
+                                             "tracking.registered_model": "quickstart-rival"})
+    assert done.returncode == 0 and verdict["passed"] and verdict["champion_version"] is None
+    weak = verdict["value"]
+    done, verdict = repro(second_project, **{"train.epochs": 8})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    better = verdict["vs_champion"]
+    print(f"8 epochs against 2 ({weak:.4f}): {shown(better)}, p(better) {better['p_greater']:.2g}")
+    assert verdict["passed"] and verdict["champion_version"] == "1" and better["low"] > 0 and better["p_greater"] < 0.05
+    assert json.loads((second_project / "records/mlflow_run.json").read_text())["registered"]["promoted"]

@@ -106,6 +106,9 @@ def test_the_committed_dvc_lock_is_in_step_with_dvc_yaml_and_the_code():
                                                "dvc.lock, inputs/ and metrics/")
 
 
+TEACHER_COMMIT = "c5ee24cb16019beea0893ab7796b1df96625c6b8"  # a revision pins only as a full commit id
+
+
 def test_inputs_link_the_local_folders_and_name_the_rest(tmp_path, monkeypatch, shared):
     from pipeline import inputs
 
@@ -113,13 +116,13 @@ def test_inputs_link_the_local_folders_and_name_the_rest(tmp_path, monkeypatch, 
     (tmp_path / "rows.jsonl").write_text("{}\n")
     params = Params.model_validate({
         "snapshot": {"train": {"source": "rows.jsonl"}, "eval": {"source": str(shared / "data/beir/scifact")}},
-        "teacher": {"kind": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L6-v2", "revision": "abc"},
+        "teacher": {"kind": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L6-v2", "revision": TEACHER_COMMIT},
         "train": {"base_model": os.path.relpath(shared / "models/splade-tiny")}})
     written = inputs.run(params)
     assert os.readlink(INPUTS_DIR / "train_data") == "../rows.jsonl"  # relative: the same in every clone
     assert os.readlink(INPUTS_DIR / "eval_data") == str(shared / "data/beir/scifact")
     assert (INPUTS_DIR / "base_model" / "config.json").read_bytes() == (shared / "models/splade-tiny/config.json").read_bytes()
-    assert (INPUTS_DIR / "teacher_model").read_text() == "hub: cross-encoder/ms-marco-MiniLM-L6-v2 @ abc\n"
+    assert (INPUTS_DIR / "teacher_model").read_text() == f"hub: cross-encoder/ms-marco-MiniLM-L6-v2 @ {TEACHER_COMMIT}\n"
     assert (INPUTS_DIR / "train_corpus").read_text() == "none\n"
     assert written["base_model"].startswith("link to ")
     inputs.run(params)  # again: the links are replaced, their targets untouched
