@@ -23,7 +23,8 @@ from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEAC
 from pipeline.dataset import training_rows
 from pipeline.metrics import HEADLINE
 from pipeline.sources import detect_format
-from pipeline.tracking import evaluation_identity, load_records, main_result_name, replace_folder, stage_record
+from pipeline.tracking import (evaluation_identity, fact_text, load_records, main_result_name, replace_folder,
+                               stage_record)
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
 UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "export", "evaluate"]
@@ -218,6 +219,7 @@ def render(facts: dict) -> str:
     env = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
     env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False, default=str)
     env.filters["interval"] = stats.shown
+    env.filters["fact"] = fact_text
     return env.from_string(TEMPLATE.read_text()).render(**facts)
 
 

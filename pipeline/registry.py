@@ -80,7 +80,7 @@ def gate_verdict(client, name: str, gate: GateConfig, scores: GateScores, eval_i
         verdict = check_gate(gate, scores, champion, resampling, texts, action)
     except GateRefused as refused:
         verdict = refused.verdict
-    return {**verdict, "champion_version": rival.version if rival else None, "eval_id": eval_id}
+    return {**verdict, "champion_version": str(rival.version) if rival else None, "eval_id": eval_id}
 
 
 def other_champions(client, name: str, eval_id: str) -> list[str]:

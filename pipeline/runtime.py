@@ -83,6 +83,9 @@ def import_bm25s():
 # CPU features that change which kernels torch, oneDNN and MKL run (and so the last digits of results)
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                 "amx_int8")
+# environment variables that choose those kernels, or their order of summation, on any CPU
+KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                   "MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG")
 
 
 def cpu_facts() -> tuple[str | None, list[str]]:
@@ -104,8 +107,8 @@ def cpu_facts() -> tuple[str | None, list[str]]:
 
 def machine_fingerprint() -> dict:
     """What a run's numbers depend on besides code, data and params: the CPU and the features its
-    kernels use, native bf16, the GPU, torch / CUDA / MKL / oneDNN versions, the thread count and the
-    deterministic settings; "id" is a short hash of all of it. Two runs with the same id, commit and
+    kernels use (and the variables that override that choice), native bf16, the GPU, torch / CUDA /
+    MKL / oneDNN versions, the thread count and the deterministic settings; "id" is a short hash of all of it. Two runs with the same id, commit and
     params give the same numbers; another id explains a difference that no commit made."""
     import re
 
@@ -122,6 +125,7 @@ def machine_fingerprint() -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
         "mkl": version(r"Math Kernel Library Version ([\d.]+)"), "onednn": version(r"MKL-DNN v([\d.]+)"),
         "threads": torch.get_num_threads(),
+        "kernel_settings": {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ},
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }

@@ -283,10 +283,18 @@ def pipeline_tags(params: Params, records: dict[str, dict]) -> dict[str, str]:
     return tags
 
 
+def fact_text(value) -> str:
+    """A fingerprint's value as text: a list "a,b", a mapping "k=v,k2=v2", anything else str()."""
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def machine_tags(machine: dict) -> dict[str, str]:
     """A machine fingerprint (pipeline.runtime) as MLflow tags: machine.id, machine.cpu_model, ..."""
-    return {f"machine.{key}": ",".join(value) if isinstance(value, list) else str(value)
-            for key, value in machine.items()}
+    return {f"machine.{key}": fact_text(value) for key, value in machine.items()}
 
 
 def load_records(stages: list[str], records_dir: Path = RECORDS_DIR) -> dict[str, dict]:

@@ -293,6 +293,11 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     assert stages_run(output) == {"train", "export", "evaluate", "card", "push", "track"}
     after = json.loads((project / "metrics/eval.json").read_text())["student"]["dot_ndcg@10"]
     assert after != before
+    # push.gate.rule threshold, the earlier rule: pushed (no card on the branch yet), and not the
+    # registry's champion, being more than max_drop below it
+    registered = json.loads((project / "records/mlflow_run.json").read_text())["registered"]
+    assert registered["verdict"]["rule"] == "threshold" and not registered["promoted"]
+    assert f"below champion version 1's {before:.4f} (push.gate.max_drop 0.01)" in registered["reason"]
 
     (commit,) = hub.repos["tester/quickstart"].branches["main"]
     plan = json.loads((project / "build/push_plan.json").read_text())
@@ -468,9 +473,10 @@ def second_project(tmp_path_factory):
 
 def test_two_clean_runs_on_one_machine_give_byte_identical_metrics(project, second_project):
     """The same commit and params, two clean runs: eval.json, the per-query values and the loss curve
-    byte for byte (as `project` committed them)."""
+    byte for byte (as `project` committed its run, before the module's later tests retrain it)."""
+    committed = git(project, "log", "--format=%H", "--grep=^quickstart run$").split()[-1]
     for path in ("metrics/eval.json", "metrics/per_query.csv", "metrics/train_loss.csv"):
-        assert (second_project / path).read_text() == git(project, "show", f"HEAD:{path}"), path
+        assert (second_project / path).read_text() == git(project, "show", f"{committed}:{path}"), path
 
 
 def repro(project: Path, **values) -> tuple[subprocess.CompletedProcess, dict | None]:
