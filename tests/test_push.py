@@ -180,7 +180,7 @@ def registered_champion(tracking_uri: str, name: str) -> str:
     client.log_artifact(run.info.run_id, str(PER_QUERY))
     client.set_terminated(run.info.run_id)
     client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    version = str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version)
     eval_id = evaluation_identity(json.loads(SNAPSHOT_MANIFEST.read_text()))["id"]
     client.set_registered_model_alias(name, f"champion-{eval_id}", version)
     return version
