@@ -29,6 +29,7 @@ from scifact import PROJECT, SHARED  # noqa: E402  (bench/ is on sys.path)
 sys.path.insert(0, str(PROJECT))
 from pipeline import evaluate, stats  # noqa: E402
 from pipeline.config import HEADLINE  # noqa: E402
+from pipeline.gate import compare, metric_per_query, per_set  # noqa: E402
 from pipeline.sources import RetrievalSet, read_retrieval_set  # noqa: E402
 
 METRIC = "dot_ndcg@10"
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
         runs = Path(folder) / "runs"
         evaluate.write_runs(runs, {"student": student["rankings"], "bm25": bm25["rankings"]})
         table = evaluate.per_query_table({"student": student["per_query"], "bm25": bm25["per_query"]})
-        values = {m: evaluate.per_set_values(table, m, METRIC) for m in ("student", "bm25")}
-        ours = stats.paired_difference(values["student"], values["bm25"], resampling)
+        values = {m: metric_per_query(table, m, METRIC) for m in ("student", "bm25")}
+        ours = compare(values["student"], values["bm25"], resampling)
         result = {"queries": ours["queries"], "docs": len(data.corpus), "metric": METRIC,
-                  "student": stats.interval(values["student"], resampling), "bm25": stats.interval(values["bm25"], resampling),
+                  "student": stats.interval(per_set(values["student"]), resampling),
+                  "bm25": stats.interval(per_set(values["bm25"]), resampling),
                   "eval_student": student["metrics"][METRIC], "eval_bm25": bm25["metrics"][METRIC],
                   "student_minus_bm25": ours,
                   **library_checks(runs / "scifact", data, ours, resampling)}

@@ -47,6 +47,7 @@ from pipeline.cli import StageError, run_stage
 from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, EVAL_SHARDS_DIR, EXPORT_DIR, NDCG_TABLE, PARAMS_FILE,
                              PER_QUERY, PLOTS_DIR, RUNS_DIR, STUDENT_DIR, EvaluateConfig, IndexConfig, Params)
 from pipeline.dataset import frame_digest, read_eval_snapshot, read_training_snapshot
+from pipeline.gate import compare, metric_per_query, per_set
 from pipeline.metrics import HEADLINE, judged_queries, mean_metrics, per_query_values, scored_ranking, untied
 from pipeline.models import load_encoder
 from pipeline.onnx_backend import onnx_path, onnx_encoder
@@ -337,8 +338,8 @@ def write_runs(folder: Path, rankings: dict[str, dict[str, dict]]) -> None:
     <folder>/<set>/<model>.trec ("query Q0 doc rank score model", the top DEPTH), for trec_eval,
     ir-measures or ranx: they compute eval.json's numbers from it."""
     def write(tmp: Path) -> None:
-        for model, per_set in rankings.items():
-            for dataset, ranking in per_set.items():
+        for model, sets in rankings.items():
+            for dataset, ranking in sets.items():
                 lines = [f"{query} Q0 {doc} {rank} {score!r} {model}\n"  # repr: every digit, read back equal
                          for query, docs in ranking.items()
                          for rank, (doc, score) in enumerate(docs.items(), 1)]
@@ -351,32 +352,19 @@ def write_runs(folder: Path, rankings: dict[str, dict[str, dict]]) -> None:
 def per_query_table(per_query: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
     """Rows (model, dataset, query_id) with each headline metric: metrics/per_query.csv."""
     return pd.concat([frame.reset_index().assign(model=model, dataset=dataset)
-                      for model, per_set in per_query.items() for dataset, frame in per_set.items()],
+                      for model, sets in per_query.items() for dataset, frame in sets.items()],
                      ignore_index=True)[["model", "dataset", "query_id", *HEADLINE]]
-
-
-def per_set_values(table: pd.DataFrame, model: str, metric: str, order: pd.DataFrame | None = None) -> list[np.ndarray]:
-    """One model's per-query values of `metric`, one array per set, in `order`'s (dataset, query_id)
-    order when given (so that two models' arrays pair query by query)."""
-    rows = table[table["model"] == model].set_index(["dataset", "query_id"])[metric]
-    if order is not None:
-        missing = order.index.difference(rows.index)
-        if len(missing):
-            raise StageError(f"model {model} has no {metric} for {len(missing)} of the queries it is compared on "
-                             f"(first: {list(missing[:3])})")
-        rows = rows.loc[order.index]
-    return [group.to_numpy(dtype=float) for _, group in rows.groupby(level="dataset", sort=False)]
 
 
 def intervals(table: pd.DataFrame, resampling: stats.Resampling) -> tuple[dict, dict]:
     """Each model's interval for each headline metric, and the paired differences student − base
     and student − BM25 (eval.json's "intervals" and "differences")."""
-    order = table[table["model"] == "student"].set_index(["dataset", "query_id"])
-    spreads = {model: {metric: stats.interval(per_set_values(table, model, metric), resampling)
-                       for metric in HEADLINE} for model in table["model"].unique()}
-    differences = {f"student - {other}": {metric: stats.paired_difference(
-        per_set_values(table, "student", metric), per_set_values(table, other, metric, order), resampling)
-        for metric in HEADLINE} for other in ("base", "bm25")}
+    values = {(model, metric): metric_per_query(table, model, metric)
+              for model in table["model"].unique() for metric in HEADLINE}
+    spreads = {model: {metric: stats.interval(per_set(values[model, metric]), resampling) for metric in HEADLINE}
+               for model in table["model"].unique()}
+    differences = {f"student - {other}": {metric: compare(values["student", metric], values[other, metric], resampling)
+                                          for metric in HEADLINE} for other in ("base", "bm25")}
     return spreads, differences
 
 

@@ -82,7 +82,8 @@ def scores_from_evaluation(evaluation: dict, gate: GateConfig, dataset: str,
                       evaluation["base"].get(gate.metric), evaluation["bm25"].get(gate.metric), paired)
 
 
-def _per_set(values: pd.Series) -> list[np.ndarray]:
+def per_set(values: pd.Series) -> list[np.ndarray]:
+    """Per-query values indexed (dataset, query_id) as one array per set, sets in first-seen order."""
     return [group.to_numpy(dtype=float) for _, group in values.groupby(level=0, sort=False)]
 
 
@@ -92,7 +93,7 @@ def compare(challenger: pd.Series, other: pd.Series, resampling: stats.Resamplin
     if len(missing):
         raise StageError(f"the per-query values compared do not cover the same queries: {len(missing)} missing "
                          f"(first: {list(missing[:3])}); were both measured on this evaluation?")
-    return stats.paired_difference(_per_set(challenger), _per_set(other.loc[challenger.index]), resampling)
+    return stats.paired_difference(per_set(challenger), per_set(other.loc[challenger.index]), resampling)
 
 
 def movers(challenger: pd.Series, champion: pd.Series, texts: dict[tuple[str, str], str],
