@@ -45,8 +45,11 @@ def with_changes(params: Params, **sections) -> Params:
 
 
 @pytest.fixture(scope="module")
-def tiny_params() -> Params:
-    return with_changes(shrink(load_params(PROJECT / "params.yaml")), train={"eval_steps": EVAL_STEPS})
+def tiny_params(workdir) -> Params:
+    # an absolute store: MLflow keeps one store per URI, so a relative sqlite:///mlflow.db would reach
+    # the file of whichever working folder used that URI first in this process
+    return with_changes(shrink(load_params(PROJECT / "params.yaml")), train={"eval_steps": EVAL_STEPS},
+                        tracking={"tracking_uri": f"sqlite:///{workdir}/mlflow.db"})
 
 
 @pytest.fixture(scope="module")
