@@ -1,7 +1,7 @@
 """Memory of one training step at a large batch: the pipeline's SpladeLoss on the whole batch against
 its cached form (train.mini_batch_size: sentence-transformers' CachedSpladeLoss, GradCache), same
 model, rows and loss, each in its own process (so that its peak is its own), through the training
-path (pipeline.train.training_loss inside the fused SPLADE head).
+path (pipeline.modelling.training.training_loss inside the fused SPLADE head).
 
 Model: the shared splade-tiny at max_seq_length 256. Rows: SciFact train queries, each with its
 positive and 4 BM25 hard negatives, labelled with BM25 margins (MarginMSE, FLOPS regularised).
@@ -39,9 +39,9 @@ def worker(batch_size: int, mini_batch_size: int | None) -> dict:
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.models import splade_encoder
-    from pipeline.splade_head import fused_head
-    from pipeline.train import training_loss
+    from pipeline.modelling.encoders import splade_encoder
+    from pipeline.modelling.splade_head import fused_head
+    from pipeline.modelling.training import training_loss
 
     cuda = torch.cuda.is_available()
     rows = hard_negative_rows(queries=-(-batch_size // 4), negatives=4).head(batch_size)

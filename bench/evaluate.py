@@ -4,7 +4,7 @@ Each contender runs in its own process (so that its peak RSS is its own) on the 
 max length and batch size, timing the whole evaluation: load the data, encode queries and corpus,
 retrieve, score.
 - stock: SparseInformationRetrievalEvaluator(queries, corpus, qrels)(SparseEncoder(...));
-- exact: the project's evaluation in fp32 (pipeline.evaluate.evaluate_folder);
+- exact: the project's evaluation in fp32 (pipeline.evaluation.scoring.evaluate_folder);
 - fast: the same with a bf16 projection (and bf16 autocast on CUDA), run only where bf16 is native
   (CUDA, CPUs with AVX512-BF16 or AMX).
 Prints one JSON line: seconds and peak RSS of each, the speedups over stock, the largest metric
@@ -42,9 +42,11 @@ def device() -> str:
 
 def stock(args) -> dict:
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+    from sentence_transformers.sparse_encoder.evaluation import (
+        SparseInformationRetrievalEvaluator,
+    )
 
-    from pipeline.sources import read_retrieval_set
+    from pipeline.data.sources import read_retrieval_set
 
     started = time.perf_counter()
     data = read_retrieval_set(Path(args.data), "test")
@@ -57,7 +59,7 @@ def stock(args) -> dict:
 
 
 def project(args, precision: str) -> dict:
-    from pipeline.evaluate import evaluate_folder
+    from pipeline.evaluation.scoring import evaluate_folder
 
     metrics = evaluate_folder(Path(args.model), Path(args.data), "test", args.max_seq_length,
                               args.batch_size, precision, [])

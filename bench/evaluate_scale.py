@@ -8,15 +8,15 @@ among the real passages with a weight drawn from the real weights, every weight 
 log-normal factor (sigma 0.2). So lengths, term frequencies, weights and co-occurrence follow the
 real vectors, not a uniform or Zipf law. Queries are real query vectors perturbed the same way.
 
-Documents are written shard by shard (pipeline.retrieval.CorpusShards, as the evaluate stage's ranks
+Documents are written shard by shard (pipeline.retrieval.search.CorpusShards, as the evaluate stage's ranks
 write them) to a temporary folder; then the stage's retrieval runs on them:
-- exact: pipeline.retrieval.exact_search, one shard in memory at a time, one thread; then again on
+- exact: pipeline.retrieval.search.exact_search, one shard in memory at a time, one thread; then again on
   every core (--threads), a shard per thread, checked to return the same;
 - blockmax rank-safe (the stage's default past exact_max_docs: every query term, heap_factor 1, the
   candidates rescored exactly), on one thread, compared with exact search's top 100;
-- approximate, each index in turn: pipeline.blockmax.BlockMaxIndex (built on every core, --threads),
-  then pipeline.retrieval.SeismicIndex under --memory-gb (refused before building when its estimate
-  does not fit); each one's query_cut / heap_factor chosen by pipeline.retrieval.sweep for
+- approximate, each index in turn: pipeline.retrieval.blockmax.BlockMaxIndex (built on every core, --threads),
+  then pipeline.retrieval.search.SeismicIndex under --memory-gb (refused before building when its estimate
+  does not fit); each one's query_cut / heap_factor chosen by pipeline.retrieval.search.sweep for
   --recall-target on 200 queries, then all queries searched on one thread.
 Prints one JSON line: docs, peak RSS after each phase (the process's peak so far: blockmax runs
 before seismic), build seconds, ms/query of exact and approximate, recall@100 of approximate against
@@ -72,11 +72,11 @@ def real_vectors():
     if not all(path.exists() for path in CACHE.values()):
         import pandas as pd
 
-        from pipeline import splade_head
-        from pipeline.evaluate import to_csr
-        from pipeline.models import load_encoder
-        from pipeline.sources import read_retrieval_set
-        from pipeline.tracking import write_atomically
+        from pipeline.data.sources import read_retrieval_set
+        from pipeline.evaluation.scoring import to_csr
+        from pipeline.modelling import splade_head
+        from pipeline.modelling.encoders import load_encoder
+        from pipeline.tracking.records import write_atomically
 
         model = load_encoder(SHARED / "models/splade-tiny", 256)
         data = read_retrieval_set(SHARED / "data/beir/trec-dl19-subset", "test")
@@ -117,7 +117,7 @@ def perturbed(rng, source, rows: int, passages):
 
 
 def synthetic_corpus(folder: Path, docs: int, shard_docs: int, passages, seed: int):
-    from pipeline.retrieval import CorpusShards
+    from pipeline.retrieval.search import CorpusShards
 
     corpus = CorpusShards(folder, {"synthetic": "splade-tiny msmarco", "seed": seed}, docs, passages.shape[1],
                           shard_docs)
@@ -143,8 +143,15 @@ def main() -> None:
                         help="exact search's second run, blockmax's build (0: every core)")
     args = parser.parse_args()
     from pipeline.cli import StageError
-    from pipeline.blockmax import BlockMaxIndex
-    from pipeline.retrieval import ALL_TERMS, SeismicIndex, exact_search, recall, rescore, sweep
+    from pipeline.retrieval.blockmax import BlockMaxIndex
+    from pipeline.retrieval.search import (
+        ALL_TERMS,
+        SeismicIndex,
+        exact_search,
+        recall,
+        rescore,
+        sweep,
+    )
 
     passages, real_queries = real_vectors()
     result = {"docs": args.docs, "queries": args.queries, "shard_docs": args.shard_docs,

@@ -1,6 +1,6 @@
 """Query encoding on a CPU, one query at a time (a search service's case): stock sentence-transformers
 (`SparseEncoder.encode_query`, torch fp32; bf16 autocast too where the CPU has native bf16) against
-the same model with its MLM exported by the export stage's code (pipeline.onnx_backend) and run by
+the same model with its MLM exported by the export stage's code (pipeline.modelling.onnx) and run by
 ONNX Runtime, in fp32 and int8, on the same queries in the same run. Tokenisation, SPLADE pooling
 and the sparse output are sentence-transformers' own in all of them.
 
@@ -28,7 +28,6 @@ from pathlib import Path
 from types import MethodType
 
 import pandas as pd
-
 from scifact import PROJECT, SHARED  # noqa: E402  (bench/ is on sys.path)
 
 sys.path.insert(0, str(PROJECT))
@@ -36,8 +35,9 @@ sys.path.insert(0, str(PROJECT))
 
 def latency_ms(model, queries: list[str], bf16: bool = False) -> float:
     """Median ms of encode_query on one query, over `queries` (after a warm-up)."""
-    import torch
     from contextlib import nullcontext
+
+    import torch
 
     times = []
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
@@ -60,12 +60,18 @@ def largest_difference(model, reference, texts: dict[str, list[str]]) -> dict[st
 
 
 def main() -> None:
-    from pipeline.evaluate import evaluate_model
-    from pipeline.models import load_encoder
-    from pipeline.onnx_backend import ONNX_FILES, export_mlm, max_first_pooling, mlm_subfolder, onnx_encoder
+    from pipeline.data.sources import read_retrieval_set
+    from pipeline.evaluation.scoring import evaluate_model
+    from pipeline.modelling.encoders import load_encoder
+    from pipeline.modelling.onnx import (
+        ONNX_FILES,
+        export_mlm,
+        max_first_pooling,
+        mlm_subfolder,
+        onnx_encoder,
+    )
+    from pipeline.modelling.splade_head import splade_route
     from pipeline.runtime import native_bf16
-    from pipeline.sources import read_retrieval_set
-    from pipeline.splade_head import splade_route
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models/splade-tiny"))

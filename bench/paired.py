@@ -2,7 +2,7 @@
 shared splade-tiny against BM25 on the shared BEIR SciFact test queries (300), from the run files
 the evaluate stage writes.
 
-Ours (pipeline.stats, scipy): each model's nDCG@10 with its 95% interval, the paired difference
+Ours (pipeline.evaluation.stats, scipy): each model's nDCG@10 with its 95% interval, the paired difference
 with its standard error, interval and the one-sided paired randomization p-values. Checked on the
 same run files with ranx (per-query and mean nDCG@10, its Fisher randomization test, two-sided) and
 arch (an IID bootstrap percentile interval of the mean difference), and the textbook paired standard
@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from scifact import PROJECT, SHARED  # noqa: E402  (bench/ is on sys.path)
 
 sys.path.insert(0, str(PROJECT))
-from pipeline import evaluate, stats  # noqa: E402
 from pipeline.config import HEADLINE  # noqa: E402
-from pipeline.gate import compare, metric_per_query, per_set  # noqa: E402
-from pipeline.sources import RetrievalSet, read_retrieval_set  # noqa: E402
+from pipeline.data.sources import RetrievalSet, read_retrieval_set  # noqa: E402
+from pipeline.evaluation import (
+    scoring,  # noqa: E402
+    stats,
+)
+from pipeline.evaluation.gate import compare, metric_per_query, per_set  # noqa: E402
 
 METRIC = "dot_ndcg@10"
 
@@ -48,7 +50,8 @@ def cut(data: RetrievalSet, queries: int, docs: int) -> RetrievalSet:
 def library_checks(folder: Path, data: RetrievalSet, ours: dict, resampling: stats.Resampling) -> dict:
     """ranx and arch on the run files, beside ours."""
     from arch.bootstrap import IIDBootstrap
-    from ranx import Qrels, Run, compare, evaluate as ranx_evaluate
+    from ranx import Qrels, Run, compare
+    from ranx import evaluate as ranx_evaluate
 
     qrels = Qrels.from_dict({q: {d: 1 for d in docs} for q, docs in data.qrels.items()})
     runs = {model: Run.from_file(str(folder / f"{model}.trec"), kind="trec", name=model) for model in ("student", "bm25")}
@@ -82,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     sets = {"scifact": data}
     resampling = stats.Resampling()
     with tempfile.TemporaryDirectory() as folder:
-        student = evaluate.evaluate_model(SHARED / "models/splade-tiny", sets, pd.DataFrame(), 32, [], 256)
-        bm25 = evaluate.bm25_model(sets)
+        student = scoring.evaluate_model(SHARED / "models/splade-tiny", sets, pd.DataFrame(), 32, [], 256)
+        bm25 = scoring.bm25_model(sets)
         runs = Path(folder) / "runs"
-        evaluate.write_runs(runs, {"student": student["rankings"], "bm25": bm25["rankings"]})
-        table = evaluate.per_query_table({"student": student["per_query"], "bm25": bm25["per_query"]})
+        scoring.write_runs(runs, {"student": student["rankings"], "bm25": bm25["rankings"]})
+        table = scoring.per_query_table({"student": student["per_query"], "bm25": bm25["per_query"]})
         values = {m: metric_per_query(table, m, METRIC) for m in ("student", "bm25")}
         ours = compare(values["student"], values["bm25"], resampling)
         result = {"queries": ours["queries"], "docs": len(data.corpus), "metric": METRIC,

@@ -1,5 +1,5 @@
 """Snapshot + validation of 1M synthetic (query, positive) pairs: wall time and peak RSS of each
-stage as the pipeline runs it (`python -m pipeline.snapshot` / `pipeline.validate`, one process
+stage as the pipeline runs it (`python -m pipeline.stages.snapshot` / `pipeline.stages.validate`, one process
 each), beside a plain pandas parquet read + write of the same file as the floor.
 
     python bench/snapshot_validate.py [--rows 1000000]
@@ -76,8 +76,8 @@ def main() -> None:
         (work / "params.yaml").write_text(yaml.safe_dump(params))
 
         floor_s, floor_gb = timed(this + ["--step", "pandas-copy", "--path", str(source)], work)
-        snap_s, snap_gb = timed([sys.executable, "-m", "pipeline.snapshot"], work)
-        val_s, val_gb = timed([sys.executable, "-m", "pipeline.validate"], work)
+        snap_s, snap_gb = timed([sys.executable, "-m", "pipeline.stages.snapshot"], work)
+        val_s, val_gb = timed([sys.executable, "-m", "pipeline.stages.validate"], work)
         report = json.loads((work / "data/validation/report.json").read_text())
     print(json.dumps({
         "bench": "snapshot_validate", "rows": args.rows,

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from scifact import PROJECT, SHARED, hard_negative_rows  # noqa: E402  (bench/ is on sys.path)
 
 sys.path.insert(0, str(PROJECT))
@@ -50,8 +49,8 @@ def minilm_cross_encoder(folder: Path) -> Path:
 def project_scores(model: Path, rows: pd.DataFrame, batch_size: int, precision: str,
                    shards: Path) -> tuple[np.ndarray, float, int]:
     """The teacher stage's own path: unique pairs, sharded scoring, merge, back to rows."""
-    from pipeline import teacher
     from pipeline.config import TeacherConfig
+    from pipeline.modelling import teachers as teacher
 
     cfg = TeacherConfig(kind="cross-encoder", model=str(model), batch_size=batch_size,
                         precision=precision, shard_size=100_000)

@@ -1,4 +1,4 @@
-"""Training throughput and memory: the project's trainer (pipeline.train.build_trainer, fused SPLADE
+"""Training throughput and memory: the project's trainer (pipeline.modelling.training.build_trainer, fused SPLADE
 head) against a stock SparseEncoderTrainer at its best settings, same model, rows, loss, batch size
 and batch order, each side in its own process (so that its peak memory is its own).
 
@@ -35,7 +35,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from scifact import PROJECT, SHARED, hard_negative_rows  # noqa: E402  (bench/ is on sys.path)
 
 sys.path.insert(0, str(PROJECT))
@@ -115,12 +114,18 @@ def peak_memory_gb() -> float:
 
 def trainer_for(side: str, mlm_path: str, rows, batch_size: int, seed: int, output_dir: str):
     """The stock SparseEncoderTrainer at its best settings, or the project's, on a fresh model."""
-    from sentence_transformers import SparseEncoderTrainer, SparseEncoderTrainingArguments
-    from sentence_transformers.sparse_encoder.losses import SparseMarginMSELoss, SpladeLoss
+    from sentence_transformers import (
+        SparseEncoderTrainer,
+        SparseEncoderTrainingArguments,
+    )
+    from sentence_transformers.sparse_encoder.losses import (
+        SparseMarginMSELoss,
+        SpladeLoss,
+    )
 
     from pipeline.config import TrainConfig
-    from pipeline.models import splade_encoder
-    from pipeline.train import build_trainer
+    from pipeline.modelling.encoders import splade_encoder
+    from pipeline.modelling.training import build_trainer
 
     model = splade_encoder(mlm_path, MAX_SEQ_LENGTH)
     # the SPLADE-v3 regulariser weights of the reference recipes' order of magnitude

@@ -23,7 +23,7 @@ class StageError(RuntimeError):
 
 
 class GateRefused(StageError):
-    """The evaluation gate (pipeline.gate) said no: nothing is pushed or promoted, and the run is on
+    """The evaluation gate (pipeline.evaluation.gate) said no: nothing is pushed or promoted, and the run is on
     record as refused. Carries the verdict (its numbers)."""
 
     def __init__(self, message: str, verdict: dict | None = None):

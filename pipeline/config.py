@@ -10,13 +10,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = Path("params.yaml")
 
 # Where each stage writes; dvc.yaml declares the same paths as the stage graph's outs.
-INPUTS_DIR = Path("inputs")  # links to the local files and folders params name (pipeline.inputs)
+INPUTS_DIR = Path("inputs")  # links to the local files and folders params name (pipeline.stages.inputs)
 SNAPSHOT_DIR = Path("data/snapshot")
 SNAPSHOT_TRAIN = SNAPSHOT_DIR / "train.parquet"
 SNAPSHOT_EVAL = SNAPSHOT_DIR / "eval"  # one BEIR folder per evaluation set
@@ -66,7 +76,7 @@ class Section(BaseModel):
 
 
 class SyntheticConfig(Section):
-    """Size and difficulty of the quickstart's generated world (see pipeline.synthetic)."""
+    """Size and difficulty of the quickstart's generated world (see pipeline.data.synthetic)."""
 
     seed: int = 13
     topics: PositiveInt = 50
@@ -262,7 +272,7 @@ class TrainConfig(Section):
     # auto: bf16 autocast on CUDA, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
-    # SPLADE through pipeline.splade_head: no (texts, tokens, vocabulary) logits, a sparse backward
+    # SPLADE through pipeline.modelling.splade_head: no (texts, tokens, vocabulary) logits, a sparse backward
     # (the same vectors and gradients, several times faster); false: sentence-transformers' own head
     fused_head: bool = True
     # random; no-duplicates (no text twice in a batch: in-batch negatives stay negative, for mnrl);
@@ -298,7 +308,7 @@ class ExportConfig(Section):
 
 class IndexConfig(Section):
     """How each query's top 100 is found: exact (sparse products, what the stock evaluator ranks),
-    blockmax (a block-max pruned index, a few bytes per posting: pipeline.blockmax) or seismic
+    blockmax (a block-max pruned index, a few bytes per posting: pipeline.retrieval.blockmax) or seismic
     (pyseismic-lsr's approximate learned-sparse index, 28 B per posting to build: extra `scale`);
     auto: exact up to exact_max_docs documents (1M took 45 ms per query on one CPU core), blockmax
     past it when its build fits memory_gb (exact otherwise, the reason in eval.json).
@@ -368,7 +378,7 @@ class CardConfig(Section):
 HEADLINE = ("dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_recall@10", "dot_accuracy@1", "dot_graded_ndcg@10")
 
 # What the push gate may compare (higher is better): the ranking metrics of sentence-transformers'
-# IR evaluator at its default cut-offs, as pipeline.metrics names them, and graded nDCG@10
+# IR evaluator at its default cut-offs, as pipeline.evaluation.measures names them, and graded nDCG@10
 GATE_METRICS = tuple([f"dot_{name}@{k}" for name in ("accuracy", "precision", "recall") for k in (1, 3, 5, 10)]
                      + ["dot_ndcg@10", "dot_mrr@10", "dot_map@100", "dot_graded_ndcg@10"])
 

@@ -115,7 +115,11 @@ def tiny_dense_model(tmp_path_factory, shared):
 def cross_encoder(tmp_path_factory, shared):
     """A cross-encoder built from config: BERT-tiny's shape with random weights, one logit."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+    )
 
     tokenizer = BertTokenizerFast.from_pretrained(str(shared / "models/splade-tiny"))
     torch.manual_seed(0)
@@ -132,7 +136,7 @@ def cross_encoder(tmp_path_factory, shared):
 def cut_beir(shared, tmp_path_factory):
     """cut_beir(name, queries, extra_docs, split): a shared BEIR split cut down to its first judged
     queries, their judged documents and the first `extra_docs` others, written as a BEIR folder."""
-    from pipeline.sources import RetrievalSet, read_retrieval_set, write_beir
+    from pipeline.data.sources import RetrievalSet, read_retrieval_set, write_beir
 
     def cut(name: str, queries: int = 20, extra_docs: int = 300, split: str = "test") -> Path:
         full = read_retrieval_set(shared / "data/beir" / name, split)
@@ -155,7 +159,7 @@ def nanobeir_en(tmp_path_factory):
     declared in README.md), which `datasets.load_dataset` reads as it reads the Hub's."""
     import pandas as pd
 
-    from pipeline.sources import read_retrieval_set
+    from pipeline.data.sources import read_retrieval_set
 
     def build(sets: dict[str, Path]) -> Path:
         root = tmp_path_factory.mktemp("NanoBEIR-en")

@@ -13,11 +13,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import splade_head  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.models import splade_encoder  # noqa: E402
-from pipeline.train import training_loss  # noqa: E402
-from tests.test_splade_head import loss_and_gradients, no_dropout, random_student, scifact_rows  # noqa: E402
+from pipeline.modelling import splade_head  # noqa: E402
+from pipeline.modelling.encoders import splade_encoder  # noqa: E402
+from pipeline.modelling.training import training_loss  # noqa: E402
+from tests.test_splade_head import (  # noqa: E402
+    loss_and_gradients,
+    no_dropout,
+    random_student,
+    scifact_rows,
+)
 
 
 def main(shared: Path, out: Path) -> None:

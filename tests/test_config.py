@@ -132,10 +132,10 @@ def test_the_same_keys_in_combinations_that_work_load(tmp_path, shared):
 
 
 def test_gate_metrics_are_the_ones_evaluation_reports():
-    """GATE_METRICS is what pipeline.metrics names (the stock IR evaluator's default cut-offs)."""
+    """GATE_METRICS is what pipeline.evaluation.measures names (the stock IR evaluator's default cut-offs)."""
     from pipeline.config import GATE_METRICS
-    from pipeline.metrics import scored_ranking
-    from pipeline.sources import RetrievalSet
+    from pipeline.data.sources import RetrievalSet
+    from pipeline.evaluation.measures import scored_ranking
 
     data = RetrievalSet({"d1": "a b", "d2": "c d"}, {"q1": "a"}, {"q1": {"d1": 1}})
     reported, _, _ = scored_ranking(data, {"q1": {"d1": 2.0, "d2": 1.0}})

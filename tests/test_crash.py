@@ -19,9 +19,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import evaluate, snapshot, teacher, train, validate
-from pipeline.config import (BASE_MODEL_DIR, EVAL_METRICS, NDCG_TABLE, PLOTS_DIR, SNAPSHOT_DIR, STUDENT_DIR,
-                             TEACHER_SCORED, TRAIN_LOSS, Params)
+from pipeline.config import (
+    BASE_MODEL_DIR,
+    EVAL_METRICS,
+    NDCG_TABLE,
+    PLOTS_DIR,
+    SNAPSHOT_DIR,
+    STUDENT_DIR,
+    TEACHER_SCORED,
+    TRAIN_LOSS,
+    Params,
+)
+from pipeline.stages import evaluate, snapshot, teacher, train, validate
 
 STAGES = {"snapshot": snapshot, "validate": validate, "teacher": teacher, "train": train, "evaluate": evaluate}
 ORDER = list(STAGES)
@@ -54,7 +63,7 @@ def start(stage: str, file_size_limit: int | None = None) -> subprocess.Popen:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.Popen([sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml"],
+    return subprocess.Popen([sys.executable, "-m", f"pipeline.stages.{stage}", "--params", "params.yaml"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=limit_file_size if file_size_limit else None)
 

@@ -2,16 +2,17 @@
 
 import pytest
 
-from pipeline import evaluate
 from pipeline.config import EvalDataConfig, IndexConfig
-from pipeline.retrieval import exact_search, index_kind
-from pipeline.sources import SourceError, read_eval_sets, read_retrieval_set
+from pipeline.data.sources import SourceError, read_eval_sets, read_retrieval_set
+from pipeline.evaluation import scoring
+from pipeline.retrieval.search import exact_search, index_kind
+from pipeline.stages import evaluate
 
 
 def encode(model, data, folder, batch_size=32, shard_docs=100_000, bf16=False, rank=0, world_size=1):
     """The stage's encoding of a set, its corpus shards in `folder`."""
-    sharding = evaluate.Sharding(folder, shard_docs, rank, world_size)
-    return evaluate.encode(model, "test-model", data, batch_size, sharding, bf16)
+    sharding = scoring.Sharding(folder, shard_docs, rank, world_size)
+    return scoring.encode(model, "test-model", data, batch_size, sharding, bf16)
 
 
 def test_every_metric_equals_the_stock_evaluator_on_splade_tiny(shared, cut_beir):
@@ -20,11 +21,13 @@ def test_every_metric_equals_the_stock_evaluator_on_splade_tiny(shared, cut_beir
     gives what the evaluator gives when encoding with max_active_dims=k."""
     import pandas as pd
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+    from sentence_transformers.sparse_encoder.evaluation import (
+        SparseInformationRetrievalEvaluator,
+    )
 
     data = read_retrieval_set(cut_beir("dbpedia-subset", queries=12, extra_docs=100), "test")
     model_dir = shared / "models/splade-tiny"
-    ours = evaluate.evaluate_model(model_dir, {"dbpedia": data}, pd.DataFrame({"query": [], "positive": []}),
+    ours = scoring.evaluate_model(model_dir, {"dbpedia": data}, pd.DataFrame({"query": [], "positive": []}),
                                    batch_size=32, max_active_dims=[32], max_seq_length=256)
     model = SparseEncoder(str(model_dir))
     model.max_seq_length = 256
@@ -59,7 +62,7 @@ def test_nanobeir_layout_sets_and_mean_equal_the_stock_nanobeir_evaluator(shared
         read_eval_sets(EvalDataConfig(source="sentence-transformers/NanoBEIR-en"))
 
     model_dir = shared / "models/splade-tiny"
-    ours = evaluate.evaluate_model(model_dir, sets, pd.DataFrame({"query": [], "positive": []}),
+    ours = scoring.evaluate_model(model_dir, sets, pd.DataFrame({"query": [], "positive": []}),
                                    batch_size=32, max_active_dims=[], max_seq_length=128)
     model = SparseEncoder(str(model_dir))
     model.max_seq_length = 128
@@ -81,10 +84,10 @@ def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(tm
     """The ranking metrics (sentence-transformers' code) against trec_eval's (ir-measures) on the
     same ranking of a graded set; graded nDCG@10 is trec_eval's with the grades as gains."""
     import ir_measures
-    from ir_measures import AP, P, R, RR, Success, nDCG
+    from ir_measures import AP, RR, P, R, Success, nDCG
     from sentence_transformers import SparseEncoder
 
-    from pipeline.metrics import ranking_metrics
+    from pipeline.evaluation.measures import ranking_metrics
 
     data = read_retrieval_set(cut_beir("dbpedia-subset", queries=12, extra_docs=100), "test")
     assert {2, 1} <= {grade for docs in data.qrels.values() for grade in docs.values()}
@@ -99,13 +102,13 @@ def test_ranking_metrics_agree_with_trec_eval_and_graded_ndcg_uses_the_grades(tm
     for name, measure in {"dot_ndcg@10": nDCG@10, "dot_mrr@10": RR@10, "dot_map@100": AP@100,
                           "dot_recall@10": R@10, "dot_precision@10": P@10, "dot_accuracy@1": Success@1}.items():
         assert ours[name] == pytest.approx(trec[measure], abs=1e-6), name
-    graded = evaluate.retrieval_scores(vectors, data).metrics["dot_graded_ndcg@10"]
+    graded = scoring.retrieval_scores(vectors, data).metrics["dot_graded_ndcg@10"]
     assert graded == pytest.approx(ir_measures.calc_aggregate([nDCG@10], data.qrels, ranking)[nDCG@10], abs=1e-9)
     assert graded != pytest.approx(ours["dot_ndcg@10"], abs=1e-3)  # the grades count
 
 
 def test_command_line_scores_a_plain_masked_lm_folder(tmp_path, shared, cut_beir):
-    """The outside contract: `python -m pipeline.evaluate --model --beir --split --max-seq-length
+    """The outside contract: `python -m pipeline.stages.evaluate --model --beir --split --max-seq-length
     --out` on a *ForMaskedLM folder (the shared splade-tiny has no sentence-transformers files)."""
     import json
     import subprocess
@@ -114,7 +117,7 @@ def test_command_line_scores_a_plain_masked_lm_folder(tmp_path, shared, cut_beir
 
     assert not (shared / "models/splade-tiny/modules.json").exists()
     out = tmp_path / "metrics.json"
-    subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(shared / "models/splade-tiny"),
+    subprocess.run([sys.executable, "-m", "pipeline.stages.evaluate", "--model", str(shared / "models/splade-tiny"),
                     "--beir", str(cut_beir("trec-dl19-subset", queries=5, extra_docs=60)), "--split", "test",
                     "--max-seq-length", "128", "--out", str(out)], check=True,
                    cwd=Path(evaluate.__file__).parents[1], capture_output=True)
@@ -131,12 +134,16 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
     """splade-tiny vectors of 1,000+ DBPedia documents: seismic's hits carry their dot products,
     most of exact's top 10 is found, and the metrics move little; auto picks by corpus size."""
     import numpy as np
+    from scipy.sparse import vstack
     from sentence_transformers import SparseEncoder
 
-    from scipy.sparse import vstack
-
     from pipeline.cli import StageError
-    from pipeline.retrieval import SWEEP_HEAP_FACTORS, SWEEP_QUERY_CUTS, SeismicIndex, sweep
+    from pipeline.retrieval.search import (
+        SWEEP_HEAP_FACTORS,
+        SWEEP_QUERY_CUTS,
+        SeismicIndex,
+        sweep,
+    )
 
     data = read_retrieval_set(cut_beir("dbpedia-subset", queries=40, extra_docs=1000), "test")
     model = SparseEncoder(str(shared / "models/splade-tiny"))
@@ -160,8 +167,8 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
     assert len(chosen["tried"]) == len(SWEEP_QUERY_CUTS) * len(SWEEP_HEAP_FACTORS)
     assert chosen["ms_per_query"] == min(t["ms_per_query"] for t in chosen["tried"] if t["recall_at_100"] >= 0.9)
     assert (index.query_cut, index.heap_factor) == (chosen["query_cut"], chosen["heap_factor"])
-    exact_metrics = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
-    seismic = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20,
+    exact_metrics = scoring.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
+    seismic = scoring.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20,
                                                                           recall_target=0.95))
     assert seismic.metrics["dot_ndcg@10"] == pytest.approx(exact_metrics["dot_ndcg@10"], abs=0.03)
     assert seismic.index["kind"] == "seismic" and seismic.index["recall_target"] == 0.95
@@ -177,7 +184,7 @@ def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 10
     import numpy as np
     from scipy.sparse import random as sparse_random
 
-    from pipeline.retrieval import CorpusShards
+    from pipeline.retrieval.search import CorpusShards
 
     rng = np.random.default_rng(0)
     matrix = sparse_random(docs, dims, density=0.05, format="csr", dtype=np.float32, random_state=rng)
@@ -208,7 +215,7 @@ def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_th
     import numpy as np
 
     from pipeline.cli import StageError
-    from pipeline.retrieval import search
+    from pipeline.retrieval.search import search
 
     corpus, matrix, queries = random_corpus(tmp_path)
     too_small = IndexConfig(exact_max_docs=100, memory_gb=0.4)  # under the build's fixed 0.5 GB
@@ -234,11 +241,16 @@ def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_prune
     search(auto) choose and report its settings. Half the terms are rare (in under a tenth of the
     blocks: their block maxima are lists), half common (a byte per block)."""
     import numpy as np
+    from scipy.sparse import random as sparse_random
+    from scipy.sparse import vstack
 
-    from pipeline.blockmax import BlockMaxIndex
-    from pipeline.retrieval import SWEEP_HEAP_FACTORS, SWEEP_QUERY_CUTS, recall, search
-
-    from scipy.sparse import random as sparse_random, vstack
+    from pipeline.retrieval.blockmax import BlockMaxIndex
+    from pipeline.retrieval.search import (
+        SWEEP_HEAP_FACTORS,
+        SWEEP_QUERY_CUTS,
+        recall,
+        search,
+    )
 
     corpus, matrix, queries = random_corpus(tmp_path, docs=950, dims=300)
     rare = np.isin(matrix.indices, np.arange(150, 300)) & (np.random.default_rng(2).random(matrix.nnz) < 0.9)
@@ -288,8 +300,8 @@ def test_an_approximate_search_reports_how_far_its_metrics_are_from_exact_and_a_
     differ from exact."""
     import numpy as np
 
-    from pipeline.metrics import HEADLINE
-    from pipeline.sources import RetrievalSet
+    from pipeline.data.sources import RetrievalSet
+    from pipeline.evaluation.measures import HEADLINE
 
     corpus, matrix, queries = random_corpus(tmp_path, docs=950, dims=300)
     many = random_corpus(tmp_path / "q", docs=40, dims=300, shard_docs=40)[1]  # 40 queries
@@ -298,13 +310,13 @@ def test_an_approximate_search_reports_how_far_its_metrics_are_from_exact_and_a_
     rng = np.random.default_rng(3)
     qrels = {f"q{q}": {doc_ids[j]: 1 for j in np.argsort(-dense[q])[rng.integers(0, 30, 2)]} for q in range(40)}
     data = RetrievalSet(dict.fromkeys(doc_ids, "text"), {q: "text" for q in qrels}, qrels)
-    vectors = evaluate.Encoded(list(qrels), many, doc_ids, corpus)
-    exact = evaluate.retrieval_scores(vectors, data, index=IndexConfig(kind="exact"))
-    safe = evaluate.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900))
+    vectors = scoring.Encoded(list(qrels), many, doc_ids, corpus)
+    exact = scoring.retrieval_scores(vectors, data, index=IndexConfig(kind="exact"))
+    safe = scoring.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900))
     assert safe.index["kind"] == "blockmax" and safe.index["rank_safe"] and "against_exact" not in safe.index
     for name in HEADLINE:
         assert safe.metrics[name] == pytest.approx(exact.metrics[name], abs=1e-9), name
-    pruned = evaluate.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900, query_cut=2,
+    pruned = scoring.retrieval_scores(vectors, data, index=IndexConfig(exact_max_docs=900, query_cut=2,
                                                                          heap_factor=0.5, sweep_queries=25))
     check = pruned.index["against_exact"]
     print(f"\nquery_cut 2, heap_factor 0.5: recall@100 {check['recall_at_100']:.3f}, "
@@ -319,7 +331,7 @@ def test_bisection_puts_documents_that_share_terms_in_the_same_blocks():
     import numpy as np
     from scipy.sparse import csr_matrix
 
-    from pipeline.blockmax import _bisection_order
+    from pipeline.retrieval.blockmax import _bisection_order
 
     rng = np.random.default_rng(0)
     group = np.arange(64) % 2  # even rows: terms 0-49, odd rows: terms 50-99
@@ -348,14 +360,14 @@ def test_corpus_encoded_in_shards_equals_one_pass_and_bf16_stays_close(tmp_path,
                       for n in (10_000, 7))
     assert (whole != sharded).nnz == 0 and whole.shape == sharded.shape
     doc_ids = list(data.corpus)
-    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
+    stock = scoring.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
     assert abs(whole - stock).max() == 0.0
     bf16 = vstack(list(encode(model, data, tmp_path / "bf16", 8, bf16=True).corpus))
     assert 0 < abs(bf16 - whole).max() < 0.05
     model.max_active_dims = 16
     capped = vstack(list(encode(model, data, tmp_path / "capped", 8).corpus)).tocsr()
     assert np.diff(capped.indptr).max() == 16
-    stock = evaluate.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
+    stock = scoring.to_csr(model.encode_document([data.corpus[d] for d in doc_ids], convert_to_tensor=True).cpu())
     assert abs(capped - stock).max() == 0.0
 
 
@@ -365,11 +377,13 @@ def test_full_size_parity_on_the_dbpedia_subset(shared):
     metric against the stock evaluator."""
     import pandas as pd
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+    from sentence_transformers.sparse_encoder.evaluation import (
+        SparseInformationRetrievalEvaluator,
+    )
 
     model_dir = shared / "models/splade-tiny"
     data = read_retrieval_set(shared / "data/beir/dbpedia-subset", "test")
-    ours = evaluate.evaluate_model(model_dir, {"dbpedia": data}, pd.DataFrame(), batch_size=32,
+    ours = scoring.evaluate_model(model_dir, {"dbpedia": data}, pd.DataFrame(), batch_size=32,
                                    max_active_dims=[], max_seq_length=256, precision="fp32")["metrics"]
     model = SparseEncoder(str(model_dir))
     model.max_seq_length = 256
@@ -392,7 +406,7 @@ def test_graded_ndcg_on_the_whole_trec_dl19_subset(tmp_path, shared):
     model = SparseEncoder(str(shared / "models/splade-tiny"))
     model.max_seq_length = 256
     vectors = encode(model, data, tmp_path)
-    metrics = evaluate.retrieval_scores(vectors, data).metrics
+    metrics = scoring.retrieval_scores(vectors, data).metrics
     ranking = {q: {vectors.doc_ids[j]: float(s) for j, s in zip(indices, scores)}
                for q, (indices, scores) in zip(vectors.query_ids, exact_search(vectors.corpus, vectors.queries))}
     exponential = nDCG(gains={1: 1, 2: 3, 3: 7}) @ 10
@@ -401,14 +415,14 @@ def test_graded_ndcg_on_the_whole_trec_dl19_subset(tmp_path, shared):
 
 
 def evaluate_process(model, beir, shards, out=None, rank=0, world_size=1):
-    """`python -m pipeline.evaluate --model --beir --shards` as a rank of `world_size`."""
+    """`python -m pipeline.stages.evaluate --model --beir --shards` as a rank of `world_size`."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.evaluate", "--model", str(model), "--beir", str(beir), "--max-seq-length",
+        [sys.executable, "-m", "pipeline.stages.evaluate", "--model", str(model), "--beir", str(beir), "--max-seq-length",
          "128", "--batch-size", "8", "--shards", str(shards), "--shard-docs", "25"] + (["--out", str(out)] if out else []),
         cwd=Path(evaluate.__file__).parents[1], env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,7 +5,13 @@ import pytest
 import yaml
 from prefect.states import Completed, Failed
 
-from flows.retrain import StageFailed, apply_overrides, overridden, retry_if_transient, run_stage
+from flows.retrain import (
+    StageFailed,
+    apply_overrides,
+    overridden,
+    retry_if_transient,
+    run_stage,
+)
 from tests.conftest import PROJECT
 
 

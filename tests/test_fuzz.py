@@ -1,5 +1,5 @@
 """Property-based fuzzing (hypothesis) of the training-data readers, the BEIR reader and
-`python -m pipeline.validate`.
+`python -m pipeline.stages.validate`.
 
 The contract, for any file: a result or an error naming the file (exit 0 or 1), never another
 exception (a traceback), never longer than CASE_SECONDS; and a valid file, however it is written
@@ -29,10 +29,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import validate
 from pipeline.cli import StageError
 from pipeline.config import TrainDataConfig
-from pipeline.sources import KIND_COLUMNS, load_training, read_retrieval_set
+from pipeline.data.sources import KIND_COLUMNS, load_training, read_retrieval_set
+from pipeline.stages import validate
 
 CASE_SECONDS = 20  # the most one case may take: a hang fails the test, naming the case
 
@@ -250,7 +250,7 @@ def check_reader_case(tmp: Path, case, tally: Tally) -> None:
 
 
 def run_validate_cli(args: list[str]) -> tuple[int, str]:
-    """`python -m pipeline.validate ARGS` in this process: (exit status, stdout + stderr). Any
+    """`python -m pipeline.stages.validate ARGS` in this process: (exit status, stdout + stderr). Any
     exception but SystemExit propagates: it would have been a traceback."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), bounded():

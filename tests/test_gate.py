@@ -6,9 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import stats
 from pipeline.config import GateConfig
-from pipeline.gate import Champion, GateRefused, GateScores, check_gate, movers
+from pipeline.evaluation import stats
+from pipeline.evaluation.gate import (
+    Champion,
+    GateRefused,
+    GateScores,
+    check_gate,
+    movers,
+)
 
 QUERIES = 300
 

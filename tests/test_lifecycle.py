@@ -376,7 +376,7 @@ def test_s3_down_during_dvc_push_is_a_clear_error_and_the_rerun_completes(origin
 def test_postgres_restarted_mid_sweep_loses_no_run(origin, services, monkeypatch):
     """A sweep of four tracked runs into the server; PostgreSQL stops and starts again while the second
     is being logged: all four runs are in MLflow once each, finished, and registered."""
-    from pipeline import track
+    from pipeline.stages import track
     from tests.test_pipeline import with_changes
 
     monkeypatch.chdir(origin.a)

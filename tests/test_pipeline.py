@@ -9,11 +9,33 @@ import shutil
 import mlflow
 import pytest
 
-from pipeline import card, evaluate, export, inputs, push, snapshot, teacher, track, train, validate
 from pipeline.cli import StageError
-from pipeline.config import (CARD_DIR, EVAL_METRICS, PUSH_DIR, PUSH_PLAN, RECORDED_STAGES, RECORDS_DIR,
-                             SNAPSHOT_MANIFEST, SNAPSHOT_TRAIN, STUDENT_DIR, Params, load_params)
-from pipeline.gate import GateRefused
+from pipeline.config import (
+    CARD_DIR,
+    EVAL_METRICS,
+    PUSH_DIR,
+    PUSH_PLAN,
+    RECORDED_STAGES,
+    RECORDS_DIR,
+    SNAPSHOT_MANIFEST,
+    SNAPSHOT_TRAIN,
+    STUDENT_DIR,
+    Params,
+    load_params,
+)
+from pipeline.evaluation.gate import GateRefused
+from pipeline.stages import (
+    card,
+    evaluate,
+    export,
+    inputs,
+    push,
+    snapshot,
+    teacher,
+    track,
+    train,
+    validate,
+)
 from tests.conftest import PROJECT, shrink
 
 EVAL_STEPS = 4

@@ -9,13 +9,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import evaluate, push
 from pipeline.cli import StageError
-from pipeline.config import (CARD_DIR, EVAL_METRICS, HEADLINE, PER_QUERY, PUSH_PLAN, SNAPSHOT_EVAL, SNAPSHOT_MANIFEST,
-                             STUDENT_DIR, PushConfig, load_params)
-from pipeline.gate import GateRefused
-from pipeline.stats import Resampling
-from pipeline.tracking import evaluation_identity, write_atomically, write_json
+from pipeline.config import (
+    CARD_DIR,
+    EVAL_METRICS,
+    HEADLINE,
+    PER_QUERY,
+    PUSH_PLAN,
+    SNAPSHOT_EVAL,
+    SNAPSHOT_MANIFEST,
+    STUDENT_DIR,
+    PushConfig,
+    load_params,
+)
+from pipeline.evaluation.gate import GateRefused
+from pipeline.evaluation.stats import Resampling
+from pipeline.stages import evaluate, push
+from pipeline.tracking.records import evaluation_identity, write_atomically, write_json
 from tests.conftest import PROJECT
 from tests.hub_standin import HubStandIn
 

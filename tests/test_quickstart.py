@@ -90,7 +90,7 @@ def test_the_run_files_and_the_per_query_values_give_eval_json_s_numbers(project
     import pandas as pd
     from ir_measures import AP, RR, R, Success, nDCG
 
-    from pipeline.dataset import read_eval_snapshot
+    from pipeline.data.snapshots import read_eval_snapshot
 
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     data = read_eval_snapshot("test", project / "data/snapshot/eval")["synthetic"]
@@ -114,10 +114,10 @@ def test_the_run_files_and_the_per_query_values_give_eval_json_s_numbers(project
 def test_intervals_are_in_eval_json_the_mlflow_run_the_card_and_the_pull_request_text(project):
     """The student's nDCG@10 with its interval, and its paired difference from its untrained start,
     in eval.json, as MLflow metrics and tags of the run, on the card (with the number of queries) and
-    in the text the CI workflow gives its pull request (python -m pipeline.report)."""
+    in the text the CI workflow gives its pull request (python -m pipeline.evaluation.report)."""
     import mlflow
 
-    from pipeline.stats import shown
+    from pipeline.evaluation.stats import shown
 
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     student = evaluation["intervals"]["student"]["dot_ndcg@10"]
@@ -141,7 +141,7 @@ def test_intervals_are_in_eval_json_the_mlflow_run_the_card_and_the_pull_request
     assert f"| dot_ndcg@10 | **{shown(student)}** |" in card_text
     assert f"on {student['queries']} judged queries" in card_text and f"{shown(gain)} (" in card_text
 
-    report, _ = run([sys.executable, "-m", "pipeline.report"], project)
+    report, _ = run([sys.executable, "-m", "pipeline.evaluation.report"], project)
     assert f"| dot_ndcg@10 | {shown(student)} |" in report and f"{student['queries']} queries; 95% intervals" in report
     assert "**Gate (significance): passed.**" in report
 
@@ -243,12 +243,12 @@ def test_a_comment_in_any_pipeline_module_makes_exactly_its_importers_out_of_dat
             assert reported == set(stages) == importers(module), module
         assert repo.status() == {}
     # the command line says the same
-    path = project / "pipeline/retrieval.py"
+    path = project / "pipeline/retrieval/search.py"
     original = path.read_bytes()
     path.write_bytes(original + b"# a comment\n")
     try:
         assert json.loads(run([str(BIN / "dvc"), "status", "--json"], project)[0]) == {
-            "evaluate": [{"changed deps": {"pipeline/retrieval.py": "modified"}}]}
+            "evaluate": [{"changed deps": {"pipeline/retrieval/search.py": "modified"}}]}
     finally:
         path.write_bytes(original)
 
@@ -494,7 +494,7 @@ def test_the_significance_gate_keeps_a_seed_rerun_refuses_a_clearly_worse_model_
     worse and is promoted (its luck decides nothing); one epoch at a high learning rate is refused,
     the refusal naming the test, the difference, its interval and p-value; under another registered
     name, a weak four-epoch champion is displaced by the full recipe (eight), clearly better."""
-    from pipeline.stats import shown
+    from pipeline.evaluation.stats import shown
 
     first = json.loads((second_project / "records/mlflow_run.json").read_text())["registered"]
     assert first["promoted"] and first["version"] == "1"

@@ -6,9 +6,27 @@ import pytest
 import torch
 import yaml
 
-from pipeline import card, evaluate, export, push, snapshot, teacher, track, train, validate
-from pipeline.config import EVAL_METRICS, SNAPSHOT_MANIFEST, STUDENT_DIR, TEACHER_SCORED, Params, ParamsError, load_params
-from pipeline.sources import read_retrieval_set
+from pipeline.config import (
+    EVAL_METRICS,
+    SNAPSHOT_MANIFEST,
+    STUDENT_DIR,
+    TEACHER_SCORED,
+    Params,
+    ParamsError,
+    load_params,
+)
+from pipeline.data.sources import read_retrieval_set
+from pipeline.stages import (
+    card,
+    evaluate,
+    export,
+    push,
+    snapshot,
+    teacher,
+    track,
+    train,
+    validate,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((PROJECT / "recipes").glob("*.yaml"))
@@ -82,7 +100,9 @@ def test_csr_recipe_runs_end_to_end_with_a_tiny_surrogate(workdir, shared, tiny_
 
     # the sweep encodes once and truncates; sentence-transformers' evaluator re-encodes at each k
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
+    from sentence_transformers.sparse_encoder.evaluation import (
+        SparseInformationRetrievalEvaluator,
+    )
 
     data = read_retrieval_set(scifact_test, "test")
     stock = SparseInformationRetrievalEvaluator(
@@ -168,7 +188,7 @@ def test_inference_free_recipe_runs_end_to_end_with_tiny_surrogates(workdir, sha
     from sentence_transformers.sparse_encoder.modules import Router
 
     from pipeline.config import EXPORT_DIR, PUSH_DIR, RECORDS_DIR, SNAPSHOT_TRAIN
-    from pipeline.models import idf_weights
+    from pipeline.modelling.encoders import idf_weights
 
     data = recipe_data("inference-free-splade-tiny-scifact")
     data["snapshot"]["train"]["source"] = str(cut_beir("scifact", queries=150, extra_docs=0, split="train"))
@@ -251,7 +271,7 @@ def test_hub_recipe_runs_end_to_end_with_tiny_surrogates(recipe, workdir, shared
     from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer, SparseEncoder
 
-    from pipeline.sources import retrieval_pairs
+    from pipeline.data.sources import retrieval_pairs
 
     data = recipe_data(recipe.stem)
     source = data["snapshot"]["train"]

@@ -5,11 +5,16 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import USER_DATA_TEACHER
-from pipeline import snapshot
 from pipeline.config import SNAPSHOT_TRAIN, EvalDataConfig, Params, TrainDataConfig
-from pipeline.dataset import frame_digest, read_eval_snapshot
-from pipeline.sources import SourceError, load_training, read_eval_sets, read_retrieval_set
+from pipeline.data.snapshots import frame_digest, read_eval_snapshot
+from pipeline.data.sources import (
+    SourceError,
+    load_training,
+    read_eval_sets,
+    read_retrieval_set,
+)
+from pipeline.stages import snapshot
+from tests.conftest import USER_DATA_TEACHER
 
 TRIPLET_COLUMNS = ["query", "positive", "negative"]
 
@@ -119,8 +124,8 @@ def test_hugging_face_path_loads_a_local_dataset_and_refuses_unpinned_hub_ids(tm
 
 
 def test_scored_rows_with_a_list_of_scores(tmp_path):
-    from pipeline import validate
     from pipeline.config import ValidateConfig
+    from pipeline.stages import validate
 
     path = tmp_path / "kl.parquet"
     pd.DataFrame({"query": ["q one", "q two"], "positive": ["p one", "p two"], "negative": ["n one", "n two"],

@@ -17,10 +17,10 @@ from datasets import Dataset
 from sentence_transformers import SparseEncoder
 
 from pipeline.config import StudentConfig, TrainConfig
-from pipeline.models import build_synthetic_mlm, splade_encoder
-from pipeline.sources import read_retrieval_set
-from pipeline.splade_head import fused_head, fused_pooling_forward
-from pipeline.train import build_trainer, training_loss
+from pipeline.data.sources import read_retrieval_set
+from pipeline.modelling.encoders import build_synthetic_mlm, splade_encoder
+from pipeline.modelling.splade_head import fused_head, fused_pooling_forward
+from pipeline.modelling.training import build_trainer, training_loss
 
 # softmax is unchanged by a constant added to every key's score, so the attention key biases get no
 # gradient: both heads give them rounding noise (norm ~1e-6 against ~1e2 for the other parameters)
@@ -31,7 +31,7 @@ ZERO_TRUE_GRADIENT = "attention.self.key.bias"
 def always_fused(monkeypatch):
     """The small models here would take the stock head (small logits): these tests compare the
     fused one against it, so it runs at any size."""
-    from pipeline import splade_head
+    from pipeline.modelling import splade_head
 
     monkeypatch.setattr(splade_head, "STOCK_HEAD_UP_TO", 0)
 
@@ -126,7 +126,7 @@ def test_every_loss_and_activation_gets_stock_gradients_on_a_random_bert(tmp_pat
     rows = scifact_rows(shared, 8)
     rows = rows.drop(columns={"margin-mse": "scores", "kl-div": "label", "mnrl": ["label", "scores"]}[loss_name])
     loss = training_loss(TrainConfig(loss=loss_name), model, rows)
-    rows = rows.rename(columns={"scores": "label"})  # as pipeline.dataset.training_rows names it
+    rows = rows.rename(columns={"scores": "label"})  # as pipeline.data.snapshots.training_rows names it
     stock = loss_and_gradients(model, loss, rows, fused=False)
     fused = loss_and_gradients(model, loss, rows, fused=True)
     assert (fused[2] - stock[2]).abs().max() <= 1e-6
@@ -194,7 +194,7 @@ def test_unpadded_flash_attention_layout_pools_as_the_padded_batch(tmp_path, sha
 
 
 def test_small_batches_take_the_stock_head_to_the_bit(tmp_path, shared, monkeypatch):
-    from pipeline import splade_head
+    from pipeline.modelling import splade_head
 
     monkeypatch.setattr(splade_head, "STOCK_HEAD_UP_TO", splade_head.LOGITS_PER_GROUP)
     model = no_dropout(random_student(tmp_path, shared))
@@ -208,8 +208,8 @@ def test_small_batches_take_the_stock_head_to_the_bit(tmp_path, shared, monkeypa
 
 
 def test_an_inference_free_models_documents_encode_through_the_head_as_stock(shared):
-    from pipeline.models import inference_free_splade
-    from pipeline.splade_head import encode
+    from pipeline.modelling.encoders import inference_free_splade
+    from pipeline.modelling.splade_head import encode
 
     model = inference_free_splade(str(shared / "models/splade-tiny"), 256).eval()
     model.max_active_dims = 64

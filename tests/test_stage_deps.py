@@ -23,23 +23,38 @@ STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 BIN = Path(sys.executable).parent
 
 
+def module_path(module: str) -> str:
+    """pipeline/a/b.py for module a.b (a package: its __init__.py)."""
+    path = PACKAGE.joinpath(*module.split("."))
+    return str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(PROJECT))
+
+
+def packages_of(module: str) -> set[str]:
+    """The packages Python runs on the way to `module` (their __init__.py): a.b -> {a}."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
 @functools.cache
 def imported_modules(module: str) -> frozenset[str]:
-    """The pipeline modules `module` imports anywhere in its code (function-level imports run too)."""
+    """The pipeline modules `module` imports anywhere in its code (function-level imports run too),
+    as dotted names below pipeline (stages.train, data.sources, cli), with the packages they are in."""
     found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+    for node in ast.walk(ast.parse((PROJECT / module_path(module)).read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")}
-        elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            found.add(node.module.split(".")[1])
-    return frozenset(found)
+            found |= {alias.name.removeprefix("pipeline.") for alias in node.names if alias.name.startswith("pipeline.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
+            parent = node.module.removeprefix("pipeline").removeprefix(".")
+            for alias in node.names:  # a name from a package is a module; from a module, an attribute
+                child = f"{parent}.{alias.name}".lstrip(".")
+                found.add(child if PACKAGE.joinpath(*child.split(".")).with_suffix(".py").exists() else parent)
+    found.discard("")
+    return frozenset(found | {p for m in found for p in packages_of(m)})
 
 
 def module_closure(module: str) -> set[str]:
     """`module` and every pipeline module it imports, directly or through other modules."""
-    seen, todo = set(), [module]
+    seen, todo = set(), [module, *packages_of(module)]
     while todo:
         current = todo.pop()
         if current not in seen:
@@ -52,12 +67,17 @@ def stage_module(stage: str) -> str:
     return STAGES[stage]["cmd"].removeprefix("python -m pipeline.")
 
 
+def all_modules() -> set[str]:
+    return {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__")
+            for path in PACKAGE.rglob("*.py")} - {""}
+
+
 def expected_module_deps(stage: str) -> set[str]:
-    return {"pipeline/__init__.py"} | {f"pipeline/{m}.py" for m in module_closure(stage_module(stage))}
+    return {"pipeline/__init__.py"} | {module_path(m) for m in module_closure(stage_module(stage))}
 
 
 def importers(module_path: str) -> set[str]:
-    """The stages whose code includes `module_path` (pipeline/x.py)."""
+    """The stages whose code includes `module_path` (pipeline/x.py, pipeline/a/b.py)."""
     return {stage for stage in STAGES if module_path in expected_module_deps(stage)}
 
 
@@ -69,16 +89,33 @@ def test_every_stage_depends_on_exactly_the_modules_it_imports():
                                     f"remove {sorted(listed - expected)}")
 
 
+def test_the_stage_modules_are_the_stages_folder():
+    assert {stage_module(stage) for stage in STAGES} == {m for m in all_modules() if m.startswith("stages.")}
+
+
 def test_no_stage_imports_another_stage():
     stage_modules = {stage_module(stage) for stage in STAGES}
     for stage in STAGES:
         others = module_closure(stage_module(stage)) & stage_modules - {stage_module(stage)}
-        assert not others, f"pipeline/{stage_module(stage)}.py imports the stage module(s) {sorted(others)}"
+        assert not others, f"{module_path(stage_module(stage))} imports the stage module(s) {sorted(others)}"
+
+
+def test_no_library_module_or_bench_imports_a_stage():
+    """Stage modules are entry points (their CLI, the flow and tests call them); what a bench or
+    another module needs lives in library code."""
+    stage_modules = {stage_module(stage) for stage in STAGES}
+    for module in all_modules() - stage_modules:
+        assert not module_closure(module) & stage_modules, f"{module_path(module)} imports a stage module"
+    for bench in (PROJECT / "bench").glob("*.py"):
+        tree = ast.parse(bench.read_text())
+        named = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in named if m.startswith("pipeline.stages.")}, f"{bench.name} imports a stage module"
 
 
 def test_every_module_belongs_to_a_stage():
-    for path in PACKAGE.glob("*.py"):
-        assert importers(f"pipeline/{path.name}"), f"no stage imports {path.name}: dead code?"
+    for module in all_modules():
+        assert importers(module_path(module)), f"no stage imports {module_path(module)}: dead code?"
 
 
 def test_the_committed_dvc_lock_is_in_step_with_dvc_yaml_and_the_code():
@@ -110,7 +147,7 @@ TEACHER_COMMIT = "c5ee24cb16019beea0893ab7796b1df96625c6b8"  # a revision pins o
 
 
 def test_inputs_link_the_local_folders_and_name_the_rest(tmp_path, monkeypatch, shared):
-    from pipeline import inputs
+    from pipeline.stages import inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.jsonl").write_text("{}\n")
@@ -137,8 +174,8 @@ def dvc(project: Path, *args: str) -> str:
 
 
 def test_each_stage_depends_on_the_links_of_what_it_reads():
-    """The slots pipeline/inputs.py writes, and the stage that reads what each names."""
-    from pipeline import inputs
+    """The slots pipeline/stages/inputs.py writes, and the stage that reads what each names."""
+    from pipeline.stages import inputs
 
     readers = {"train_data": "snapshot", "train_corpus": "snapshot", "train_queries": "snapshot",
                "eval_data": "snapshot", "teacher_model": "teacher", "base_model": "train"}

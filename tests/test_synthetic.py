@@ -5,9 +5,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from pipeline import synthetic
 from pipeline.cli import StageError
 from pipeline.config import SyntheticConfig
+from pipeline.data import synthetic
 
 
 def test_same_seed_same_world_other_seed_other_world():
@@ -42,7 +42,7 @@ def test_world_is_built_as_described():
 
 
 def test_world_does_not_depend_on_the_interpreter_hash_seed():
-    script = ("import hashlib, json; from pipeline import synthetic; from pipeline.config import SyntheticConfig; "
+    script = ("import hashlib, json; from pipeline.data import synthetic; from pipeline.config import SyntheticConfig; "
               "w = synthetic.generate(SyntheticConfig(topics=6)); "
               "print(hashlib.sha256(json.dumps([w.triplets, w.eval_queries, w.lexicon]).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

@@ -12,20 +12,28 @@ import pytest
 import torch
 import yaml
 
-from pipeline import snapshot, teacher, validate
 from pipeline.cli import StageError
-from pipeline.config import RECORDS_DIR, TEACHER_SCORED, TEACHER_SHARDS_DIR, Params, TeacherConfig, TrainDataConfig
-from pipeline.dataset import read_training_snapshot
-from pipeline.shards import wait_for_shards
-from pipeline.sources import load_training
+from pipeline.config import (
+    RECORDS_DIR,
+    TEACHER_SCORED,
+    TEACHER_SHARDS_DIR,
+    Params,
+    TeacherConfig,
+    TrainDataConfig,
+)
+from pipeline.data.shards import wait_for_shards
+from pipeline.data.snapshots import read_training_snapshot
+from pipeline.data.sources import load_training
+from pipeline.modelling import teachers
+from pipeline.stages import snapshot, teacher, validate
 
 TOY_TRIPLETS = "data/msmarco-toy-triplets/triplets.tsv"
 
 
 def test_lexicon_teacher_knows_synonyms_that_bm25_misses():
     documents = ["kalo mife zeru", "pato nise gura", "zeru gura lemo"]
-    plain = teacher.LexiconBM25(documents, {})
-    knowing = teacher.LexiconBM25(documents, {"bodu": "kalo", "firu": "mife"})
+    plain = teachers.LexiconBM25(documents, {})
+    knowing = teachers.LexiconBM25(documents, {"bodu": "kalo", "firu": "mife"})
     assert plain.scores("bodu firu")[0] == 0
     scores = knowing.scores("bodu firu")
     assert scores[0] > 0 and scores[1] == scores[2] == 0
@@ -46,7 +54,7 @@ def test_quickstart_labels_are_margins(workdir, tiny_params):
 def test_unique_pairs_index_every_row_and_column():
     frame = pd.DataFrame({"query": ["q1", "q1", "q2"], "positive": ["a", "a", "a"],
                           "negative": ["b", "c", "b"]})
-    pairs, index = teacher.unique_pairs(frame)
+    pairs, index = teachers.unique_pairs(frame)
     assert list(zip(pairs["query"], pairs["document"])) == [("q1", "a"), ("q2", "a"), ("q1", "b"),
                                                              ("q1", "c"), ("q2", "b")]
     for row, column in [(r, c) for r in range(3) for c in range(2)]:
@@ -58,7 +66,7 @@ def test_unique_pairs_index_every_row_and_column():
 def toy_pairs(shared) -> pd.DataFrame:
     frame = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
                                           columns=["query", "positive", "negative"]))
-    pairs, _ = teacher.unique_pairs(frame)
+    pairs, _ = teachers.unique_pairs(frame)
     return pairs
 
 
@@ -66,7 +74,7 @@ def test_cross_encoder_scores_are_raw_logits_of_the_library(cross_encoder, share
     from sentence_transformers import CrossEncoder
 
     pairs = toy_pairs(shared)
-    ours = teacher.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder", model=str(cross_encoder),
+    ours = teachers.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder", model=str(cross_encoder),
                                                      precision="fp32")).score(pairs, batch_size=16)
     model = CrossEncoder(str(cross_encoder))
     as_list = list(zip(pairs["query"], pairs["document"]))
@@ -80,7 +88,7 @@ def test_cross_encoder_scores_are_raw_logits_of_the_library(cross_encoder, share
 
 def test_bf16_mode_stays_close_to_fp32(cross_encoder, shared):
     pairs = toy_pairs(shared).head(64)
-    scores = {precision: teacher.CrossEncoderTeacher(TeacherConfig(
+    scores = {precision: teachers.CrossEncoderTeacher(TeacherConfig(
         kind="cross-encoder", model=str(cross_encoder), precision=precision)).score(pairs, 16)
         for precision in ("fp32", "bf16")}
     deviation = np.abs(scores["bf16"] - scores["fp32"])
@@ -89,7 +97,7 @@ def test_bf16_mode_stays_close_to_fp32(cross_encoder, shared):
 
 def test_hub_teacher_must_be_pinned():
     with pytest.raises(StageError, match="pin it with teacher.revision"):
-        teacher.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder",
+        teachers.CrossEncoderTeacher(TeacherConfig(kind="cross-encoder",
                                                   model="cross-encoder/ms-marco-MiniLM-L6-v2"))
 
 
@@ -222,7 +230,7 @@ def run_stage_process(workdir, params: Params, env: dict | None = None, torchrun
     (workdir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc-per-node={torchrun}"] if torchrun else [sys.executable])
-    return subprocess.Popen(launcher + ["-m", "pipeline.teacher", "--params", "params.yaml"],
+    return subprocess.Popen(launcher + ["-m", "pipeline.stages.teacher", "--params", "params.yaml"],
                             cwd=workdir, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -308,19 +316,19 @@ def test_waits_are_bounded_and_name_the_missing_shards_and_ranks(workdir, cross_
     rank 0's batch-size plan; the plan has one writer, rank 0."""
     cfg = TeacherConfig(kind="cross-encoder", model=str(cross_encoder), precision="fp32", shard_size=40,
                         wait_seconds=0.5)
-    scorer = teacher.CrossEncoderTeacher(cfg)
-    plan = teacher.ShardPlan(TEACHER_SHARDS_DIR, toy_pairs(shared), scorer)  # 200 pairs: 5 shards
-    teacher.score_shards(scorer, plan, rank=0, world_size=2)  # shards 0, 2, 4; rank 1 never comes
+    scorer = teachers.CrossEncoderTeacher(cfg)
+    plan = teachers.ShardPlan(TEACHER_SHARDS_DIR, toy_pairs(shared), scorer)  # 200 pairs: 5 shards
+    teachers.score_shards(scorer, plan, rank=0, world_size=2)  # shards 0, 2, 4; rank 1 never comes
     started = time.monotonic()
     with pytest.raises(StageError, match=r"shard\(s\) \[1, 3\] of 5 .* owed by rank\(s\) \[1\] of 2"):
-        wait_for_shards(plan, world_size=2, wait_seconds=0.5, command="python -m pipeline.teacher",
+        wait_for_shards(plan, world_size=2, wait_seconds=0.5, command="python -m pipeline.stages.teacher",
                         poll_seconds=0.1)
     assert time.monotonic() - started < 5
 
-    other = teacher.ShardPlan(workdir / "other-shards", toy_pairs(shared).head(80), scorer)
+    other = teachers.ShardPlan(workdir / "other-shards", toy_pairs(shared).head(80), scorer)
     with pytest.raises(StageError, match="rank 1: rank 0's batch-size plan .* did not appear within 0.5 s"):
         other.batch_size(scorer, rank=1)  # batch_size auto: only rank 0 decides it
-    assert other.batch_size(scorer, rank=0) == teacher.CPU_BATCH_SIZE == other.batch_size(scorer, rank=1)
+    assert other.batch_size(scorer, rank=0) == teachers.CPU_BATCH_SIZE == other.batch_size(scorer, rank=1)
     assert [p.name for p in other.folder.iterdir()] == [f"{other.digest}-plan.json"]  # no temporary left
 
 
@@ -328,8 +336,8 @@ def test_kl_div_trains_on_user_score_lists(workdir, tiny_params, shared):
     """A scored file whose score is a list per row ([positive, negative, negative_2]): the teacher
     stage passes the lists through as KL-div's labels (and their margins as MarginMSE's), and the
     student trains on them."""
-    from pipeline import train
-    from pipeline.dataset import training_rows
+    from pipeline.data.snapshots import training_rows
+    from pipeline.stages import train
 
     toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
                                         columns=["query", "positive", "negative"]))

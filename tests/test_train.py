@@ -13,9 +13,22 @@ import yaml
 from sentence_transformers import SparseEncoder
 from transformers import BertTokenizerFast
 
-from pipeline import snapshot, teacher, train, validate
-from pipeline.config import BASE_MODEL_DIR, CHECKPOINTS_DIR, RECORDS_DIR, STUDENT_DIR, Params, StudentConfig
-from pipeline.models import SPECIAL_TOKENS, build_synthetic_mlm, csr_encoder, wordpiece_vocabulary
+from pipeline.config import (
+    BASE_MODEL_DIR,
+    CHECKPOINTS_DIR,
+    RECORDS_DIR,
+    STUDENT_DIR,
+    Params,
+    StudentConfig,
+)
+from pipeline.modelling import training
+from pipeline.modelling.encoders import (
+    SPECIAL_TOKENS,
+    build_synthetic_mlm,
+    csr_encoder,
+    wordpiece_vocabulary,
+)
+from pipeline.stages import snapshot, teacher, train, validate
 
 
 def test_vocabulary_spells_any_word_and_keeps_frequent_words_whole():
@@ -64,7 +77,7 @@ def checkpoint_steps(workdir) -> list[int]:
                   for p in (workdir / CHECKPOINTS_DIR).glob("*/checkpoint-*/trainer_state.json"))
 
 
-TRAIN_COMMAND = [sys.executable, "-m", "pipeline.train", "--params", "params.yaml"]
+TRAIN_COMMAND = [sys.executable, "-m", "pipeline.stages.train", "--params", "params.yaml"]
 
 
 def write_params(workdir, params: Params) -> None:
@@ -153,7 +166,7 @@ def test_mnrl_scale_reaches_the_contrastive_loss_inside_csr(tiny_dense_model):
     cfg = TrainConfig(architecture="csr", base_model=str(tiny_dense_model), loss="mnrl", mnrl_scale=20,
                       csr=CSRConfig(hidden_dim=64, k=8, k_aux=16), max_active_dims=None)
     rows = pd.DataFrame({"query": ["q"], "positive": ["p"]})
-    loss = train.training_loss(cfg, csr_encoder(str(tiny_dense_model), cfg), rows)
+    loss = training.training_loss(cfg, csr_encoder(str(tiny_dense_model), cfg), rows)
     assert loss.loss.scale == 20 and list(train.training_rows(cfg, rows)) == ["query", "positive"]
 
 
@@ -163,7 +176,7 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     rng = np.random.default_rng(0)
     texts = ["w " * int(n) for n in rng.integers(1, 200, size=1000)]
     dataset = Dataset.from_dict({"query": texts, "label": [0.0] * 1000})
-    sampler = train.LengthGroupedBatchSampler(dataset, batch_size=16, drop_last=False,
+    sampler = training.LengthGroupedBatchSampler(dataset, batch_size=16, drop_last=False,
                                               valid_label_columns=["label"], seed=3)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 63
@@ -185,7 +198,7 @@ def crash_after_first_checkpoint(monkeypatch) -> None:
         def on_save(self, args, state, control, **kwargs):
             raise RuntimeError(f"crashed after checkpoint-{state.global_step}")
 
-    build = train.build_trainer
+    build = training.build_trainer
 
     def crashing(*args, **kwargs):
         trainer = build(*args, **kwargs)
@@ -218,7 +231,7 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
     left = max(checkpoint_steps(workdir))
     write_params(workdir, ddp)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", "-m", "pipeline.train", "--params", "params.yaml"],
+                          "--nproc-per-node=2", "-m", "pipeline.stages.train", "--params", "params.yaml"],
                          cwd=workdir, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     record = json.loads((RECORDS_DIR / "train.json").read_text())
@@ -239,8 +252,8 @@ def test_cached_loss_gives_the_uncached_loss_and_gradients(tmp_path, fused):
     """train.mini_batch_size encodes the batch in pieces (GradCache) and must change memory only:
     the loss and every parameter's gradient equal the whole-batch loss's, through the fused head too."""
     from pipeline.config import TrainConfig
-    from pipeline.models import splade_encoder
-    from pipeline.splade_head import fused_head
+    from pipeline.modelling.encoders import splade_encoder
+    from pipeline.modelling.splade_head import fused_head
 
     rows = pd.DataFrame({"query": [f"kalo mife {i}" for i in range(7)],
                          "positive": [f"kalo zeru mife doc {i} " * (1 + i % 3) for i in range(7)],
@@ -252,7 +265,7 @@ def test_cached_loss_gives_the_uncached_loss_and_gradients(tmp_path, fused):
     def loss_and_gradients(mini_batch_size):
         model = splade_encoder(str(tmp_path), 32)
         cfg = TrainConfig(mini_batch_size=mini_batch_size, loss="margin-mse")
-        loss = train.training_loss(cfg, model, rows)
+        loss = training.training_loss(cfg, model, rows)
         features = [model.preprocess(rows[c].tolist()) for c in ("query", "positive", "negative")]
         with fused_head(model) if fused else nullcontext():
             total = sum(loss(features, torch.tensor(rows["label"].to_numpy(), dtype=torch.float32)).values())
@@ -261,7 +274,7 @@ def test_cached_loss_gives_the_uncached_loss_and_gradients(tmp_path, fused):
 
     whole, whole_gradients = loss_and_gradients(None)
     cached, cached_gradients = loss_and_gradients(3)  # pieces of 3, 3 and 1 rows
-    assert type(train.training_loss(TrainConfig(mini_batch_size=3), splade_encoder(str(tmp_path), 32), rows)).__name__ \
+    assert type(training.training_loss(TrainConfig(mini_batch_size=3), splade_encoder(str(tmp_path), 32), rows)).__name__ \
         == "CachedSpladeLoss"
     assert cached == pytest.approx(whole, rel=1e-5)
     assert cached_gradients.keys() == whole_gradients.keys() and len(whole_gradients) > 10

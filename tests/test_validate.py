@@ -6,10 +6,16 @@ import math
 import pandas as pd
 import pytest
 
-from tests.conftest import USER_DATA_TEACHER
-from pipeline import snapshot, validate
 from pipeline.cli import StageError
-from pipeline.config import RECORDS_DIR, SNAPSHOT_DIR, TEACHER_DIR, VALIDATION_REPORT, Params
+from pipeline.config import (
+    RECORDS_DIR,
+    SNAPSHOT_DIR,
+    TEACHER_DIR,
+    VALIDATION_REPORT,
+    Params,
+)
+from pipeline.stages import snapshot, validate
+from tests.conftest import USER_DATA_TEACHER
 
 GOOD = [{"query": f"query number {i}", "positive": f"relevant passage {i} text",
          "negative": f"other passage {i} text"} for i in range(12)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.tracking import write_atomically
+from pipeline.tracking.records import write_atomically
 
 MODEL_COLOURS = {"student": "#1f77b4", "base": "#aec7e8", "bm25": "#ff7f0e"}
 

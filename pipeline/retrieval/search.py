@@ -7,7 +7,7 @@ exact: a shard at a time, scipy sparse products against that shard's term-major 
 index: one row of postings per dimension), a block of queries at a time, merged into a running top-k:
 what the stock evaluator ranks, without its dense (queries x documents) product; evaluate.index.threads
 shards at once (scipy releases the GIL). Memory: a shard per thread.
-blockmax: pipeline.blockmax's block-max pruned index, built shard by shard in a few bytes per posting
+blockmax: pipeline.retrieval.blockmax's block-max pruned index, built shard by shard in a few bytes per posting
 (the default past exact_max_docs): rank-safe with every query term and no early stop (the default
 settings), approximate with a query_cut or a heap_factor below 1; its candidates rescored exactly.
 seismic: approximate, a learned-sparse inverted index (pyseismic-lsr: pruned, clustered posting lists
@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.cli import StageError
 from pipeline.config import IndexConfig
-from pipeline.shards import ShardFiles
+from pipeline.data.shards import ShardFiles
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class CorpusShards(ShardFiles):
     def write(self, index: int, vectors) -> None:
         from scipy.sparse import save_npz
 
-        from pipeline.tracking import write_atomically
+        from pipeline.tracking.records import write_atomically
 
         if vectors.shape[0] != len(self.rows(index)):
             raise ValueError(f"shard {index} holds rows {self.rows(index)}, not {vectors.shape[0]}")
@@ -158,7 +158,8 @@ class SeismicIndex:
     def __init__(self, corpus, query_cut: int = 20, heap_factor: float = 0.8, search_threads: int = 0,
                  memory_gb: float | None = None):
         try:
-            from seismic import SeismicDataset, SeismicIndex as Index
+            from seismic import SeismicDataset
+            from seismic import SeismicIndex as Index
         except ImportError:
             raise StageError("evaluate.index seismic needs pyseismic-lsr: pip install -e '.[scale]' "
                              "(or set evaluate.index: exact)") from None
@@ -285,7 +286,7 @@ def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, d
     if kind == "seismic":
         index = SeismicIndex(corpus, query_cut, cfg.heap_factor)  # its budget: checked above
     else:
-        from pipeline.blockmax import BlockMaxIndex
+        from pipeline.retrieval.blockmax import BlockMaxIndex
 
         index = BlockMaxIndex(corpus, cfg.block_size, query_cut, cfg.heap_factor, threads=cfg.threads)
     facts = {"kind": kind, "rank_safe": cfg.rank_safe(kind), "build_seconds": time.perf_counter() - started,

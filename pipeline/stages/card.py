@@ -17,16 +17,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import plots, stats
 from pipeline.cli import StageError, stage_main
-from pipeline.config import CARD_DIR, EVAL_METRICS, PLOTS_DIR, STUDENT_DIR, TEACHER_SCORED, Params
-from pipeline.dataset import training_rows
-from pipeline.metrics import HEADLINE
-from pipeline.sources import detect_format
-from pipeline.tracking import (evaluation_identity, fact_text, load_records, main_result_name, replace_folder,
-                               stage_record)
+from pipeline.config import (
+    CARD_DIR,
+    EVAL_METRICS,
+    PLOTS_DIR,
+    STUDENT_DIR,
+    TEACHER_SCORED,
+    Params,
+)
+from pipeline.data.snapshots import training_rows
+from pipeline.data.sources import detect_format
+from pipeline.evaluation import plots, stats
+from pipeline.evaluation.measures import HEADLINE
+from pipeline.tracking.records import (
+    evaluation_identity,
+    fact_text,
+    load_records,
+    main_result_name,
+    replace_folder,
+    stage_record,
+)
 
-TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
+TEMPLATE = Path(__file__).parents[1] / "templates" / "model_card.md.j2"
 UPSTREAM_STAGES = ["snapshot", "validate", "teacher", "train", "export", "evaluate"]
 SPARSITY = ["query_active_dims", "corpus_active_dims", "query_sparsity_ratio", "corpus_sparsity_ratio"]
 LIBRARIES = ["sentence-transformers", "transformers", "torch", "accelerate", "datasets", "tokenizers",

@@ -1,7 +1,7 @@
 """Stage: the trained student's ONNX files, for serving SPLADE on CPUs without torch's overhead.
 
 The MLM (of a SPLADE model, or an inference-free model's document side: its queries need no
-transformer) is exported to ONNX in fp32 and dynamically quantized to int8 (pipeline.onnx_backend),
+transformer) is exported to ONNX in fp32 and dynamically quantized to int8 (pipeline.modelling.onnx),
 into models/export/ laid out as the student's own folder (onnx/model.onnx, onnx/model_qint8.onnx
 beside the MLM's weights); the push stage merges them into the folder it uploads. Both are checked
 against torch on the evaluation set's first export.parity_texts queries and documents (vectors
@@ -19,11 +19,17 @@ import torch
 
 from pipeline.cli import StageError, stage_main
 from pipeline.config import EXPORT_DIR, STUDENT_DIR, Params
-from pipeline.dataset import read_eval_snapshot
-from pipeline.models import load_encoder
-from pipeline.onnx_backend import ONNX_FILES, export_mlm, mlm_subfolder, onnx_encoder, onnx_path
-from pipeline.splade_head import splade_route
-from pipeline.tracking import replace_folder, stage_record
+from pipeline.data.snapshots import read_eval_snapshot
+from pipeline.modelling.encoders import load_encoder
+from pipeline.modelling.onnx import (
+    ONNX_FILES,
+    export_mlm,
+    mlm_subfolder,
+    onnx_encoder,
+    onnx_path,
+)
+from pipeline.modelling.splade_head import splade_route
+from pipeline.tracking.records import replace_folder, stage_record
 
 log = logging.getLogger(__name__)
 

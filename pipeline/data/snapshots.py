@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import SNAPSHOT_EVAL, SNAPSHOT_MANIFEST, SNAPSHOT_TRAIN, TrainConfig
-from pipeline.sources import RetrievalSet, read_retrieval_set
+from pipeline.config import (
+    SNAPSHOT_EVAL,
+    SNAPSHOT_MANIFEST,
+    SNAPSHOT_TRAIN,
+    TrainConfig,
+)
+from pipeline.data.sources import RetrievalSet, read_retrieval_set
 
 TEXT_COLUMN = re.compile(r"query|positive|negative(_\d+)?")
 # the teacher's column each loss trains on: margins, score lists, or none (in-batch negatives)

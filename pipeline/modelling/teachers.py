@@ -1,35 +1,12 @@
-"""Stage 3: label every training row with the teacher's scores for distillation.
-
-Refuses a snapshot whose validation failed (data/validation/report.json). Writes
-data/teacher/train_scored.parquet: the snapshot's rows (query, positive, negative[, negative_N])
-plus one `<column>_score` per document column, `scores` ([positive, negatives...], for KL-div) and
-`label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
-A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
-negatives to score (it trains contrastively) unless teacher.hard_negatives mines some: the stage
-passes either through unchanged.
-
-Teachers:
-- cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
-- bi-encoder: any SentenceTransformer (likewise), its similarity of query and document embeddings.
-  With teacher.hard_negatives N it also turns a pairs snapshot into (query, positive, N negatives)
-  rows first: the N documents it ranks highest among the snapshot's positives, the query's own
-  positives excepted (sentence-transformers' mine_hard_negatives).
-- lexicon-bm25: the quickstart's teacher; BM25 over the training documents with each query word
-  mapped through the synthetic world's synonym lexicon, so it knows what plain term overlap misses.
-
-The cross-encoder scores each unique (query, document) pair once, in batches cut from pairs sorted
-by token length, under bf16 autocast on CUDA. Scores go to shards in data/teacher_shards/ named
-after what determines them (pairs, teacher, precision, batching), so a rerun after a crash scores
-only the missing shards. Several processes split the shards by rank: under
-`torchrun --nproc-per-node N -m pipeline.teacher` (or RANK / WORLD_SIZE set by hand on machines
-sharing the folder) rank r scores shards r, r+N, ...; rank 0 waits for the rest and merges.
-"""
+"""The teachers whose scores the student is distilled from: a cross-encoder (sentence-transformers' CrossEncoder,
+each unique pair scored once, in length-sorted batches), a bi-encoder (cosines; also mines hard negatives), and
+the quickstart's lexicon-aware BM25; and the resumable, rank-split scoring of the unique pairs into shards
+(ShardPlan, score_shards). The teacher stage and the benches call it."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from functools import cached_property
 from pathlib import Path
@@ -37,19 +14,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import StageError, stage_main
-from pipeline.config import (SNAPSHOT_LEXICON, TEACHER_SCORED, TEACHER_SHARDS_DIR, VALIDATION_REPORT,
-                             Params, TeacherConfig, unpinned_hub_id)
-from pipeline.dataset import frame_digest, read_eval_snapshot, read_manifest, read_training_snapshot, text_columns
-from pipeline.metrics import mean_metrics, ranking_metrics
-from pipeline.runtime import import_bm25s, native_bf16, process_rank, use_bf16, weights_digest
-from pipeline.shards import ShardFiles, remove_stale, wait_for_shards
-from pipeline.tracking import stage_record, write_atomically, write_json
+from pipeline.cli import StageError
+from pipeline.config import (
+    TeacherConfig,
+    unpinned_hub_id,
+)
+from pipeline.data.shards import ShardFiles
+from pipeline.data.snapshots import (
+    frame_digest,
+    text_columns,
+)
+from pipeline.runtime import (
+    import_bm25s,
+    native_bf16,
+    use_bf16,
+    weights_digest,
+)
+from pipeline.tracking.records import write_atomically, write_json
 
 log = logging.getLogger(__name__)
+
+
 # bench/teacher.py --batch-sizes on a 2-core CPU (MiniLM-L6, SciFact lengths): 8 to 32 score alike
 # (17-24 pairs/s, run-to-run noise included), 64 and 128 slower (13.9-17.2)
 CPU_BATCH_SIZE = 16
+
+
 GPU_MAX_BATCH_SIZE = 1024
 
 
@@ -233,7 +223,6 @@ class BiEncoderTeacher:
         return CPU_BATCH_SIZE if self.model.device.type == "cpu" else 256
 
 
-Teacher = CrossEncoderTeacher | BiEncoderTeacher
 MODEL_TEACHERS = {"cross-encoder": CrossEncoderTeacher, "bi-encoder": BiEncoderTeacher}
 
 
@@ -322,112 +311,4 @@ def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int
             "batch_size": batch_size}
 
 
-def distributed_rank() -> tuple[int, int, str | None]:
-    """(rank, world size, device) from torchrun's environment; one process by default."""
-    import torch
-
-    rank, world_size = process_rank()
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
-    return rank, world_size, device
-
-
-def check_validated() -> None:
-    """Refuse a snapshot whose validation failed, or was never run on it (the teacher is the first
-    stage that spends compute on the rows)."""
-    if not VALIDATION_REPORT.exists():
-        raise StageError(f"{VALIDATION_REPORT} not found: validate the snapshot first (dvc repro validate)")
-    report = json.loads(VALIDATION_REPORT.read_text())
-    if report.get("snapshot_sha256") != read_manifest()["train"]["sha256"]:
-        raise StageError(f"{VALIDATION_REPORT} is the report of another snapshot: validate this one first "
-                         "(dvc repro validate)")
-    if not report["success"]:
-        failed = sorted({f["check"] for f in report["findings"] if f["severity"] == "error"})
-        raise StageError(f"the snapshot failed validation ({report['errors']} error(s): {', '.join(failed)}; "
-                         f"see {VALIDATION_REPORT}): not labelling it. Fix the data, or set validate.severity, "
-                         "and rerun validate")
-
-
-def run(params: Params) -> dict:
-    cfg = params.teacher
-    rank, world_size, device = distributed_rank()
-    TEACHER_SHARDS_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
-    if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
-        if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
-            return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
-        check_validated()
-        pairs, _ = unique_pairs(read_training_snapshot())
-        teacher = MODEL_TEACHERS[cfg.kind](cfg, device)
-        return score_shards(teacher, ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher), rank, world_size)
-
-    with stage_record("teacher", params) as record:
-        check_validated()
-        train = read_training_snapshot()
-        mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
-        if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled
-            record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
-            record["metrics"] = {"rows": len(train), "pairs_scored": 0}
-        elif params.snapshot.train.kind == "scored":
-            if isinstance(train["score"].iloc[0], (list, np.ndarray)):  # score lists: KL-div and margins
-                train = labelled(train.drop(columns="score"), np.stack(train["score"].to_numpy()).astype(np.float64))
-            else:  # margins, MarginMSE's labels
-                train["label"] = train["score"]
-            record["facts"]["teacher"] = {"skipped": "the snapshot carries teacher scores"}
-            record["metrics"] = {"rows": len(train), "pairs_scored": 0}
-        else:
-            teacher = MODEL_TEACHERS[cfg.kind](cfg, device) if cfg.kind in MODEL_TEACHERS else None
-            if mining:
-                train = mine_negatives(train, teacher, cfg.hard_negatives)
-                record["facts"]["mined_negatives"] = cfg.hard_negatives
-            pairs, pair_index = unique_pairs(train)
-            if teacher is None:
-                lexicon = read_lexicon()
-                started = time.perf_counter()
-                scores = LexiconBM25(pairs["document"].unique().tolist(), lexicon).score_pairs(pairs)
-                record["metrics"] = {"pairs_scored": len(pairs),
-                                     "pairs_per_second": len(pairs) / (time.perf_counter() - started)}
-                record["metrics"].update(lexicon_eval_metrics(params, lexicon))
-                record["facts"]["teacher"] = {"model": "lexicon-bm25 over the snapshot's lexicon"}
-            else:
-                plan = ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher)
-                ranks = (0, 1) if mining else (rank, world_size)  # mined pairs: rank 0 alone knows them
-                record["metrics"] = score_shards(teacher, plan, *ranks)
-                wait_for_shards(plan, ranks[1], cfg.wait_seconds, "python -m pipeline.teacher")
-                scores = plan.merged()
-                remove_stale(plan.folder, {plan.digest})
-                record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
-                                              "shard_digest": plan.digest}
-            doc_scores = scores.astype(np.float64)[pair_index] * cfg.score_scale
-            train = labelled(train, doc_scores)
-            margins = doc_scores[:, :1] - doc_scores[:, 1:]
-            record["metrics"].update(rows=len(train), unique_pairs=len(pairs),
-                                     pair_occurrences=pair_index.size,
-                                     margin_mean=float(margins.mean()),
-                                     margin_positive_fraction=float((margins > 0).mean()))
-        write_atomically(TEACHER_SCORED, lambda tmp: train.to_parquet(tmp, index=False))
-    return record["metrics"]
-
-
-def read_lexicon() -> dict[str, str]:
-    if not SNAPSHOT_LEXICON.exists():
-        raise StageError(f"{SNAPSHOT_LEXICON} not found: the lexicon-bm25 teacher needs the synthetic training "
-                         "set; use teacher.kind: cross-encoder")
-    return json.loads(SNAPSHOT_LEXICON.read_text())
-
-
-def lexicon_eval_metrics(params: Params, lexicon: dict[str, str]) -> dict:
-    """The lexicon teacher is cheap enough to rank the whole eval corpus: how good is the teacher?"""
-    per_set = []
-    for evaluation in read_eval_snapshot(params.snapshot.eval.split).values():
-        doc_ids = list(evaluation.corpus)
-        ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
-        ranking = {qid: dict(zip(doc_ids, ranker.scores(text))) for qid, text in evaluation.queries.items()}
-        per_set.append(ranking_metrics(evaluation, ranking))
-    return {f"eval_{k}": v for k, v in mean_metrics(per_set).items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(run, __doc__, argv)
-
-
-if __name__ == "__main__":
-    main()
+Teacher = CrossEncoderTeacher | BiEncoderTeacher

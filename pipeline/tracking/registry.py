@@ -1,5 +1,5 @@
 """The MLflow model registry: every trained student is registered as a pyfunc model that encodes text
-to sparse vectors (MLflow "models from code": pipeline/sparse_encoder_model.py, no pickle, loads
+to sparse vectors (MLflow "models from code": pipeline/tracking/sparse_encoder_model.py, no pickle, loads
 without this project), tagged with the identity of its evaluation (eval.id, eval.source, ...), under the
 alias `challenger`. It becomes champion when it passes the evaluation gate (push.gate) against the
 champion of the same evaluation only: it takes the alias `champion-<eval id>`, the one champion
@@ -19,11 +19,18 @@ from typing import TYPE_CHECKING
 
 import mlflow
 
-from pipeline import sparse_encoder_model
 from pipeline.config import PER_QUERY, STUDENT_DIR, GateConfig
-from pipeline.gate import Champion, GateRefused, GateScores, check_gate, metric_per_query, read_per_query
-from pipeline.stats import Resampling
-from pipeline.tracking import identity_tags, mlflow_metric_name
+from pipeline.evaluation.gate import (
+    Champion,
+    GateRefused,
+    GateScores,
+    check_gate,
+    metric_per_query,
+    read_per_query,
+)
+from pipeline.evaluation.stats import Resampling
+from pipeline.tracking import sparse_encoder_model
+from pipeline.tracking.records import identity_tags, mlflow_metric_name
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import HEADLINE
-from pipeline.sources import RetrievalSet
-
+from pipeline.data.sources import RetrievalSet
 
 
 def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
                     prefix: str = "dot_") -> dict[str, float]:
     """Metrics of a ranking given as {query id: {doc id: score}}, named like dot_ndcg@10."""
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+    )
 
     relevant = {qid: set(docs) for qid, docs in data.qrels.items() if qid in data.queries}
     evaluator = InformationRetrievalEvaluator(

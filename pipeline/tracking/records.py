@@ -1,7 +1,7 @@
 """What each stage did, on record: its params, metrics, wall time and energy (codecarbon).
 
 Every stage runs inside `stage_record`, which writes records/<stage>.json when the stage succeeds.
-The last stage (`pipeline.track`) turns the records of all stages into one MLflow run, so one
+The last stage (`pipeline.stages.track`) turns the records of all stages into one MLflow run, so one
 pipeline execution gives one run even when DVC skipped the stages that had not changed. A stage
 that fails (or whose gate refuses the model) puts its run in MLflow itself, with the records of the
 stages before it and a tag naming what stopped it: no run is lost from a sweep.
@@ -24,9 +24,22 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from pipeline.cli import GateRefused, StageError
-from pipeline.config import (CARD_DIR, EVAL_METRICS, NDCG_TABLE, PER_QUERY, PLOTS_DIR, PUSH_PLAN, RECORDED_STAGES,
-                             RECORDS_DIR, RUNS_DIR,
-                             SNAPSHOT_MANIFEST, TRAIN_LOSS, VALIDATION_REPORT, Params, TrackingConfig)
+from pipeline.config import (
+    CARD_DIR,
+    EVAL_METRICS,
+    NDCG_TABLE,
+    PER_QUERY,
+    PLOTS_DIR,
+    PUSH_PLAN,
+    RECORDED_STAGES,
+    RECORDS_DIR,
+    RUNS_DIR,
+    SNAPSHOT_MANIFEST,
+    TRAIN_LOSS,
+    VALIDATION_REPORT,
+    Params,
+    TrackingConfig,
+)
 from pipeline.runtime import is_main_process, machine_fingerprint
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ has them) and onnx/model_qint8.onnx. Here, `onnx_encoder` loads the saved model 
 Runtime session in the place of its MLM, as that backend puts optimum's model: tokenisation, top-k
 and routing stay sentence-transformers' own. Its SPLADE max pooling takes the max over each text's
 real tokens first and activates one row per text (relu and log1p are monotonic, as in
-pipeline.splade_head): stock pooling activates every token's logits, which at one short query costs
+pipeline.modelling.splade_head): stock pooling activates every token's logits, which at one short query costs
 more than the quantized model itself.
 """
 
@@ -89,7 +89,7 @@ class OnnxMaskedLM(torch.nn.Module):
 def max_first_pooling(pooling, features: dict) -> dict:
     """SpladePooling("max")'s vectors: the max of each dimension over the real tokens, then
     relu and log1p (twice for "log1p_relu"), on one row per text instead of every token."""
-    from pipeline.splade_head import activation
+    from pipeline.modelling.splade_head import activation
 
     logits, mask = features["token_embeddings"], features["attention_mask"]
     if not mask.all():  # in place: the session's own output, not worth a copy of every token's logits
@@ -103,8 +103,8 @@ def onnx_encoder(model_dir: Path, export_dir: Path, variant: str, threads: int |
     """The saved SparseEncoder at `model_dir` with its MLM run by ONNX Runtime from `export_dir`."""
     from types import MethodType
 
-    from pipeline.models import load_encoder
-    from pipeline.splade_head import splade_route
+    from pipeline.modelling.encoders import load_encoder
+    from pipeline.modelling.splade_head import splade_route
 
     model = load_encoder(model_dir)
     transformer, pooling = splade_route(model)

@@ -3,7 +3,7 @@
 Always writes build/push/ (exactly the files that are uploaded: the model, the card and its figures)
 and build/push_plan.json (repo, branch, commit message with the git SHA and the dvc.lock hash, files
 with sizes and sha256, the intervals, the evaluation gate's verdict). The gate comes first
-(pipeline.gate): under push.gate.rule significance, against the registry's champion of the same
+(pipeline.evaluation.gate): under push.gate.rule significance, against the registry's champion of the same
 evaluation (read from the MLflow store the run tracks to: the verdict track will promote by), under
 threshold against the card already on the branch (when that card was measured on the same
 evaluation). A refused model is not pushed: the plan says why, the stage fails naming the test,
@@ -26,15 +26,40 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import registry
 from pipeline.cli import StageError, stage_main
-from pipeline.config import (CARD_DIR, EVAL_METRICS, EXPORT_DIR, PER_QUERY, PUSH_DIR, PUSH_PLAN, STUDENT_DIR, Params,
-                             PushConfig)
-from pipeline.dataset import read_eval_snapshot, read_manifest
-from pipeline.gate import (Champion, GateRefused, GateScores, check_gate, comparable_previous, query_texts,
-                           read_per_query, scores_from_evaluation)
-from pipeline.tracking import (dvc_lock_hash, evaluation_identity, git_revision, main_result_name,
-                               mlflow_server_calls, stage_record, tracking_uri, write_json)
+from pipeline.config import (
+    CARD_DIR,
+    EVAL_METRICS,
+    EXPORT_DIR,
+    PER_QUERY,
+    PUSH_DIR,
+    PUSH_PLAN,
+    STUDENT_DIR,
+    Params,
+    PushConfig,
+)
+from pipeline.data.snapshots import read_eval_snapshot, read_manifest
+from pipeline.evaluation.gate import (
+    Champion,
+    GateRefused,
+    GateScores,
+    check_gate,
+    comparable_previous,
+    query_texts,
+    read_per_query,
+    scores_from_evaluation,
+)
+from pipeline.tracking import registry
+from pipeline.tracking.records import (
+    dvc_lock_hash,
+    evaluation_identity,
+    git_revision,
+    main_result_name,
+    mlflow_server_calls,
+    stage_record,
+    tracking_uri,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +103,11 @@ def with_retries(call, what: str, cfg: PushConfig):
 
 def pushed_card(api, cfg: PushConfig) -> str | None:
     """The card on the branch now, or None when there is no repo, branch or card yet."""
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     # a fresh cache: huggingface_hub falls back to a cached copy when the Hub has none, and a card
     # cached from another push must not be taken for the one on the branch now

@@ -9,7 +9,7 @@ share, so that none of them imports another stage for it.
   the training text (the quickstart's student);
 - load_encoder: a saved SparseEncoder folder, at a given max length.
 Every model built here is an ordinary SparseEncoder; training runs SPLADE ones through
-pipeline.splade_head's fused head, which changes how they compute, not what they are.
+pipeline.modelling.splade_head's fused head, which changes how they compute, not what they are.
 """
 
 from __future__ import annotations
@@ -101,7 +101,10 @@ def inference_free_splade(mlm_path: str, max_seq_length: int, revision: str | No
     """Inference-free SPLADE: the document route an MLM with SPLADE max pooling, the query route a
     weight per token of the same vocabulary (1, or the IDF over `documents` when given)."""
     from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.modules import Router, SparseStaticEmbedding
+    from sentence_transformers.sparse_encoder.modules import (
+        Router,
+        SparseStaticEmbedding,
+    )
 
     document_side = splade_encoder(mlm_path, max_seq_length, revision)
     tokenizer = document_side[0].tokenizer

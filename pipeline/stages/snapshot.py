@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import synthetic
 from pipeline.cli import stage_main
-from pipeline.config import (SNAPSHOT_DIR, SNAPSHOT_EVAL, SNAPSHOT_LEXICON, SNAPSHOT_MANIFEST, SNAPSHOT_TRAIN,
-                             Params)
-from pipeline.dataset import frame_digest, retrieval_sets_digest, text_columns
-from pipeline.sources import RetrievalSet, load_training, read_eval_sets, write_beir
-from pipeline.tracking import replace_folder, stage_record, write_json
+from pipeline.config import (
+    SNAPSHOT_DIR,
+    SNAPSHOT_EVAL,
+    SNAPSHOT_LEXICON,
+    SNAPSHOT_MANIFEST,
+    SNAPSHOT_TRAIN,
+    Params,
+)
+from pipeline.data import synthetic
+from pipeline.data.snapshots import frame_digest, retrieval_sets_digest, text_columns
+from pipeline.data.sources import (
+    RetrievalSet,
+    load_training,
+    read_eval_sets,
+    write_beir,
+)
+from pipeline.tracking.records import replace_folder, stage_record, write_json
 
 
 def length_stats(frame: pd.DataFrame, rows: int = 1000) -> dict[str, dict[str, float]]:

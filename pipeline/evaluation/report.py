@@ -2,7 +2,7 @@
 the differences from the untrained start and BM25, and the gate's verdict against the champion with
 the queries that gained and lost most. The CI pull request's text, and report.md in the MLflow run.
 
-    python -m pipeline.report    # from metrics/eval.json and build/push_plan.json, to stdout
+    python -m pipeline.evaluation.report    # from metrics/eval.json and build/push_plan.json, to stdout
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import EVAL_METRICS, HEADLINE, PUSH_PLAN
-from pipeline.stats import shown
+from pipeline.evaluation.stats import shown
 
 TEXT_CHARS = 120  # a query's text in the tables is cut to this length
 

@@ -1,5 +1,5 @@
-"""The evaluation gate: what a trained model must reach to be pushed to the Hub (pipeline.push) and
-to become the registry's champion (pipeline.registry). Both ask it the same question, about the
+"""The evaluation gate: what a trained model must reach to be pushed to the Hub (pipeline.stages.push) and
+to become the registry's champion (pipeline.tracking.registry). Both ask it the same question, about the
 same champion, and get the same verdict.
 
 It reads one evaluation's numbers: the student's push.gate.metric on the main result (the mean over
@@ -9,11 +9,11 @@ push.gate.minimum, or under push.gate.rule
 
 - significance (the default): not significantly better than its untrained start
   (push.gate.beat_base), or significantly worse than the champion of the same evaluation: each a
-  one-sided paired randomization test on the per-query values at push.gate.alpha (pipeline.stats);
+  one-sided paired randomization test on the per-query values at push.gate.alpha (pipeline.evaluation.stats);
 - threshold: not above its untrained start, or more than push.gate.max_drop below the champion.
 
 The champion is compared only when measured on the same evaluation
-(pipeline.tracking.evaluation_identity): a number from another set is reported, never compared. The
+(pipeline.tracking.records.evaluation_identity): a number from another set is reported, never compared. The
 verdict names the test, each difference, its interval and p-value, and the queries that gained and
 lost most against the champion.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import stats
 from pipeline.cli import GateRefused, StageError
 from pipeline.config import GateConfig
+from pipeline.evaluation import stats
 
 MOVERS = 5  # queries listed that gained most, and lost most, against the champion
 
@@ -88,7 +88,7 @@ def per_set(values: pd.Series) -> list[np.ndarray]:
 
 
 def compare(challenger: pd.Series, other: pd.Series, resampling: stats.Resampling) -> dict:
-    """challenger − other on the same queries: pipeline.stats.paired_difference."""
+    """challenger − other on the same queries: pipeline.evaluation.stats.paired_difference."""
     missing = challenger.index.difference(other.index)
     if len(missing):
         raise StageError(f"the per-query values compared do not cover the same queries: {len(missing)} missing "

@@ -5,7 +5,7 @@ resolution, and the card, metrics, validation report, manifest and push plan as 
 nested run per stage; every run is tagged with the git revision, the dvc.lock hash and the identity
 of its evaluation (eval.id, eval.source, eval.revision, eval.split, eval.sets, eval.sha256), and
 outcome=ok (a run that a stage stopped is put into MLflow by that stage, tagged refused or failed).
-Registers the student (pipeline.registry: alias challenger, and champion-<eval id> when it passes
+Registers the student (pipeline.tracking.registry: alias challenger, and champion-<eval id> when it passes
 the gate against that champion), and logs the gate's verdict (gate_verdict.json, report.md: the
 intervals and the queries that gained and lost most against the champion; tags gate.*). Writes the run id and the registration to
 records/mlflow_run.json. Runs go to tracking.tracking_uri, or to MLFLOW_TRACKING_URI when that is set
@@ -18,14 +18,41 @@ from __future__ import annotations
 import json
 import warnings
 
-from pipeline import registry, report, stats
 from pipeline.cli import stage_main
-from pipeline.config import EVAL_METRICS, PER_QUERY, RECORDED_STAGES, RECORDS_DIR, Params
-from pipeline.dataset import read_eval_snapshot, read_manifest, read_training_snapshot
-from pipeline.gate import GateScores, query_texts, read_per_query, scores_from_evaluation
-from pipeline.tracking import (OUTCOME_TAG, STAGE_ARTIFACTS, evaluation_identity, is_server, load_records,
-                               log_pipeline_run, main_result_name, mlflow_server_calls, pipeline_tags, shown_uri,
-                               tracking_uri, write_json)
+from pipeline.config import (
+    EVAL_METRICS,
+    PER_QUERY,
+    RECORDED_STAGES,
+    RECORDS_DIR,
+    Params,
+)
+from pipeline.data.snapshots import (
+    read_eval_snapshot,
+    read_manifest,
+    read_training_snapshot,
+)
+from pipeline.evaluation import report, stats
+from pipeline.evaluation.gate import (
+    GateScores,
+    query_texts,
+    read_per_query,
+    scores_from_evaluation,
+)
+from pipeline.tracking import registry
+from pipeline.tracking.records import (
+    OUTCOME_TAG,
+    STAGE_ARTIFACTS,
+    evaluation_identity,
+    is_server,
+    load_records,
+    log_pipeline_run,
+    main_result_name,
+    mlflow_server_calls,
+    pipeline_tags,
+    shown_uri,
+    tracking_uri,
+    write_json,
+)
 
 RUN_FILE = RECORDS_DIR / "mlflow_run.json"
 
@@ -66,7 +93,7 @@ def verdict_tags(verdict: dict) -> dict[str, str]:
 
 def run(params: Params) -> dict:
     """Log and register, each MLflow call retried at most a few times: a server that stays down
-    fails the stage naming it, and the rerun logs the run once (pipeline.tracking's run key)."""
+    fails the stage naming it, and the rerun logs the run once (pipeline.tracking.records's run key)."""
     with mlflow_server_calls(params.tracking, "Nothing was registered; rerun when it is back, the run is logged once"):
         return log_and_register(params)
 

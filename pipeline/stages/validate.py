@@ -6,7 +6,7 @@ that leak into training. Each check is an error (stops the pipeline), a warning 
 validate.severity in params.yaml says. Failures name the file, the expectation, the failing count
 and up to 5 example rows; the whole report is written to data/validation/report.json.
 
-Also a standalone checker: python -m pipeline.validate SOURCE --kind {pairs,triplets,scored,beir}
+Also a standalone checker: python -m pipeline.stages.validate SOURCE --kind {pairs,triplets,scored,beir}
 exits 0 on valid data and 1 on invalid data.
 """
 
@@ -22,10 +22,28 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import StageError, run_stage
-from pipeline.config import PARAMS_FILE, VALIDATION_REPORT, Params, TrainDataConfig, ValidateConfig, load_params
-from pipeline.dataset import read_eval_snapshot, read_manifest, read_training_snapshot, row_hashes, text_columns
-from pipeline.sources import RetrievalSet, SourceError, load_training, read_retrieval_set
-from pipeline.tracking import stage_record, write_json
+from pipeline.config import (
+    PARAMS_FILE,
+    VALIDATION_REPORT,
+    Params,
+    TrainDataConfig,
+    ValidateConfig,
+    load_params,
+)
+from pipeline.data.snapshots import (
+    read_eval_snapshot,
+    read_manifest,
+    read_training_snapshot,
+    row_hashes,
+    text_columns,
+)
+from pipeline.data.sources import (
+    RetrievalSet,
+    SourceError,
+    load_training,
+    read_retrieval_set,
+)
+from pipeline.tracking.records import stage_record, write_json
 
 log = logging.getLogger(__name__)
 EXAMPLES = 5
