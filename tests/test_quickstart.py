@@ -225,7 +225,7 @@ def test_a_comment_in_any_pipeline_module_makes_exactly_its_importers_out_of_dat
 
     from tests.test_stage_deps import importers
 
-    modules = sorted(p.relative_to(project).as_posix() for p in (project / "pipeline").glob("*.py"))
+    modules = sorted(p.relative_to(project).as_posix() for p in (project / "pipeline").rglob("*.py"))
     assert len(modules) >= 20
     with Repo(str(project)) as repo:
         for module in modules:
