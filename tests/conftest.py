@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,8 @@ for name, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFOR
                     "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(name, value)
 
-from pipeline.config import Params, load_params  # noqa: E402
-
-PROJECT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
-# What a fresh clone holds that the pipeline needs to run (no data, models or MLflow store).
-PROJECT_FILES = ["pipeline", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
-                 ".gitignore", "pyproject.toml"]
+from pipeline.config import Params, load_params
+from tests.helpers.project import PROJECT, SHARED, shrink
 
 
 @pytest.fixture(autouse=True)
@@ -44,24 +37,6 @@ def shared() -> Path:
     return SHARED
 
 
-def shrink(params: Params, **train_overrides) -> Params:
-    """The quickstart params made tiny: a smaller world, a few training steps. Its 16 evaluation
-    queries cannot show a one-epoch student significantly better than its start, so the gate's
-    beat-the-start check is off (the gate's own tests keep it on)."""
-    data = params.model_dump(by_alias=True)
-    data["push"]["gate"]["beat_base"] = False
-    data["snapshot"]["synthetic"].update(topics=8, train_queries_per_topic=6, docs_per_topic=3)
-    data["train"].update({"epochs": 1, "batch_size": 16, **train_overrides})
-    data["train"]["student"].update(vocab_size=500, hidden_size=32)
-    return Params.model_validate(data)
-
-
-# The teacher a user's own triplets name (the lexicon teacher knows only the synthetic world): the
-# Hub cross-encoder of recipes/splade-small-msmarco.yaml, for tests that stop before the teacher runs
-USER_DATA_TEACHER = {"kind": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L6-v2",
-                     "revision": "233902d25c440f23af6f7d6e94d2946bac0bee0a"}
-
-
 @pytest.fixture
 def tiny_params() -> Params:
     return shrink(load_params(PROJECT / "params.yaml"))
@@ -72,23 +47,6 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Stages write relative to the working directory: give each test its own."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def make_project_copy(dest: Path) -> Path:
-    """A fresh clone of the project in `dest`: a git repo with only the committed pipeline files."""
-    for name in PROJECT_FILES:
-        source = PROJECT / name
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
 
 
 @pytest.fixture(scope="session")

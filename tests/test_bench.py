@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PROJECT
+from tests.helpers.project import PROJECT
 
 
 def test_paired_bench_agrees_with_ranx_arch_and_ir_measures_on_the_run_files(tmp_path, shared):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import PROJECT
+from tests.helpers.project import PROJECT
 
 WORKFLOW = PROJECT / ".github/workflows/retrain.yml"
 

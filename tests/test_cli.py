@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PROJECT
+from tests.helpers.project import PROJECT
 
 STAGES = ["inputs", "snapshot", "validate", "teacher", "train", "export", "evaluate", "card", "push", "track"]
 

@@ -7,7 +7,7 @@ import sys
 import tomllib
 from importlib import metadata
 
-from tests.conftest import PROJECT
+from tests.helpers.project import PROJECT
 
 LOCAL = {"pipeline", "flows", "tests", "bench"} | {path.stem for path in (PROJECT / "bench").glob("*.py")}
 

@@ -444,7 +444,7 @@ def test_two_ranks_encode_what_one_process_does_and_a_killed_run_resumes(tmp_pat
     import time
 
     model, beir = shared / "models/splade-tiny", cut_beir("scifact", queries=6, extra_docs=220)
-    finished = lambda process: process.communicate(timeout=600)[0]  # noqa: E731
+    finished = lambda process: process.communicate(timeout=600)[0]
     single = evaluate_process(model, beir, tmp_path / "one", tmp_path / "one.json")
     assert single.wait(timeout=600) == 0, finished(single)
     one = shard_matrices(tmp_path / "one")

@@ -12,7 +12,7 @@ from flows.retrain import (
     retry_if_transient,
     run_stage,
 )
-from tests.conftest import PROJECT
+from tests.helpers.project import PROJECT
 
 
 def test_transient_stage_failures_are_retried_and_others_are_not():

@@ -27,9 +27,16 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
-from tests.conftest import make_project_copy
-from tests.services import MlflowServer, Postgres, S3Server
-from tests.test_quickstart import BIN, ENV, git, set_params, stages_run
+from tests.helpers.project import (
+    BIN,
+    ENV,
+    git,
+    make_project_copy,
+    set_params,
+    stages_run,
+    with_changes,
+)
+from tests.helpers.services import MlflowServer, Postgres, S3Server
 
 pytestmark = pytest.mark.lifecycle
 
@@ -377,7 +384,6 @@ def test_postgres_restarted_mid_sweep_loses_no_run(origin, services, monkeypatch
     """A sweep of four tracked runs into the server; PostgreSQL stops and starts again while the second
     is being logged: all four runs are in MLflow once each, finished, and registered."""
     from pipeline.stages import track
-    from tests.test_pipeline import with_changes
 
     monkeypatch.chdir(origin.a)
     experiment = "lifecycle-sweep"
@@ -392,7 +398,7 @@ def test_postgres_restarted_mid_sweep_loses_no_run(origin, services, monkeypatch
                 started = time.monotonic()
                 track.run(with_changes(base, train={"learning_rate": rate}))
                 spans.append((started, time.monotonic()))
-        except Exception as error:  # noqa: BLE001  (reported below)
+        except Exception as error:
             errors.append(error)
 
     worker = threading.Thread(target=sweep)

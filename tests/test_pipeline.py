@@ -36,7 +36,7 @@ from pipeline.stages import (
     train,
     validate,
 )
-from tests.conftest import PROJECT, shrink
+from tests.helpers.project import PROJECT, shrink, with_changes
 
 EVAL_STEPS = 4
 STAGES = (inputs, snapshot, validate, teacher, train, export, evaluate, card, push)
@@ -52,18 +52,6 @@ def assert_nested_stage_runs(runs, parent) -> None:
         assert child.data.metrics["seconds"] == parent.data.metrics[f"{stage}.seconds"] > 0
         assert child.data.params and all(k.startswith(f"{stage}.") for k in child.data.params)
     assert children["evaluate"].data.metrics["dot_ndcg_at_10"] == parent.data.metrics["evaluate.dot_ndcg_at_10"]
-
-
-def with_changes(params: Params, **sections) -> Params:
-    """`params` with some keys of some sections changed: with_changes(p, push={"gate": {...}})."""
-    data = params.model_dump(by_alias=True)
-
-    def merge(into: dict, changes: dict) -> None:
-        for key, value in changes.items():
-            merge(into[key], value) if isinstance(value, dict) and isinstance(into.get(key), dict) else into.update({key: value})
-
-    merge(data, sections)
-    return Params.model_validate(data)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +198,7 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
     track stage pointed at it), with a nested run per stage; the student registered as challenger and
     champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
     the gate stays challenger only."""
-    from tests.services import BIN, Server, free_port
+    from tests.helpers.services import BIN, Server, free_port
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -26,10 +26,8 @@ from pipeline.evaluation.gate import GateRefused
 from pipeline.evaluation.stats import Resampling
 from pipeline.stages import evaluate, push
 from pipeline.tracking.records import evaluation_identity, write_atomically, write_json
-from tests.conftest import PROJECT
-from tests.hub_standin import HubStandIn
-
-SECRET = "hf_standin_secret_7f3a9c"  # a token value the tests look for everywhere afterwards
+from tests.helpers.hub_standin import SECRET, HubStandIn
+from tests.helpers.project import PROJECT
 
 
 @pytest.fixture

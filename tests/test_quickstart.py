@@ -22,18 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project_copy
-from tests.services import answers, free_port, wait_until
+from tests.helpers.hub_standin import SECRET, HubStandIn
+from tests.helpers.module_graph import importers
+from tests.helpers.project import (
+    BIN,
+    ENV,
+    git,
+    make_project_copy,
+    set_params,
+    stages_run,
+)
+from tests.helpers.services import answers, free_port, wait_until
 
 pytestmark = pytest.mark.e2e  # minutes: `pytest -m "e2e and not slow"`, run by CI after the default suite
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-
-
-def git(project: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=project,
-                          capture_output=True, text=True, check=True).stdout
 
 
 def run(command: list[str], cwd: Path, timeout: int = 600) -> tuple[str, float]:
@@ -44,16 +45,9 @@ def run(command: list[str], cwd: Path, timeout: int = 600) -> tuple[str, float]:
     return output, time.perf_counter() - started
 
 
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", output))
-
-
 @pytest.fixture(scope="module")
 def hub_env():
     """A local stand-in for the Hub, and the environment that pushes to it with a token."""
-    from tests.hub_standin import HubStandIn
-    from tests.test_push import SECRET
-
     hub = HubStandIn()
     yield hub, {**ENV, "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
     hub.close()
@@ -223,7 +217,6 @@ def test_a_comment_in_any_pipeline_module_makes_exactly_its_importers_out_of_dat
     stages that import it, directly or through other modules (and removing it, none)."""
     from dvc.repo import Repo
 
-    from tests.test_stage_deps import importers
 
     modules = sorted(p.relative_to(project).as_posix() for p in (project / "pipeline").rglob("*.py"))
     assert len(modules) >= 20
@@ -253,19 +246,11 @@ def test_a_comment_in_any_pipeline_module_makes_exactly_its_importers_out_of_dat
         path.write_bytes(original)
 
 
-# the retrain: 1 epoch at a high learning rate, published to the Hub stand-in
 # a quick retrain pushed to the Hub stand-in: far below the champion, which the significance gate
 # would rightly refuse (tested below), so it is let through by the threshold rule against the
 # card on the branch (none yet) and beat_base off
 PUBLISHED_RETRAIN = {"train.learning_rate": 0.001, "train.epochs": 1, "push.gate.beat_base": False,
                      "push.gate.rule": "threshold", "push.dry_run": False, "push.repo_id": "tester/quickstart"}
-
-
-def set_params(project: Path, **values) -> None:
-    """Edit params.yaml's values as a user would (the flow's round-trip editor keeps the comments)."""
-    from flows.retrain import apply_overrides
-
-    apply_overrides([f"{key}={value}" for key, value in values.items()], project / "params.yaml")
 
 
 def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_every_diff_shows_old_and_new(
@@ -278,7 +263,6 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     beside the new; the two MLflow runs have the same columns. Committed as a retrain, the diffs
     against HEAD~1 are the same (what the CI workflow's summary prints), and `dvc exp show` lists
     both commits' numbers."""
-    from tests.test_push import SECRET
 
     hub, env = hub_env
     before = json.loads((project / "metrics/eval.json").read_text())["student"]["dot_ndcg@10"]

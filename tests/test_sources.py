@@ -14,7 +14,7 @@ from pipeline.data.sources import (
     read_retrieval_set,
 )
 from pipeline.stages import snapshot
-from tests.conftest import USER_DATA_TEACHER
+from tests.helpers.project import USER_DATA_TEACHER
 
 TRIPLET_COLUMNS = ["query", "positive", "negative"]
 

@@ -5,80 +5,31 @@ the committed dvc.lock matches dvc.yaml and the code."""
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from pipeline.config import INPUTS_DIR, Params
-from tests.conftest import PROJECT, USER_DATA_TEACHER, make_project_copy
-
-PACKAGE = PROJECT / "pipeline"
-STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-BIN = Path(sys.executable).parent
-
-
-def module_path(module: str) -> str:
-    """pipeline/a/b.py for module a.b (a package: its __init__.py)."""
-    path = PACKAGE.joinpath(*module.split("."))
-    return str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(PROJECT))
-
-
-def packages_of(module: str) -> set[str]:
-    """The packages Python runs on the way to `module` (their __init__.py): a.b -> {a}."""
-    parts = module.split(".")
-    return {".".join(parts[:i]) for i in range(1, len(parts))}
-
-
-@functools.cache
-def imported_modules(module: str) -> frozenset[str]:
-    """The pipeline modules `module` imports anywhere in its code (function-level imports run too),
-    as dotted names below pipeline (stages.train, data.sources, cli), with the packages they are in."""
-    found = set()
-    for node in ast.walk(ast.parse((PROJECT / module_path(module)).read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.removeprefix("pipeline.") for alias in node.names if alias.name.startswith("pipeline.")}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
-            parent = node.module.removeprefix("pipeline").removeprefix(".")
-            for alias in node.names:  # a name from a package is a module; from a module, an attribute
-                child = f"{parent}.{alias.name}".lstrip(".")
-                found.add(child if PACKAGE.joinpath(*child.split(".")).with_suffix(".py").exists() else parent)
-    found.discard("")
-    return frozenset(found | {p for m in found for p in packages_of(m)})
-
-
-def module_closure(module: str) -> set[str]:
-    """`module` and every pipeline module it imports, directly or through other modules."""
-    seen, todo = set(), [module, *packages_of(module)]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo += imported_modules(current)
-    return seen
-
-
-def stage_module(stage: str) -> str:
-    return STAGES[stage]["cmd"].removeprefix("python -m pipeline.")
-
-
-def all_modules() -> set[str]:
-    return {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__")
-            for path in PACKAGE.rglob("*.py")} - {""}
-
-
-def expected_module_deps(stage: str) -> set[str]:
-    return {"pipeline/__init__.py"} | {module_path(m) for m in module_closure(stage_module(stage))}
-
-
-def importers(module_path: str) -> set[str]:
-    """The stages whose code includes `module_path` (pipeline/x.py, pipeline/a/b.py)."""
-    return {stage for stage in STAGES if module_path in expected_module_deps(stage)}
+from tests.helpers.module_graph import (
+    STAGES,
+    all_modules,
+    expected_module_deps,
+    importers,
+    module_closure,
+    module_path,
+    stage_module,
+)
+from tests.helpers.project import (
+    BIN,
+    ENV,
+    PROJECT,
+    USER_DATA_TEACHER,
+    make_project_copy,
+)
 
 
 def test_every_stage_depends_on_exactly_the_modules_it_imports():
@@ -111,6 +62,18 @@ def test_no_library_module_or_bench_imports_a_stage():
         named = {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                  for a in n.names} | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in named if m.startswith("pipeline.stages.")}, f"{bench.name} imports a stage module"
+
+
+def test_test_modules_import_no_other_test_module():
+    """Each test module stands alone (it passes alone and in any order); what tests share lives in
+    tests/helpers/, and conftest.py holds fixtures only."""
+    for path in [*PROJECT.glob("tests/*.py"), *PROJECT.glob("tests/helpers/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith("tests.") or name.startswith("tests.helpers."), \
+                    f"{path.relative_to(PROJECT)} imports {name}: move what it needs to tests/helpers/"
 
 
 def test_every_module_belongs_to_a_stage():
@@ -168,7 +131,7 @@ def test_inputs_link_the_local_folders_and_name_the_rest(tmp_path, monkeypatch, 
 
 def dvc(project: Path, *args: str) -> str:
     done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+                          env=ENV)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout
 

@@ -15,7 +15,7 @@ from pipeline.config import (
     Params,
 )
 from pipeline.stages import snapshot, validate
-from tests.conftest import USER_DATA_TEACHER
+from tests.helpers.project import USER_DATA_TEACHER
 
 GOOD = [{"query": f"query number {i}", "positive": f"relevant passage {i} text",
          "negative": f"other passage {i} text"} for i in range(12)]

@@ -2,7 +2,7 @@
 model wrapped in DistributedDataParallel, the fused head forced on, the loss the pipeline trains
 with (SpladeLoss over MarginMSE with the global-batch FLOPS); rank 0 saves the averaged gradients.
 
-    torchrun --nproc-per-node 2 tests/ddp_fused_head.py SHARED OUT.pt
+    torchrun --nproc-per-node 2 tests/helpers/ddp_fused_head.py SHARED OUT.pt
 """
 
 import sys
@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.modelling import splade_head  # noqa: E402
-from pipeline.modelling.encoders import splade_encoder  # noqa: E402
-from pipeline.modelling.training import training_loss  # noqa: E402
-from tests.test_splade_head import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from pipeline.config import TrainConfig
+from pipeline.modelling import splade_head
+from pipeline.modelling.encoders import splade_encoder
+from pipeline.modelling.training import training_loss
+from tests.helpers.splade_cases import (
     loss_and_gradients,
     no_dropout,
     random_student,

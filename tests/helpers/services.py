@@ -10,13 +10,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from tests.helpers.project import BIN
+
 # moto accepts any key pair; the names are what boto, s3fs (DVC) and MLflow read
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lifecycle-test-key", "AWS_SECRET_ACCESS_KEY": "lifecycle-test-secret",
                   "AWS_DEFAULT_REGION": "us-east-1"}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+SECRET = "hf_standin_secret_7f3a9c"  # a token value the tests look for everywhere afterwards (in files and logs)
+
 
 @dataclass
 class Commit:
