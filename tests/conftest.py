@@ -18,6 +18,14 @@ from pipeline.config import Params, load_params
 from tests.helpers.project import PROJECT, SHARED, shrink
 
 
+def pytest_sessionstart(session):
+    """Under CI a run without the shared assets would be green having checked nothing that needs a
+    real model or BEIR set (dozens of tests, the parity tests among them): it fails instead."""
+    if os.environ.get("CI", "").lower() in ("1", "true") and not SHARED.exists():
+        pytest.exit(f"CI: the shared assets are missing at {SHARED} (set SPLADE_SHARED); "
+                    "the tests that need them would all skip", returncode=1)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_tracking_uri():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which a stage started later reads as

@@ -1,5 +1,6 @@
 """Crash safety, injected: each stage that writes data (snapshot, teacher, train, evaluate) is
-killed with SIGKILL at a seeded random moment around its first write, and run against a full disk
+killed with SIGKILL while one of its outputs is being written (a temporary file or folder exists
+beside it; the test retries until two kills land so), and run against a full disk
 (a file-size limit, RLIMIT_FSIZE: every write past it fails as on a full disk). Each time: the stage
 fails (the full disk with a message, no traceback), no partial output is left to be read as whole,
 and the rerun's outputs equal an uninterrupted run's, byte for byte."""
@@ -7,7 +8,6 @@ and the rerun's outputs equal an uninterrupted run's, byte for byte."""
 from __future__ import annotations
 
 import hashlib
-import random
 import resource
 import shutil
 import signal
@@ -42,6 +42,16 @@ OUTPUTS = {
     "evaluate": [EVAL_METRICS, NDCG_TABLE, PLOTS_DIR / "ndcg_per_dataset.png",
                  PLOTS_DIR / "document_active_dims.png"],
 }
+
+
+KILL_ATTEMPTS = 20
+
+
+def temporaries(stage: str) -> list[Path]:
+    """The temporary files and folders beside the stage's outputs: what it is writing right now
+    (pipeline.tracking.records writes `.<name>.<random>.tmp` and renames it when whole)."""
+    folders = {path.parent for path in OUTPUTS[stage]}
+    return [found for folder in folders if folder.is_dir() for found in folder.glob(".*.tmp")]
 
 
 def contents(paths: list[Path]) -> dict[str, str]:
@@ -94,29 +104,34 @@ def test_killed_and_disk_full_stage_leaves_nothing_partial_and_rerun_equals_unin
     STAGES[stage].run(params)
     reference = contents(OUTPUTS[stage])
     assert reference
-    rng = random.Random(f"{stage}-crash")
 
     # a full disk: the limit is half the largest output, so writing that one must fail
     largest = max(Path(path).stat().st_size for path in reference)
     remove(OUTPUTS[stage])
-    started = time.perf_counter()
     process = start(stage, file_size_limit=largest // 2)
     _, stderr = process.communicate(timeout=600)
-    first_write = time.perf_counter() - started
     assert process.returncode == 1, stderr
     assert "the disk refused a write" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert_nothing_partial(stage, reference)
 
-    # kill -9 near the writes: a seeded random moment around when the full-disk run failed
-    for _ in range(2):
+    # kill -9 mid-write: the moment a temporary output exists (a file or folder being written aside),
+    # retried until the kill lands while one is still there, i.e. before its rename
+    landed = 0
+    for _ in range(KILL_ATTEMPTS):
         remove(OUTPUTS[stage])
+        for stale in temporaries(stage):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         process = start(stage)
-        try:
-            process.wait(timeout=first_write * rng.uniform(0.7, 1.3))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)  # kill -9
-            process.wait()
-        assert_nothing_partial(stage, reference)
+        while process.poll() is None and not temporaries(stage):
+            time.sleep(0.0005)
+        process.send_signal(signal.SIGKILL)  # kill -9
+        process.wait()
+        if process.returncode == -signal.SIGKILL and temporaries(stage):
+            landed += 1
+            assert_nothing_partial(stage, reference)
+            if landed == 2:
+                break
+    assert landed == 2, f"{stage}: the kill landed mid-write {landed} times in {KILL_ATTEMPTS} attempts"
 
     STAGES[stage].run(params)  # the rerun
     assert contents(OUTPUTS[stage]) == reference
