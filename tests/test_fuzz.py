@@ -126,11 +126,18 @@ def wrong_value(draw):
 
 
 @st.composite
-def broken(draw, data: bytes, fmt: str, frame: pd.DataFrame) -> bytes:
-    """`data` broken the way real files break."""
-    how = draw(st.sampled_from(["truncate", "join_lines", "repeat_line", "utf16", "latin1", "stray_byte",
-                                "stray_delimiter", "empty", "blank", "header_only", "wrong_value",
-                                "repeated_key", "huge_field"]))
+def broken(draw, data: bytes, fmt: str, frame: pd.DataFrame) -> tuple[bytes, str]:
+    """`data` broken the way real files break, and how."""
+    how = draw(st.sampled_from(BREAKS))
+    return draw(broken_as(data, fmt, frame, how)), how
+
+
+BREAKS = ["truncate", "join_lines", "repeat_line", "utf16", "latin1", "stray_byte", "stray_delimiter", "empty",
+          "blank", "header_only", "wrong_value", "repeated_key", "huge_field"]
+
+
+@st.composite
+def broken_as(draw, data: bytes, fmt: str, frame: pd.DataFrame, how: str) -> bytes:
     lines = data.split(b"\n")
     pick = draw(st.integers(0, max(len(lines) - 2, 0)))
     if how == "truncate":
@@ -203,19 +210,19 @@ FORMATS = ["jsonl", "tsv", "csv", "parquet"]
 
 @st.composite
 def cases(draw):
-    """(kind, format, rows, file bytes, whether the file is the valid rows as written)."""
+    """(kind, format, rows, file bytes, how it was broken: None for the valid rows as written)."""
     kind = draw(st.sampled_from(list(KIND_COLUMNS)))
     fmt = draw(st.sampled_from(FORMATS))
     frame = draw(valid_rows(kind, fmt))
     data = draw(written(frame, fmt))
     if draw(st.integers(0, 3)) == 0:
-        return kind, fmt, frame, data, True
-    return kind, fmt, frame, draw(broken(data, fmt, frame)), False
+        return kind, fmt, frame, data, None
+    return kind, fmt, frame, *draw(broken(data, fmt, frame))
 
 
 class Tally:
     def __init__(self):
-        self.counts = {"cases": 0, "read": 0, "refused": 0, "valid": 0}
+        self.counts = {"cases": 0, "read": 0, "refused": 0, "valid": 0, "broken_read": 0}
 
     def __str__(self):
         return ", ".join(f"{k} {v}" for k, v in self.counts.items())
@@ -238,14 +245,66 @@ def read_or_refuse(read, name: str, valid: bool, tally: Tally, what: str):
     return got
 
 
+def row_key(row: dict) -> int | None:
+    """The original row a read row claims to be: every valid text ends with its row's marker (' q3')."""
+    last = str(row.get("query", "")).rsplit(" q", 1)
+    return int(last[1]) if len(last) == 2 and last[1].isdigit() else None
+
+
+def assert_recoverable_rows(got: pd.DataFrame, frame: pd.DataFrame, how: str) -> None:
+    """A broken file that was read holds exactly its recoverable rows: every row the break did not
+    touch, unchanged and in order, none lost, none invented; a row it touched only as the file
+    still says it (cut short by a truncation, or one character off by a stray byte or delimiter)."""
+    original = expected_rows(frame).to_dict(orient="records")
+    if "score" in got:
+        got = got.assign(score=got["score"].map(lambda s: [float(v) for v in s] if isinstance(s, (list, np.ndarray))
+                                                else float(s)))
+    rows = got[[c for c in frame.columns if c in got]].to_dict(orient="records")
+    assert list(got.columns) == [c for c in got.columns if c in frame.columns] and set(got.columns) == set(frame.columns), \
+        f"{how}: columns {list(got.columns)}"
+    untouched = [r for r in rows if r in original]
+    # a row of blank texts is what a blank line between separators says (validate refuses it: not_empty)
+    touched = [r for r in rows if r not in original and not all(str(v).strip() == "" for v in r.values())]
+    seen = [original.index(r) for r in untouched]
+    assert seen == sorted(seen), f"{how}: rows out of order {seen}"
+    # a line repeated, or one rewritten from the row after it (the header shifts lines by one)
+    twice = how in ("repeat_line", "repeated_key", "wrong_value", "huge_field")
+    assert len(seen) - len(set(seen)) <= twice, f"{how}: rows read twice {seen}"
+    for row in touched:
+        index = row_key(row)
+        assert how in ("truncate", "stray_byte", "stray_delimiter", "wrong_value", "huge_field", "join_lines"), \
+            f"{how}: a row that is in no valid row and that this break cannot make: {row}"
+        if how in ("wrong_value", "huge_field", "join_lines"):
+            continue  # the one rewritten (or joined) row, as its file now says (a type check refuses the rest)
+        if how in ("stray_byte", "stray_delimiter"):  # one field of one row holds the stray character
+            assert any(sum(row[c] != want[c] for c in row) <= 1 for want in original), \
+                f"{how}: a row more than one field away from every valid row: {row}"
+            continue
+        assert index is not None and index < len(original), f"{how}: a row with no row of its own kept: {row}"
+        for column, value in row.items():  # truncate: the last row, cut short
+            want = original[index][column]
+            assert value == want or column == "score" or isinstance(value, str) and str(want).startswith(value), \
+                f"truncate: {column} {value!r} is not a prefix of {want!r}"
+    lost = [i for i in range(len(original)) if i not in seen and i not in {row_key(r) for r in touched}]
+    allowed = {"truncate": len(original), "join_lines": 2, "stray_delimiter": 2, "stray_byte": 2,
+               "wrong_value": 1, "huge_field": 1, "repeated_key": 1, "header_only": len(original),
+               "empty": len(original), "blank": len(original)}.get(how, 0)
+    if how == "truncate":
+        assert lost == list(range(len(original) - len(lost), len(original))), f"truncate: lost rows {lost} mid-file"
+    assert len(lost) <= allowed, f"{how}: rows lost {lost}"
+
+
 def check_reader_case(tmp: Path, case, tally: Tally) -> None:
-    kind, fmt, frame, data, valid = case
+    kind, fmt, frame, data, how = case
     path = tmp / f"rows-{tally.counts['cases']}.{fmt}"
     path.write_bytes(data)
-    got = read_or_refuse(lambda: read_as_stage(path, kind), path.name, valid, tally,
+    got = read_or_refuse(lambda: read_as_stage(path, kind), path.name, how is None, tally,
                          f"{kind} {fmt} file {data[:300]!r}")
-    if valid:
+    if how is None:
         assert_same_rows(got, frame)
+    elif got is not None:
+        assert_recoverable_rows(got, frame, how)
+        tally.counts["broken_read"] += 1
     path.unlink()
 
 
@@ -262,7 +321,8 @@ def run_validate_cli(args: list[str]) -> tuple[int, str]:
 
 
 def check_cli_case(tmp: Path, case, tally: Tally) -> None:
-    kind, fmt, frame, data, valid = case
+    kind, fmt, frame, data, how = case
+    valid = how is None
     path = tmp / f"cli-{tally.counts['cases']}.{fmt}"
     path.write_bytes(data)
     tally.counts["cases"] += 1
@@ -295,7 +355,7 @@ def beir_cases(draw):
     frame = corpus if target == "corpus.jsonl" else queries if target == "queries.jsonl" else \
         pd.DataFrame({"query-id": [f"q{i}" for i in range(docs)], "corpus-id": [f"d{i}" for i in range(docs)],
                       "score": [1] * docs})
-    files[target] = draw(broken(files[target], "jsonl" if target.endswith("jsonl") else "tsv", frame))
+    files[target] = draw(broken(files[target], "jsonl" if target.endswith("jsonl") else "tsv", frame))[0]
     return files, corpus, queries, False
 
 

@@ -348,7 +348,7 @@ def flow(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 def test_s3_down_during_dvc_push_is_a_clear_error_and_the_rerun_completes(origin, services):
     """Clone A's flow with --push, its DVC remote on a second S3 server: a run that a stage fails
     pushes nothing; with the S3 server down, `dvc push` fails the flow naming the endpoint; back up,
-    the rerun pushes everything (`dvc status --cloud` clean)."""
+    the rerun (`--pull --push`, as the docs give it) pushes everything (`dvc status --cloud` clean)."""
     import boto3
 
     a = origin.a
@@ -371,8 +371,8 @@ def test_s3_down_during_dvc_push_is_a_clear_error_and_the_rerun_completes(origin
         assert down.returncode != 0
         assert "dvc push failed" in output(down) and f"Could not connect to the endpoint URL: \"{spare.url}" in output(down)
 
-        spare.start()  # an empty bucket again (moto keeps nothing)
-        done = flow(a, env, "--push")
+        spare.start()  # an empty bucket again (moto keeps nothing): --pull finds nothing and lets it be
+        done = flow(a, env, "--pull", "--push")
         assert done.returncode == 0, output(done)[-3000:]
         assert objects() > 0
         assert json.loads(sh([str(BIN / "dvc"), "status", "--cloud", "--json"], a, env).stdout) == {}

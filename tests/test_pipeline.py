@@ -7,7 +7,9 @@ import os
 import shutil
 
 import mlflow
+import numpy as np
 import pytest
+from sentence_transformers import SparseEncoder
 
 from pipeline.cli import StageError
 from pipeline.config import (
@@ -164,6 +166,25 @@ def test_card_and_push_folder(finished_run, tiny_params):
     assert "`learning_rate`: 0.0003" in text.split("#### All Hyperparameters")[0]  # a non-default
     for figure in card.FIGURES:
         assert (CARD_DIR / figure).read_bytes()[:4] == b"\x89PNG" and f"]({figure})" in text
+
+    # the card's ONNX usage, run as written on the folder a push uploads: in fp32 it gives the
+    # vectors of the saved model (torch); the int8 file as written runs and points the same way
+    onnx_usage = text.split("### ONNX")[1].split("```python\n")[1].split("```")[0]
+    onnx_usage = onnx_usage.replace(f"snapshot_download({json.dumps(tiny_params.push.repo_id)})", repr(str(PUSH_DIR)))
+    texts = ["alpha beta gamma", "a longer text about several different things"]
+    model = SparseEncoder(str(STUDENT_DIR), device="cpu")
+    torch_vectors = model.encode_query(texts, convert_to_tensor=True).to_dense().numpy()
+    for file, tolerance in (("model.onnx", 1e-4), ("model_qint8.onnx", None)):
+        namespace = {"queries": texts, "documents": texts}
+        exec(onnx_usage.replace("model_qint8.onnx", file), namespace)
+        vectors = namespace["encode"](texts)
+        assert vectors.shape == torch_vectors.shape and (vectors > 0).sum(axis=1).max() <= model.max_active_dims
+        if tolerance:
+            np.testing.assert_allclose(vectors, torch_vectors, atol=tolerance)
+        else:
+            cosine = (vectors * torch_vectors).sum(axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(
+                torch_vectors, axis=1)
+            assert (cosine > 0.9).all(), cosine
 
     plan = json.loads(PUSH_PLAN.read_text())
     assert plan["dry_run"] is True and plan["commit"] is None

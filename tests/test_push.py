@@ -13,6 +13,7 @@ from pipeline.cli import StageError
 from pipeline.config import (
     CARD_DIR,
     EVAL_METRICS,
+    EXPORT_DIR,
     HEADLINE,
     PER_QUERY,
     PUSH_PLAN,
@@ -36,6 +37,7 @@ def hub(monkeypatch):
 
     standin = HubStandIn()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; the stand-in is local
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # binaries over LFS: the stand-in speaks no Xet
     monkeypatch.setenv("HF_ENDPOINT", standin.url)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     yield standin
@@ -79,6 +81,9 @@ def built_model(ndcg: float, base: float = 0.3, eval_sha256: str = "e" * 64, que
     (STUDENT_DIR / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
     (STUDENT_DIR / "config.json").write_text('{"model_type": "bert"}')
     (STUDENT_DIR / "1_SpladePooling" / "config.json").write_text('{"pooling_strategy": "max"}')
+    (EXPORT_DIR / "onnx").mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "model_qint8.onnx"):
+        (EXPORT_DIR / "onnx" / name).write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(range(256)) * 64 + name.encode())
     write_json(SNAPSHOT_MANIFEST, manifest(eval_sha256))
     eval_snapshot(queries)
     spread = np.tile([0.2, -0.2], queries // 2)  # per-query values of exactly the given mean
@@ -111,10 +116,11 @@ def params_for(**push_settings):
 
 
 def test_all_files_arrive_in_one_commit_after_a_503_is_retried(workdir, hub, caplog):
-    """A 503 on the commit (huggingface_hub retries that itself) and on creating the repo (the
-    stage's retries, with backoff): one commit holds every file."""
+    """A 503 on the commit and on an LFS object's upload (huggingface_hub retries those itself) and
+    on creating the repo (the stage's retries, with backoff): one commit holds every file, the binaries
+    (weights, ONNX, the figure) as LFS objects."""
     built_model(0.6)
-    hub.fail.update(commit=1, create=1)
+    hub.fail.update({"commit": 1, "create": 1, "lfs-upload": 1})
     with caplog.at_level(logging.WARNING):
         plan = push.run(params_for(dry_run=False))
 
@@ -122,8 +128,13 @@ def test_all_files_arrive_in_one_commit_after_a_503_is_retried(workdir, hub, cap
     assert commit.oid == plan["commit"] and hub.repos["tester/sparse"].private
     expected = {f["path"] for f in plan["files"]}
     assert sorted(commit.added) == sorted(expected) == sorted(
-        ["README.md", "model.safetensors", "config.json", "1_SpladePooling/config.json", "training_curve.png"])
+        ["README.md", "model.safetensors", "config.json", "1_SpladePooling/config.json", "training_curve.png",
+         "onnx/model.onnx", "onnx/model_qint8.onnx"])
+    assert sorted(commit.lfs) == ["model.safetensors", "onnx/model.onnx", "onnx/model_qint8.onnx", "training_curve.png"]
     assert commit.files["model.safetensors"] == (STUDENT_DIR / "model.safetensors").read_bytes()
+    assert commit.files["onnx/model_qint8.onnx"] == (EXPORT_DIR / "onnx/model_qint8.onnx").read_bytes()
+    lfs_puts = [path for method, path, _ in hub.requests if method == "PUT"]
+    assert len(lfs_puts) == 5 and len(set(lfs_puts)) == 4  # each object once, one of them again after its 503
     assert commit.message.startswith("Upload ") and "dvc.lock" in commit.message and "git " in commit.message
     assert "create_repo failed (HfHubHTTPError: Server error '503" in caplog.text and "retry 1 of 4" in caplog.text
     commits_tried = [r for r in hub.requests if r[1].endswith("/commit/main")]

@@ -49,7 +49,8 @@ def run(command: list[str], cwd: Path, timeout: int = 600) -> tuple[str, float]:
 def hub_env():
     """A local stand-in for the Hub, and the environment that pushes to it with a token."""
     hub = HubStandIn()
-    yield hub, {**ENV, "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    # HF_HUB_DISABLE_XET: binaries over LFS, which the stand-in speaks (it speaks no Xet)
+    yield hub, {**ENV, "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
     hub.close()
 
 
@@ -286,6 +287,8 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     (commit,) = hub.repos["tester/quickstart"].branches["main"]
     plan = json.loads((project / "build/push_plan.json").read_text())
     assert commit.oid == plan["commit"] and sorted(commit.added) == sorted(f["path"] for f in plan["files"])
+    # the weights and the ONNX files took the Hub's LFS path (batch, upload, verify, lfsFile)
+    assert {"model.safetensors", "onnx/model.onnx", "onnx/model_qint8.onnx"} <= set(commit.lfs)
     assert f"git {git(project, 'rev-parse', '--short', 'HEAD').strip()}, dvc.lock " in commit.message
     assert "dvc.lock none" not in commit.message
     leaks = [str(path.relative_to(project)) for path in project.rglob("*")

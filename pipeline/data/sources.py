@@ -123,12 +123,33 @@ def read_table(path: Path, sep: str, **options) -> pd.DataFrame:
         pass
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                           quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL, **options)
+                           quoting=_quoting(sep), **options)
     except pd.errors.EmptyDataError:
         raise SourceError(path, "not_empty", "no rows (the file is empty)") from None
     except pd.errors.ParserError as exc:
         raise SourceError(path, "delimited_rows", f"{str(exc).removeprefix('Error tokenizing data. C error: ')}"
                           " (a stray separator, or a quote left open?)") from None
+
+
+def _quoting(sep: str) -> int:
+    return csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # MS MARCO's tsv files quote nothing
+
+
+def row_lines(path: Path, sep: str, width: int, header: bool) -> list[int]:
+    """The line each row of a delimited file starts on, checking that every row has `width` fields:
+    pandas pads a short row with empty fields, which would quietly keep a cut or broken line."""
+    lines, start = [], 1
+    csv.field_size_limit(2**31 - 1)  # a huge field is the length check's to name, not a parse error
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=sep, quoting=_quoting(sep))
+        for number, record in enumerate(reader):
+            if record and (number or not header):  # pandas skips blank lines, and so do we
+                if len(record) != width:
+                    raise SourceError(path, "delimited_rows", f"line {start} has {len(record)} fields, not "
+                                      f"{width} (a line cut short, or a separator lost or added?)", record)
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -148,8 +169,7 @@ def read_delimited(path: Path, sep: str, columns: list[str] | None) -> pd.DataFr
         frame = read_table(path, sep, header=None, names=columns)
     else:
         frame = read_table(path, sep)
-    if sep == "\t":  # one row per line (csv may quote newlines into a field: rows only)
-        frame.attrs["lines"] = list(range(1 if columns else 2, len(frame) + (1 if columns else 2)))
+    frame.attrs["lines"] = row_lines(path, sep, len(frame.columns), header=not columns)
     return frame
 
 

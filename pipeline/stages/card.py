@@ -198,6 +198,7 @@ def card_facts(params: Params) -> dict:
         "per_dataset": evaluation["datasets"],
         "sweep": sweep,
         "max_seq_length": model.max_seq_length,
+        "max_active_dims": train_cfg.max_active_dims,
         "dimensions": model.get_embedding_dimension(),
         "architecture": str(model),
         "metric_names": list(student),
