@@ -39,3 +39,16 @@ def test_paired_bench_agrees_with_ranx_arch_and_ir_measures_on_the_run_files(tmp
     assert abs(result["arch_interval"][1] - diff["high"]) < 0.25 * noise
     assert diff["standard_error"] == pytest.approx(result["textbook_standard_error"], rel=0.15)
     assert result["ranx_fisher_p_two_sided"] == pytest.approx(result["ours_two_sided_p"], abs=0.03)
+
+
+def test_teacher_bench_reports_deduplication_and_scoring_apart(tmp_path, shared):
+    """bench/teacher.py --smoke (2 SciFact queries, 4 hard negatives each): 16 pairs labelled, 10
+    unique pairs scored; the project's scores are stock's; the overall speedup is the product of
+    the de-duplication's and the scoring's on the same pairs."""
+    done = subprocess.run([sys.executable, str(PROJECT / "bench/teacher.py"), "--smoke"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pairs_labelled"] == 16 and result["unique_pairs_scored"] == 10
+    assert result["max_abs_diff_vs_stock"] < 1e-4
+    assert result["speedup"] == pytest.approx(result["dedup_speedup"] * result["speedup_same_pairs"], rel=0.01)
