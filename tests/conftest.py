@@ -26,16 +26,22 @@ def pytest_sessionstart(session):
                     "the tests that need them would all skip", returncode=1)
 
 
+SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_tracking_uri():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which a stage started later reads as
-    the user's choice of server: no test leaves it set for the next one's subprocesses."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    the user's choice of server: every test starts and ends with the session's value (not the one it
+    found: a module's fixture set up just before it may have exported its own)."""
+    def restore():
+        if SESSION_TRACKING_URI is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
+    restore()
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    restore()
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,17 @@ def test_every_metric_equals_the_stock_evaluator_on_splade_tiny(shared, cut_beir
     assert ours["max_active_dims"]["32"]["corpus_active_dims"] <= 32 < ours["metrics"]["corpus_active_dims"]
 
 
-def test_nanobeir_layout_sets_and_mean_equal_the_stock_nanobeir_evaluator(shared, cut_beir, nanobeir_en):
+def test_nanobeir_layout_sets_and_mean_equal_the_stock_nanobeir_evaluator(shared, cut_beir, nanobeir_en,
+                                                                          monkeypatch, tmp_path):
     """A local copy of a Hugging Face dataset in the NanoBEIR-en layout, read by short name and by
     split name: each set's metrics and their mean equal sentence-transformers' SparseNanoBEIREvaluator
     reading the same folder."""
+    import datasets
     import pandas as pd
+
+    # the stock evaluator reads through datasets' shared cache, which can hand it another test's
+    # NanoBEIR folder of the same layout (the project's reader gives local folders a cache of their own)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.evaluation import SparseNanoBEIREvaluator
 

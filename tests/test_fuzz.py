@@ -272,6 +272,9 @@ def assert_recoverable_rows(got: pd.DataFrame, frame: pd.DataFrame, how: str) ->
     assert len(seen) - len(set(seen)) <= twice, f"{how}: rows read twice {seen}"
     for row in touched:
         index = row_key(row)
+        if how == "repeat_line" and {k: v.removeprefix("\ufeff") if isinstance(v, str) else v
+                                     for k, v in row.items()} in original:
+            continue  # the first line repeated with the file's byte-order mark, which mid-file is text
         assert how in ("truncate", "stray_byte", "stray_delimiter", "wrong_value", "huge_field", "join_lines"), \
             f"{how}: a row that is in no valid row and that this break cannot make: {row}"
         if how in ("wrong_value", "huge_field", "join_lines"):

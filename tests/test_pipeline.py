@@ -1,6 +1,7 @@
 """All stages in-process on the shrunken quickstart (once for the module), then the MLflow run they
 leave behind; a run the gate refuses or a stage fails; the registry's champions per evaluation."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,18 +68,31 @@ def tiny_params(workdir) -> Params:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """One working folder for the module's pipeline run (stages write relative to it)."""
-    before = os.getcwd()
-    folder = tmp_path_factory.mktemp("pipeline")
-    os.chdir(folder)
-    yield folder
-    os.chdir(before)
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(autouse=True)
+def in_workdir(workdir, monkeypatch):
+    """Each test of this module in the module's folder, and only it: in a random order a test of
+    another module can run between two of these, and must not find itself there."""
+    monkeypatch.chdir(workdir)
+
+
+def in_a_copy(workdir, tmp_path, monkeypatch, params: Params) -> Params:
+    """A test that changes the run (another push, more runs in the store) works on a copy of the
+    module's folder and store, so the others find the run as finished_run left it, in any order."""
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    monkeypatch.chdir(copy)
+    return with_changes(params, tracking={"tracking_uri": f"sqlite:///{copy}/mlflow.db"})
 
 
 @pytest.fixture(scope="module")
 def finished_run(workdir, tiny_params):
-    for stage in STAGES:
-        stage.run(tiny_params)
-    return track.run(tiny_params)
+    with contextlib.chdir(workdir):
+        for stage in STAGES:
+            stage.run(tiny_params)
+        return track.run(tiny_params)
 
 
 def file_hashes(*folders) -> dict:
@@ -214,11 +228,13 @@ def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == manifest["rows"]
 
 
-def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, tiny_params, tmp_path):
+def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, tiny_params, workdir, tmp_path,
+                                                                      monkeypatch):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend) gets the finished pipeline's run (the
     track stage pointed at it), with a nested run per stage; the student registered as challenger and
     champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
     the gate stays challenger only."""
+    tiny_params = in_a_copy(workdir, tmp_path, monkeypatch, tiny_params)  # its records are the server's
     from tests.helpers.services import BIN, Server, free_port
 
     port = free_port()
@@ -274,10 +290,11 @@ def stopped_runs(params: Params) -> list:
 
 
 def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_untouched(finished_run, tiny_params,
-                                                                                         monkeypatch):
+                                                                                         workdir, tmp_path, monkeypatch):
     """Push refused by the gate: the run is in MLflow with every param, the evaluation's metrics and
     tags saying what refused it and why; the model, metrics and card files are as they were. A stage
     failing (an upload without a token) is on record the same way, as failed."""
+    tiny_params = in_a_copy(workdir, tmp_path, monkeypatch, tiny_params)
     before = file_hashes(STUDENT_DIR, EVAL_METRICS.parent, CARD_DIR)
     refusing = with_changes(tiny_params, push={"gate": {"minimum": 0.999}})
     with pytest.raises(GateRefused, match="below push.gate.minimum 0.9990"):
@@ -306,23 +323,17 @@ def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_u
 
 
 def test_a_version_evaluated_on_another_set_is_champion_of_its_own_evaluation(finished_run, tiny_params,
-                                                                              cut_beir, tmp_path):
+                                                                              cut_beir, workdir, tmp_path, monkeypatch):
     """The quickstart's champion scores high on its synthetic set; the same student evaluated on
     SciFact scores far lower. Registered under the same name it still becomes champion of SciFact,
     reported, not compared with the synthetic number; the synthetic champion keeps its own alias, and
     no alias names the latest promotion on any evaluation."""
+    params = with_changes(in_a_copy(workdir, tmp_path, monkeypatch, tiny_params), push={"gate": {"beat_base": False}},
+                          snapshot={"eval": {"source": str(cut_beir("scifact", queries=10, extra_docs=100))}})
     copy = tmp_path / "copy"
-    shutil.copytree(os.getcwd(), copy)
-    os.chdir(copy)
-    params = with_changes(tiny_params, snapshot={"eval": {"source": str(cut_beir("scifact", queries=10, extra_docs=100))}},
-                          push={"gate": {"beat_base": False}},
-                          tracking={"tracking_uri": f"sqlite:///{copy}/mlflow.db"})  # not the cached store
-    try:
-        snapshot.run(params)
-        evaluate.run(params)
-        outcome = track.run(params)["registered"]
-    finally:
-        os.chdir(tmp_path)
+    snapshot.run(params)
+    evaluate.run(params)
+    outcome = track.run(params)["registered"]
     first = finished_run["registered"]
     assert outcome["value"] < first["value"] - params.push.gate.max_drop  # a cross-set comparison would refuse
     assert outcome["promoted"] and outcome["champion_version"] is None and outcome["eval_id"] != first["eval_id"]

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,15 +139,19 @@ def _quoting(sep: str) -> int:
 def row_lines(path: Path, sep: str, width: int, header: bool) -> list[int]:
     """The line each row of a delimited file starts on, checking that every row has `width` fields:
     pandas pads a short row with empty fields, which would quietly keep a cut or broken line."""
-    lines, start = [], 1
+    lines, start, names = [], 1, None
     csv.field_size_limit(2**31 - 1)  # a huge field is the length check's to name, not a parse error
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=sep, quoting=_quoting(sep))
         for number, record in enumerate(reader):
-            if record and (number or not header):  # pandas skips blank lines, and so do we
+            if header and number == 0:
+                names = record
+            elif record:  # pandas skips blank lines, and so do we
                 if len(record) != width:
                     raise SourceError(path, "delimited_rows", f"line {start} has {len(record)} fields, not "
                                       f"{width} (a line cut short, or a separator lost or added?)", record)
+                if record == names:  # files concatenated with their headers, or a line repeated
+                    raise SourceError(path, "delimited_rows", f"line {start} repeats the header", record)
                 lines.append(start)
             start = reader.line_num + 1
     return lines
@@ -384,15 +389,23 @@ def without_header_if_none(frame: pd.DataFrame, path: Path, sep: str, cfg: Train
     return read_delimited(path, sep, columns)
 
 
-def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
-    """A Hugging Face dataset split; a Hub id must be pinned to a revision (a local folder need not)."""
+def hf_split(source: str, config: str | None, split: str, revision: str | None) -> pd.DataFrame:
+    """One split of a Hugging Face dataset. A local folder is read through a cache of its own: the
+    shared cache can hand back another local folder's data of the same layout (seen in the tests)."""
     from datasets import load_dataset
 
+    if Path(source).exists():
+        with tempfile.TemporaryDirectory() as cache:
+            return load_dataset(source, config, split=split, cache_dir=cache, keep_in_memory=True).to_pandas()
+    return load_dataset(source, config, split=split, revision=revision).to_pandas()
+
+
+def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
+    """A Hugging Face dataset split; a Hub id must be pinned to a revision (a local folder need not)."""
     if cfg.revision is None and not Path(cfg.source).exists():
         raise SourceError(cfg.source, "pinned_revision", "set snapshot.train.revision to a commit "
                           "or tag: an unpinned Hub dataset can change under the same name")
-    dataset = load_dataset(cfg.source, name=cfg.config, split=cfg.split, revision=cfg.revision)
-    return dataset.to_pandas()
+    return hf_split(cfg.source, cfg.config, cfg.split, cfg.revision)
 
 
 def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path]:
@@ -481,25 +494,25 @@ def read_hub_retrieval_sets(source: str, revision: str | None, names: list[str],
       and the qrels as config default, split `split` (MS MARCO dev: mteb/msmarco, split dev); one set,
       named after the dataset.
     Empty texts are dropped, as sentence-transformers' NanoBEIREvaluator drops them."""
-    from datasets import get_dataset_split_names, load_dataset
+    from datasets import get_dataset_split_names
 
     if revision is None and not Path(source).exists():
         raise SourceError(source, "pinned_revision", "set snapshot.eval.revision to a commit or tag: "
                           "an unpinned Hub dataset can change under the same name")
 
     def texts(part: str, part_split: str) -> dict[str, str]:
-        frame = load_dataset(source, part, split=part_split, revision=revision).to_pandas()
+        frame = hf_split(source, part, part_split, revision)
         return {doc_id: t for doc_id, t in zip(frame["_id"].astype(str), joined_text(frame)) if t}
 
     available = get_dataset_split_names(source, "corpus", revision=revision)
     if available == ["corpus"]:
-        qrels = load_dataset(source, "default", split=split, revision=revision).to_pandas()
+        qrels = hf_split(source, "default", split, revision)
         name = Path(source.rstrip("/")).name
         return {name: RetrievalSet(texts("corpus", "corpus"), texts("queries", "queries"),
                                    judged_qrels(qrels, f"{source} default/{split}"))}
     sets = {}
     for set_split in hub_set_names(source, names, available):
-        qrels = load_dataset(source, "qrels", split=set_split, revision=revision).to_pandas()
+        qrels = hf_split(source, "qrels", set_split, revision)
         sets[set_split] = RetrievalSet(texts("corpus", set_split), texts("queries", set_split),
                                        judged_qrels(qrels, f"{source} qrels/{set_split}"))
     return sets
