@@ -275,10 +275,13 @@ def assert_recoverable_rows(got: pd.DataFrame, frame: pd.DataFrame, how: str) ->
         if how == "repeat_line" and {k: v.removeprefix("\ufeff") if isinstance(v, str) else v
                                      for k, v in row.items()} in original:
             continue  # the first line repeated with the file's byte-order mark, which mid-file is text
-        assert how in ("truncate", "stray_byte", "stray_delimiter", "wrong_value", "huge_field", "join_lines"), \
+        assert how in ("truncate", "stray_byte", "stray_delimiter", "wrong_value", "huge_field", "join_lines",
+                       "repeated_key"), \
             f"{how}: a row that is in no valid row and that this break cannot make: {row}"
-        if how in ("wrong_value", "huge_field", "join_lines"):
-            continue  # the one rewritten (or joined) row, as its file now says (a type check refuses the rest)
+        if how in ("wrong_value", "huge_field", "join_lines", "repeated_key"):
+            # the one rewritten (or joined) row, as its file now says (a type check refuses the rest); in a
+            # CSV a quote in the new value opens a field that runs into the next line
+            continue
         if how in ("stray_byte", "stray_delimiter"):  # one field of one row holds the stray character
             assert any(sum(row[c] != want[c] for c in row) <= 1 for want in original), \
                 f"{how}: a row more than one field away from every valid row: {row}"
@@ -290,7 +293,7 @@ def assert_recoverable_rows(got: pd.DataFrame, frame: pd.DataFrame, how: str) ->
                 f"truncate: {column} {value!r} is not a prefix of {want!r}"
     lost = [i for i in range(len(original)) if i not in seen and i not in {row_key(r) for r in touched}]
     allowed = {"truncate": len(original), "join_lines": 2, "stray_delimiter": 2, "stray_byte": 2,
-               "wrong_value": 1, "huge_field": 1, "repeated_key": 1, "header_only": len(original),
+               "wrong_value": 2, "huge_field": 1, "repeated_key": 2, "header_only": len(original),
                "empty": len(original), "blank": len(original)}.get(how, 0)
     if how == "truncate":
         assert lost == list(range(len(original) - len(lost), len(original))), f"truncate: lost rows {lost} mid-file"
