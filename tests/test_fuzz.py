@@ -8,7 +8,8 @@ exactly its rows and passes. Invalid files are valid ones broken the ways real f
 truncated or joined lines, UTF-16 or Latin-1, stray delimiters, wrong types, NaN and infinity,
 empty files, huge fields, nested values, repeated keys.
 
-Seeded (derandomized), so a failure reproduces. The default suite runs a bounded number of cases;
+Seeded (derandomized) and drawing its constants from the modules under test only, so a failure
+reproduces whatever else the session imported. The default suite runs a bounded number of cases;
 `pytest -m slow tests/test_fuzz.py` runs many more.
 """
 
@@ -28,9 +29,15 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import providers
+from hypothesis.internal.constants_ast import constants_from_module
+from hypothesis.internal.floats import float_to_int
+from sortedcontainers import SortedSet
 
+from pipeline import cli, config
 from pipeline.cli import StageError
 from pipeline.config import TrainDataConfig
+from pipeline.data import sources
 from pipeline.data.sources import KIND_COLUMNS, load_training, read_retrieval_set
 from pipeline.stages import validate
 
@@ -40,6 +47,21 @@ CASE_SECONDS = 20  # the most one case may take: a hang fails the test, naming t
 def fuzz_settings(examples: int):
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(autouse=True)
+def constants_of_the_modules_under_test(monkeypatch):
+    """Hypothesis mixes into its draws constants from every project module imported so far, so the
+    cases would depend on which other tests ran first: here they come from the readers' modules."""
+    pool = providers.Constants(integers=SortedSet(), floats=SortedSet(key=float_to_int), bytes=SortedSet(),
+                               strings=SortedSet())  # sorted: a set's order would change with PYTHONHASHSEED
+    for module in (cli, config, sources, validate):
+        for constant in constants_from_module(module):
+            pool.add(constant)
+    monkeypatch.setattr(providers, "_get_local_constants", lambda: pool)
+    providers.CONSTANTS_CACHE.cache.clear()
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()
 
 
 class Hang(Exception):
