@@ -474,6 +474,7 @@ def test_two_clean_runs_on_one_machine_give_byte_identical_metrics(project, seco
         assert (second_project / path).read_text() == git(project, "show", f"{committed}:{path}"), path
 
 
+@pytest.mark.timeout(1800)  # five trainings, 6,600 steps in all (about 10 minutes on 2 cores)
 def test_the_default_profile_survives_the_obvious_experiments(second_project, tmp_path):
     """Epochs halved or doubled, the learning rate halved or doubled, another seed: each student is
     still clearly above BM25 on the held-out queries (the low end of its nDCG@10's interval above
