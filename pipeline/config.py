@@ -85,7 +85,7 @@ class SyntheticConfig(Section):
     docs_per_topic: PositiveInt = 4
     filler_words: PositiveInt = 300
     filler_per_doc: int = Field(6, ge=0)
-    train_queries_per_topic: PositiveInt = 24
+    train_queries_per_topic: PositiveInt = 48
     eval_queries_per_topic: PositiveInt = 2
     terms_per_query: PositiveInt = 3
     synonym_rate: float = Field(0.8, ge=0, le=1)
@@ -261,11 +261,14 @@ class TrainConfig(Section):
     # null: the whole batch at once
     mini_batch_size: PositiveInt | None = None
     learning_rate: PositiveFloat = 3e-4
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    # a long learning-rate warm-up: a student from random weights keeps its vectors alive until it
+    # starts learning (docs/training.md, which settings matter)
+    warmup_ratio: float = Field(0.2, ge=0, lt=1)
     query_regularizer_weight: float = Field(0.2, ge=0)
     document_regularizer_weight: float = Field(0.1, ge=0)
-    # the FLOPS weights grow quadratically from 0 over this share of the steps (SPLADE's warm-up)
-    regularizer_warmup_ratio: float = Field(1 / 3, ge=0, le=1)
+    # the FLOPS weights grow quadratically from 0 over this share of the steps (SPLADE's warm-up;
+    # sentence-transformers' default is 1/3, which a short run from random weights does not survive)
+    regularizer_warmup_ratio: float = Field(1.0, ge=0, le=1)
     # keep only the top-k dimensions of each vector the model encodes (saved with it); null: all
     # (a CSR model: its autoencoder's k)
     max_active_dims: PositiveInt | None = 32
