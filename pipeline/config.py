@@ -154,8 +154,10 @@ class SnapshotConfig(Section):
 
 CHECKS = ("row_count", "not_null", "not_empty", "length", "duplicates",
           "query_is_positive", "positive_is_negative", "finite_scores", "mojibake",
-          "qrels_missing_ids", "eval_leak")
-DEFAULT_SEVERITY = {check: "warning" if check == "mojibake" else "error" for check in CHECKS}
+          "qrels_missing_ids", "eval_leak", "corpus_duplicate_texts")
+# real corpora (MS MARCO, NQ, Quora) hold the same text under several ids: worth knowing, not a refusal
+DEFAULT_SEVERITY = {check: "warning" if check in ("mojibake", "corpus_duplicate_texts") else "error"
+                    for check in CHECKS}
 
 
 class ValidateConfig(Section):

@@ -167,3 +167,35 @@ def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_para
     manifest = snapshot.run(Params.model_validate(params))
     assert manifest["eval"]["sets"]["msmarco"]["judged_queries"] == 5
     assert read_eval_snapshot("dev") == {"msmarco": data}
+
+
+def test_trec_qrels_as_nist_ships_them_give_the_tab_separated_files_metrics(shared, cut_beir, tmp_path):
+    """TREC-DL19's judgements written as NIST distributes them (`qid 0 docid rel`, space-separated,
+    no header, grade-0 rows kept, in qrels/test.txt) read as the BEIR tab-separated file with the same
+    judgements, and splade-tiny's metrics on both are equal; a line of another width names its line."""
+    import shutil
+
+    from sentence_transformers import SparseEncoder
+
+    from pipeline.evaluation import scoring
+
+    beir = cut_beir("trec-dl19-subset", queries=2, extra_docs=20)
+    tab = read_retrieval_set(beir, "test")
+    nist = tmp_path / "nist"
+    shutil.copytree(beir, nist)
+    (nist / "qrels/test.tsv").unlink()
+    lines = [f"{q} 0 {d} {grade}" for q, docs in tab.qrels.items() for d, grade in docs.items()]
+    lines += [f"{q}  0  {next(iter(tab.corpus))}   0" for q in tab.qrels]  # judged not relevant, wider gaps
+    (nist / "qrels/test.txt").write_text("\n".join(lines) + "\n")
+    trec = read_retrieval_set(nist, "test")
+    assert trec == tab and {1, 2} <= {grade for docs in trec.qrels.values() for grade in docs.values()}
+
+    model = SparseEncoder(str(shared / "models/splade-tiny"))
+    model.max_seq_length = 128
+    vectors = scoring.encode(model, "splade-tiny", tab, 32, scoring.Sharding(tmp_path / "shards", 100_000, 0, 1), False)
+    metrics = {name: scoring.retrieval_scores(vectors, data).metrics for name, data in (("tab", tab), ("trec", trec))}
+    assert metrics["trec"] == metrics["tab"] and 0 < metrics["tab"]["dot_graded_ndcg@10"] < 1
+
+    (nist / "qrels/test.txt").write_text("\n".join(lines[:3] + [lines[3].rsplit(" ", 1)[0]] + lines[4:]) + "\n")
+    with pytest.raises(SourceError, match=r"qrels/test.txt: delimited_rows failed: line 4 has 3 fields, not 4"):
+        read_retrieval_set(nist, "test")

@@ -184,6 +184,36 @@ def test_bad_evaluation_sets_stop_before_the_teacher(case, workdir, tiny_params)
     assert not TEACHER_DIR.exists()
 
 
+def test_duplicate_texts_under_distinct_ids_are_a_warning_naming_the_count(workdir, tiny_params, capsys):
+    """Real corpora hold one text under several ids: a warning with its count and the ids (the stage
+    and the standalone checker), the run going on; `error` severity refuses it. A repeated *id* stays
+    an error (BAD_SETS)."""
+    train = write_jsonl(workdir / "train.jsonl", GOOD)
+    folder = workdir / "duplicates"
+    corpus = {"d1": "relevant passage 1 text", "d2": "another passage", "d3": "relevant passage 1 text",
+              "d4": "another passage", "d5": "relevant passage 1 text", "d6": "a passage of its own"}
+    write_beir(folder, corpus, {"e1": "a held out question"}, [("e1", "d1")])
+    params = params_for(tiny_params, train, eval_source=folder)
+    result = snapshot_then_validate(params)
+    assert result["success"] and result["warnings"] == 1
+    finding, = result["findings"]
+    assert (finding["check"], finding["severity"], finding["failing_count"]) == ("corpus_duplicate_texts", "warning", 3)
+    assert [(e["corpus-id"], e["same_text_as"]) for e in finding["example_rows"].values()] == [
+        ("d3", "d1"), ("d4", "d2"), ("d5", "d1")]
+
+    with pytest.raises(SystemExit) as exit_:
+        validate.main([str(folder), "--kind", "beir", "--params", str(workdir / "none.yaml")])
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["warnings"] == 1
+    assert "[warning]" in err and "corpus_texts_unique" in err and "failed for 3 row(s)" in err and '"d5"' in err
+
+    data = params.model_dump(by_alias=True)
+    data["validate"]["severity"] = {"corpus_duplicate_texts": "error"}
+    with pytest.raises(StageError, match=r"corpus_texts_unique .*failed for 3 row"):
+        validate.run(Params.model_validate(data))
+
+
 def jsonl_lines(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

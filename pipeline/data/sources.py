@@ -409,7 +409,9 @@ def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
 
 
 def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path]:
-    qrels_path = folder / "qrels" / f"{split}.tsv"
+    # NIST's qrels come as .txt; the contents decide how they are read, not the name
+    qrels_path = next((path for path in (folder / "qrels" / f"{split}.{ext}" for ext in ("tsv", "txt"))
+                       if path.exists()), folder / "qrels" / f"{split}.tsv")
     for needed in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
         if not needed.exists():
             raise SourceError(folder, "beir_layout", f"{needed.relative_to(folder)} is missing")
@@ -419,9 +421,11 @@ def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path
 
 
 def read_qrels_tsv(path: Path) -> pd.DataFrame:
-    """BEIR qrels (query-id, corpus-id, score, with a header row), or header-less qrels: three
-    columns in that order, or TREC's four (query, iteration, document, relevance)."""
-    rows = read_table(path, "\t", header=None)
+    """BEIR qrels (query-id, corpus-id, score, tab-separated, with a header row), or header-less
+    qrels: three columns in that order, or TREC's four (query, iteration, document, relevance),
+    tab-separated or, as NIST ships them, separated by spaces."""
+    first = next((line for _, line in _utf8_lines(path) if line.strip()), "")
+    rows = read_table(path, "\t", header=None) if "\t" in first else whitespace_rows(path)
     if len(rows) and rows.iloc[0, 0].strip() == "query-id":
         return rows.iloc[1:].set_axis([c.strip() for c in rows.iloc[0]], axis=1).reset_index(drop=True)
     names = {3: ["query-id", "corpus-id", "score"], 4: ["query-id", "iteration", "corpus-id", "score"]}
@@ -430,6 +434,24 @@ def read_qrels_tsv(path: Path) -> pd.DataFrame:
                           "query-id, corpus-id, score (BEIR) or query, iteration, document, relevance (TREC)",
                           rows.iloc[0].tolist() if len(rows) else None)
     return rows.set_axis(names[rows.shape[1]], axis=1)
+
+
+def whitespace_rows(path: Path) -> pd.DataFrame:
+    """The fields of a file separated by runs of spaces (TREC's qrels and run files), every line as
+    wide as the first; a line of another width is an error naming it."""
+    rows, width = [], None
+    for number, line in _utf8_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        width = width or len(fields)
+        if len(fields) != width:
+            raise SourceError(path, "delimited_rows", f"line {number} has {len(fields)} fields, not {width} "
+                              "(a line cut short, or a field holding a space?)", fields)
+        rows.append(fields)
+    if not rows:
+        raise SourceError(path, "not_empty", "no rows (the file is empty)")
+    return pd.DataFrame(rows)
 
 
 def _read_nanobeir(folder: Path) -> tuple[dict, dict, pd.DataFrame, Path]:

@@ -173,6 +173,13 @@ def check_eval_set(data: RetrievalSet, source: str, cfg: ValidateConfig,
     check("qrels_missing_ids", "qrels_reference_existing_queries",
           [{"query-id": q} for q in data.qrels if q not in data.queries],
           "qrels naming a query missing from the queries")
+    texts = pd.Series(data.corpus, dtype=object)
+    repeats = texts.duplicated(keep="first")
+    firsts = texts[~repeats & texts.isin(set(texts[repeats]))]
+    first_id = dict(zip(firsts.to_numpy(), firsts.index))
+    check("corpus_duplicate_texts", "corpus_texts_unique",
+          [{"corpus-id": d, "same_text_as": first_id[t], "text": t[:200]} for d, t in texts[repeats].items()],
+          "documents whose text an earlier document (another id) already has")
     judged = {q: data.queries[q] for q in data.qrels if q in data.queries}
     check("eval_leak", "eval_queries_not_in_training",
           [{"query-id": q, "text": t} for q, t in judged.items() if t in train_queries],
@@ -252,7 +259,9 @@ def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
     if kind == "beir":
         data = read_retrieval_set(Path(source), split)
         corpus = pd.DataFrame({"positive": list(data.corpus.values())})
-        findings = check_rows(corpus, f"{source}/corpus", cfg.model_copy(update={"min_rows": 1}))
+        # repeated texts are check_eval_set's to report, by document id
+        rows_cfg = cfg.model_copy(update={"min_rows": 1, "severity": {**cfg.severity, "duplicates": "off"}})
+        findings = check_rows(corpus, f"{source}/corpus", rows_cfg)
         return report(findings + check_eval_set(data, source, cfg, set()), len(corpus))
     frame = load_training(TrainDataConfig(source=source, kind=kind, columns=columns, split=split))
     return report(check_rows(frame, source, cfg), len(frame))
