@@ -12,7 +12,12 @@ validated against the schema before anything runs): params.yaml's values change 
 the default DVC remote: `dvc pull` before the stages, `dvc push` after them (only when all passed).
 
     python -m flows.retrain [--pull] [--push] [--force] [-S train.learning_rate=1e-4 ...] [--keep-overrides]
-    python -m flows.retrain --serve --cron "0 3 * * *"   # a scheduled deployment, served from here
+    python -m flows.retrain --deploy --pool retrain --interval 3600   # to a work pool, then:
+    prefect worker start --pool retrain                  # runs the pool's flow runs, from this folder
+    python -m flows.retrain --deploy --pool k8s-gpu --image registry/sparse-pipeline:TAG   # Kubernetes
+
+A deployment runs one flow run at a time (concurrency limit 1: a run triggered while another is
+running waits for it), so two runs never apply their overrides to the same params.yaml.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pipeline.config import PARAMS_FILE, Params
 
 DVC_FILE = Path("dvc.yaml")
 DEPLOYMENT = "scheduled-retrain"
+ENTRYPOINT = "flows/retrain.py:retrain"
 # output of a stage worth running again: another process holds DVC's lock, the network dropped
 TRANSIENT = ("Unable to acquire lock", "Connection reset", "Connection refused", "timed out",
              "Temporary failure in name resolution", "502 Bad Gateway", "503 Service Unavailable",
@@ -209,6 +215,32 @@ def retrain(force: bool = False, overrides: list[str] | None = None, keep_overri
     return outcome
 
 
+def deploy_to_pool(pool: str, parameters: dict, schedule: dict, image: str | None = None) -> None:
+    """The flow deployed to `pool`, one flow run at a time. Without an image, from this folder (a
+    worker on this machine, or one that sees the same path, runs it here; a missing pool is created
+    as a process pool); with one, from that image (its working directory the repository), for a
+    Kubernetes pool made with deploy/kubernetes/base-job-template.json."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            if image:
+                raise SystemExit(f"no work pool {pool!r}: create it with `prefect work-pool create {pool} --type "
+                                 "kubernetes --base-job-template deploy/kubernetes/base-job-template.json`") from None
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            print(f"work pool {pool!r} created (process)")
+    deployable = retrain if image else retrain.from_source(source=str(Path.cwd()), entrypoint=ENTRYPOINT)
+    deployable.deploy(name=DEPLOYMENT, work_pool_name=pool, parameters=parameters, concurrency_limit=1,
+                      print_next_steps=False, **({"image": image, "build": False, "push": False} if image else {}),
+                      **schedule)
+    print(f"deployment retrain-sparse-encoder/{DEPLOYMENT} on pool {pool!r}: start a worker with "
+          f"`prefect worker start --pool {pool}`")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="re-run every stage")
@@ -218,13 +250,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="leave the -S values in params.yaml after the run")
     parser.add_argument("--pull", action="store_true", help="dvc pull from the default DVC remote first")
     parser.add_argument("--push", action="store_true", help="dvc push to the default DVC remote after a successful run")
-    parser.add_argument("--serve", action="store_true", help="serve a deployment on a schedule")
-    parser.add_argument("--cron", default="0 3 * * *", help="the deployment's schedule (with --serve)")
+    parser.add_argument("--deploy", action="store_true", help="deploy to the work pool --pool names (its workers run it)")
+    parser.add_argument("--pool", help="the work pool (with --deploy); a missing one is created as a process pool")
+    parser.add_argument("--image", help="with --deploy: the image a Kubernetes pool's pods run (the project installed)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="the deployment's schedule (default: 0 3 * * *)")
+    when.add_argument("--interval", type=float, help="the deployment's schedule: a run every this many seconds")
     args = parser.parse_args(argv)
-    if args.serve:
-        retrain.serve(name=DEPLOYMENT, cron=args.cron, parameters={
-            "force": args.force, "overrides": args.overrides, "keep_overrides": args.keep_overrides,
-            "pull": args.pull, "push": args.push})
+    if args.deploy and not args.pool:
+        parser.error("--deploy needs --pool")
+    if args.deploy:
+        schedule = {"interval": args.interval} if args.interval else {"cron": args.cron or "0 3 * * *"}
+        deploy_to_pool(args.pool, {"force": args.force, "overrides": args.overrides, "keep_overrides": args.keep_overrides,
+                                   "pull": args.pull, "push": args.push}, schedule, args.image)
         return
     outcome = retrain(force=args.force, overrides=args.overrides, keep_overrides=args.keep_overrides,
                       pull=args.pull, push=args.push)

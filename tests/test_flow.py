@@ -65,3 +65,47 @@ def test_overrides_change_values_and_nothing_else_and_are_undone_after_the_run(t
     with overridden(["train.epochs=2"], keep=True, params_file=params_file):
         pass
     assert yaml.safe_load(params_file.read_text())["train"]["epochs"] == 2  # --keep-overrides
+
+
+def test_the_kubernetes_base_job_template_passes_prefects_checks_and_renders_a_gpu_job():
+    """deploy/kubernetes/base-job-template.json (no cluster runs it here): Prefect's own checks on
+    a work pool's template (every placeholder a declared variable) and on job variables (the
+    variables' JSON schema; the image required), everything prefect-kubernetes' own default declares
+    kept, and the job it renders: the image, GPUs, the secret's environment, /dev/shm."""
+    import json
+
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.schema_tools import ValidationError, validate
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import (
+        KubernetesWorker,
+        KubernetesWorkerJobConfiguration,
+    )
+
+    template = json.loads((PROJECT / "deploy/kubernetes/base-job-template.json").read_text())
+    WorkPoolCreate(name="k8s-gpu", type="kubernetes", base_job_template=template)
+    broken = json.loads(json.dumps(template).replace("{{ secret_name }}", "{{ secret }}"))
+    with pytest.raises(ValueError, match="undeclared variable\\(s\\): secret"):
+        WorkPoolCreate(name="k8s-gpu", type="kubernetes", base_job_template=broken)
+    stock = KubernetesWorker.get_default_base_job_template()
+    assert stock["job_configuration"].keys() <= template["job_configuration"].keys()
+    assert stock["variables"]["properties"].keys() <= template["variables"]["properties"].keys()
+
+    variables = {"image": "registry.example.com/sparse-pipeline:1", "gpus": 2}
+    validate(variables, template["variables"], raise_on_error=True, preprocess=True)
+    for wrong in ({"gpus": 2}, {**variables, "gpus": "two"}):  # no image; not a number
+        with pytest.raises(ValidationError):
+            validate(wrong, template["variables"], raise_on_error=True, preprocess=True)
+
+    # what the worker renders (from_template_and_values without its block lookups, which need a
+    # server): the schema's defaults under the given values, prefect's templating, validated by
+    # prefect-kubernetes' own job configuration
+    defaults = KubernetesWorkerJobConfiguration._get_base_config_defaults(template["variables"]["properties"])
+    rendered = apply_values(template["job_configuration"], {**defaults, **variables})
+    job = KubernetesWorkerJobConfiguration(**rendered).job_manifest
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == variables["image"] and container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["envFrom"] == [{"secretRef": {"name": "sparse-pipeline"}}]
+    assert pod["volumes"] == [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
+    assert (job["apiVersion"], job["kind"], pod["restartPolicy"]) == ("batch/v1", "Job", "Never")

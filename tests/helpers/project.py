@@ -15,7 +15,7 @@ from pipeline.config import Params
 PROJECT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SPLADE_SHARED", PROJECT.parent / "shared"))
 # What a fresh clone holds that the pipeline needs to run (no data, models or MLflow store).
-PROJECT_FILES = ["pipeline", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+PROJECT_FILES = ["pipeline", "flows", "deploy", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
                  ".gitignore", "pyproject.toml"]
 
 
