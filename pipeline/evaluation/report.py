@@ -67,6 +67,12 @@ def markdown(evaluation: dict, verdict: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(evaluation: dict, verdict: dict) -> str:
+    """The headline metrics' table and the gate's verdict, without the movers: a run's description
+    in the MLflow UI, the first thing its page shows."""
+    return "\n".join([*metrics_table(evaluation), *verdict_lines(verdict)[:2]]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval", default=str(EVAL_METRICS), help="metrics/eval.json")

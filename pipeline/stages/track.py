@@ -111,9 +111,11 @@ def log_and_register(params: Params) -> dict:
     client = mlflow.MlflowClient()
     verdict = registered["verdict"]
     client.log_dict(run_id, verdict, "gate_verdict.json")
-    client.log_text(run_id, report.markdown(json.loads(EVAL_METRICS.read_text()), verdict), "report.md")
+    evaluation = json.loads(EVAL_METRICS.read_text())
+    client.log_text(run_id, report.markdown(evaluation, verdict), "report.md")
     for key, value in {**verdict_tags(verdict), "registry": f"{registered['name']} version {registered['version']}, "
-                       + (registered["alias"] if registered["promoted"] else "challenger")}.items():
+                       + (registered["alias"] if registered["promoted"] else "challenger"),
+                       "mlflow.note.content": report.summary(evaluation, verdict)}.items():  # the run's description
         client.set_tag(run_id, key, value)
     uri = shown_uri(tracking_uri(params.tracking))
     out = {"run_id": run_id, "experiment": params.tracking.experiment, "tracking_uri": uri, "registered": registered}

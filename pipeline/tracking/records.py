@@ -163,6 +163,7 @@ def stage_record(stage: str, params: Params, records_dir: Path = RECORDS_DIR) ->
                 record_stopped_run(stage, params, record, error, started_at, records_dir)
             raise
         measure(record, tracker, started, params.tracking)
+    record["started_at"], record["finished_at"] = started_at, time.time()  # the MLflow runs' real times
     for name, value in record["metrics"].items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"stage {stage}: metric {name!r} is not a finite number: {value!r}")
@@ -194,8 +195,9 @@ def record_stopped_run(stage: str, params: Params, record: dict, error: Exceptio
     try:
         before = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage in RECORDED_STAGES else RECORDED_STAGES
         records = load_records([s for s in before if record_path(s, records_dir).exists()], records_dir)
-        records[stage] = {**record, "metrics": {k: v for k, v in record["metrics"].items()
-                                                if isinstance(v, (int, float)) and math.isfinite(v)}}
+        records[stage] = {**record, "started_at": started_at, "finished_at": time.time(),
+                          "metrics": {k: v for k, v in record["metrics"].items()
+                                      if isinstance(v, (int, float)) and math.isfinite(v)}}
         refused = isinstance(error, GateRefused)
         tags = {**pipeline_tags(params, records), OUTCOME_TAG: "refused" if refused else "failed",
                 "stopped_by": f"{stage}.gate" if refused else stage, "reason": str(error)[:4000]}
@@ -317,6 +319,11 @@ def load_records(stages: list[str], records_dir: Path = RECORDS_DIR) -> dict[str
     return {s: json.loads(record_path(s, records_dir).read_text()) for s in stages}
 
 
+def _ms(record: dict, key: str) -> int | None:
+    """A record's time in MLflow's milliseconds (None for a record from before records held them)."""
+    return int(record[key] * 1000) if key in record else None
+
+
 def _flatten_sections(sections: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, section in sections.items():
@@ -422,12 +429,41 @@ def log_pipeline_run(records: dict[str, dict], params: Params, tags: dict[str, s
     return run_id
 
 
+# stages further apart than this did not run in the same pipeline run (DVC skipped the earlier
+# ones: their records are from a run before)
+BACK_TO_BACK_SECONDS = 600
+
+
+def pipeline_started_at(records: dict[str, dict]) -> float | None:
+    """When this pipeline run began: the start of the first of the stages that ran back to back up to
+    the last one (a stage DVC skipped keeps its record, and its time, from an earlier run)."""
+    timed = sorted((r["started_at"], r["finished_at"]) for r in records.values() if "started_at" in r)
+    if not timed:
+        return None
+    start = timed[-1][0]
+    for (began, ended), (next_began, _) in zip(reversed(timed[:-1]), reversed(timed[1:])):
+        if next_began - ended > BACK_TO_BACK_SECONDS:
+            break
+        start = began
+    return start
+
+
+def headline_first(metrics: dict[str, float], params: Params) -> dict[str, float]:
+    """The gate's metric first: the MLflow UI's compare view plots the first metric a run logged."""
+    headline = mlflow_metric_name(f"evaluate.{params.push.gate.metric}")
+    return {headline: metrics[headline], **metrics} if headline in metrics else metrics
+
+
 def new_pipeline_run(experiment_id: str, records: dict[str, dict], params: Params, tags: dict[str, str],
                      artifacts: list[Path], datasets: list[tuple[Any, str]], status: str) -> str:
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
-    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
+    client = mlflow.MlflowClient()
+    started_at = pipeline_started_at(records)
+    created = client.create_run(experiment_id, tags=tags,
+                                start_time=None if started_at is None else int(started_at * 1000))
+    with mlflow.start_run(run_id=created.info.run_id) as run:
         flat = _flatten_sections(params.model_dump(mode="json", by_alias=True))
         mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
 
@@ -440,15 +476,19 @@ def new_pipeline_run(experiment_id: str, records: dict[str, dict], params: Param
             metrics[f"{stage}.emissions_kg_co2eq"] = record["emissions_kg_co2eq"]
         metrics["emissions_kg_co2eq"] = sum(r["emissions_kg_co2eq"] for r in records.values())
         metrics["energy_kwh"] = sum(r["energy_kwh"] for r in records.values())
-        mlflow.log_metrics(metrics)
-        for stage, record in records.items():
+        mlflow.log_metrics(headline_first(metrics, params))
+        for stage, record in records.items():  # a nested run per stage, over the stage's own time
             stage_tags = {k: v for k, v in tags.items() if k != "mlflow.runName"}
-            with mlflow.start_run(experiment_id=experiment_id, run_name=stage, nested=True,
-                                  tags={**stage_tags, "stage": stage}):
-                mlflow.log_params({k: ("" if v is None else v) for k, v in _flatten(stage, record["params"]).items()})
-                mlflow.log_metrics({k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{stage}.")})
+            nested = client.create_run(experiment_id, run_name=stage, start_time=_ms(record, "started_at"),
+                                       tags={**stage_tags, "stage": stage, "mlflow.parentRunId": run.info.run_id})
+            now = int(time.time() * 1000)
+            client.log_batch(nested.info.run_id,
+                             params=[Param(k, str("" if v is None else v)) for k, v in _flatten(stage, record["params"]).items()],
+                             metrics=[Metric(k.split(".", 1)[1], v, now, 0) for k, v in metrics.items()
+                                      if k.startswith(f"{stage}.")])
+            client.set_terminated(nested.info.run_id, end_time=_ms(record, "finished_at"))
 
-        # the training curve: one request per 1000 points (MLflow's batch limit), not one per step
+    # the training curve: one request per 1000 points (MLflow's batch limit), not one per step
         now = int(time.time() * 1000)
         points = [Metric(name, value, now, step) for name, value, step in
                   step_metrics(records["train"]["facts"]["log_history"] if "train" in records else [])]
