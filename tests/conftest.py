@@ -45,6 +45,20 @@ def no_leaked_tracking_uri():
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium for the tests that look at a web UI: CI installs it (.ci/run), so there a
+    missing one fails; elsewhere it skips, saying what to install."""
+    from tests.helpers.browser import chromium_binary
+
+    found = chromium_binary()
+    if found is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("CI: no Chromium (apt-get install chromium)")
+        pytest.skip("no Chromium for the web UI tests (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared assets not found at {SHARED} (set SPLADE_SHARED)")

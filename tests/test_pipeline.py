@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import mlflow
@@ -39,6 +40,7 @@ from pipeline.stages import (
     train,
     validate,
 )
+from tests.helpers.browser import mlflow_compare_view
 from tests.helpers.project import PROJECT, shrink, with_changes
 
 EVAL_STEPS = 4
@@ -54,7 +56,15 @@ def assert_nested_stage_runs(runs, parent) -> None:
         assert child.data.tags["dvc_lock"] == parent.data.tags["dvc_lock"]
         assert child.data.metrics["seconds"] == parent.data.metrics[f"{stage}.seconds"] > 0
         assert child.data.params and all(k.startswith(f"{stage}.") for k in child.data.params)
+        record = json.loads((RECORDS_DIR / f"{stage}.json").read_text())  # the stage's own time, not track's
+        assert (child.info.start_time, child.info.end_time) == (int(record["started_at"] * 1000),
+                                                                int(record["finished_at"] * 1000))
     assert children["evaluate"].data.metrics["dot_ndcg_at_10"] == parent.data.metrics["evaluate.dot_ndcg_at_10"]
+    # the pipeline run spans its stages, from the first one's start (they ran back to back) to track's end
+    assert parent.info.start_time == min(child.info.start_time for child in children.values())
+    assert parent.info.end_time >= max(child.info.end_time for child in children.values())
+    assert parent.info.end_time - parent.info.start_time >= 1000 * sum(
+        parent.data.metrics[f"{stage}.seconds"] for stage in children)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +140,11 @@ def test_one_mlflow_run_holds_everything(finished_run, tiny_params):
     assert [m.step for m in ndcg] == sorted({*range(EVAL_STEPS, steps + 1, EVAL_STEPS), steps})
     assert all(0 <= m.value <= 1 for m in ndcg)
 
-    # eval metrics, named without '@', equal to the metrics file
+    # eval metrics, named without '@', equal to the metrics file; the headline first, in the description
     expected = json.loads(EVAL_METRICS.read_text())["student"]["dot_ndcg@10"]
     assert run.data.metrics["evaluate.dot_ndcg_at_10"] == pytest.approx(expected)
+    description = run.data.tags["mlflow.note.content"]
+    assert re.search(rf"^\| dot_ndcg@10 \| {expected:.4f} \[", description, re.M) and "**Gate (significance): " in description
     assert not any("@" in name for name in run.data.metrics)
 
     # emissions, per stage and in total
@@ -229,11 +241,12 @@ def test_snapshot_is_the_runs_dataset_input(finished_run, tiny_params):
 
 
 def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_run, tiny_params, workdir, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, chromium):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend) gets the finished pipeline's run (the
     track stage pointed at it), with a nested run per stage; the student registered as challenger and
     champion, loaded back by alias as a pyfunc that encodes text to sparse vectors; a model that fails
-    the gate stays challenger only."""
+    the gate stays challenger only. The MLflow UI's comparison of the two runs, opened in headless
+    Chromium, plots the headline metric and shows both runs' values."""
     tiny_params = in_a_copy(workdir, tmp_path, monkeypatch, tiny_params)  # its records are the server's
     from tests.helpers.services import BIN, Server, free_port
 
@@ -279,6 +292,19 @@ def test_a_tracking_server_gets_the_runs_and_serves_the_champion_model(finished_
         assert client.get_model_version_by_alias("quickstart-sparse", alias).version == "1"
         assert "champion" not in client.get_registered_model("quickstart-sparse").aliases
         assert client.get_model_version_by_alias("quickstart-sparse", "challenger").version == "2"
+
+        # the two pipeline runs side by side in the MLflow UI, as a person sees them (headless Chromium)
+        parents = [r for r in mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+                   if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 2
+        text, shown = mlflow_compare_view(chromium, uri, parents[0].info.experiment_id,
+                                          [r.info.run_id for r in parents], tmp_path / "compare.png",
+                                          "evaluate.dot_ndcg_at_10")
+        assert "Comparing 2 Runs from 1 Experiment" in text and "push.gate.minimum" in text
+        # the plot's metric is the headline one (the first a run logs); each run's value in the table
+        assert re.search(r"^Metrics:\n(.*\n){0,2}evaluate\.dot_ndcg_at_10$", text, re.M), text[:1500]
+        assert shown == [f"{r.data.metrics['evaluate.dot_ndcg_at_10']:.3g}" for r in parents]
+        assert (tmp_path / "compare.png").stat().st_size > 50_000
     finally:
         server.stop()
 

@@ -315,6 +315,9 @@ def test_a_changed_train_value_reruns_train_onwards_pushes_without_leaking_and_e
     assert {image["revisions"][0] for image in plots["metrics/plots/ndcg_per_dataset.png"]} == {"HEAD", "workspace"}
     newest, *_, first = pipeline_runs(project)
     assert float(newest.data.params["train.learning_rate"]) == 0.001
+    # the run spans what ran (train onwards), not the stages DVC skipped, whose records are the first run's
+    train_record = json.loads((project / "records/train.json").read_text())
+    assert newest.info.start_time == int(train_record["started_at"] * 1000) > first.info.end_time
     assert_comparable(newest, first)
 
     git(project, "commit", "-qam", "retrain: learning rate 0.001, 1 epoch")  # dvc.lock and metrics/

@@ -429,23 +429,16 @@ def log_pipeline_run(records: dict[str, dict], params: Params, tags: dict[str, s
     return run_id
 
 
-# stages further apart than this did not run in the same pipeline run (DVC skipped the earlier
-# ones: their records are from a run before)
-BACK_TO_BACK_SECONDS = 600
-
-
-def pipeline_started_at(records: dict[str, dict]) -> float | None:
-    """When this pipeline run began: the start of the first of the stages that ran back to back up to
-    the last one (a stage DVC skipped keeps its record, and its time, from an earlier run)."""
-    timed = sorted((r["started_at"], r["finished_at"]) for r in records.values() if "started_at" in r)
-    if not timed:
-        return None
-    start = timed[-1][0]
-    for (began, ended), (next_began, _) in zip(reversed(timed[:-1]), reversed(timed[1:])):
-        if next_began - ended > BACK_TO_BACK_SECONDS:
-            break
-        start = began
-    return start
+def pipeline_started_at(client, experiment_id: str, records: dict[str, dict], key: str) -> float | None:
+    """When this pipeline run began: the first start among the stages that ran after the previous
+    pipeline run in the experiment ended (a stage DVC skipped keeps its record, and its time, from
+    that run or an earlier one); None when none did (track alone ran: the run starts now)."""
+    previous = next((run.info.end_time / 1000 for run in client.search_runs(
+        [experiment_id], order_by=["attributes.end_time DESC"], max_results=200)
+        if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get(RUN_KEY_TAG) != key
+        and run.info.end_time), 0.0)
+    starts = [r["started_at"] for r in records.values() if r.get("started_at", 0) > previous]
+    return min(starts) if starts else None
 
 
 def headline_first(metrics: dict[str, float], params: Params) -> dict[str, float]:
@@ -460,7 +453,7 @@ def new_pipeline_run(experiment_id: str, records: dict[str, dict], params: Param
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
-    started_at = pipeline_started_at(records)
+    started_at = pipeline_started_at(client, experiment_id, records, tags[RUN_KEY_TAG])
     created = client.create_run(experiment_id, tags=tags,
                                 start_time=None if started_at is None else int(started_at * 1000))
     with mlflow.start_run(run_id=created.info.run_id) as run:
