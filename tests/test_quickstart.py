@@ -339,12 +339,12 @@ def exp_run(project, rate: float) -> subprocess.CompletedProcess:
     return done
 
 
-def pipeline_runs(project) -> list:
-    """The project's pipeline runs in MLflow (not the nested stage runs), newest first."""
+def pipeline_runs(project, experiment: str = "sparse-encoder") -> list:
+    """The project's pipeline runs in an MLflow experiment (not the nested stage runs), newest first."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    return [r for r in mlflow.search_runs(experiment_names=["sparse-encoder"], output_format="list")
+    return [r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")
             if "mlflow.parentRunId" not in r.data.tags]
 
 
@@ -432,8 +432,6 @@ def test_prefect_work_pool_worker_schedule_concurrency_and_a_failed_stage(projec
     import hashlib
     import signal
 
-    import mlflow
-
     port = free_port()
     env = {**hub_env[1], "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_WORKER_QUERY_SECONDS": "1"}
@@ -492,9 +490,7 @@ def test_prefect_work_pool_worker_schedule_concurrency_and_a_failed_stage(projec
         spans = sorted((r["start"], r["end"]) for r in runs)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans  # none overlap
         assert (project / "params.yaml").read_bytes() == params_before
-        mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-        logged = [r for r in mlflow.search_runs(experiment_names=["scheduled"], output_format="list")
-                  if "mlflow.parentRunId" not in r.data.tags]
+        logged = pipeline_runs(project, experiment="scheduled")
         assert [r.data.tags["outcome"] for r in logged] == ["ok"]  # the scheduled run's, once
 
         # Kubernetes, as far as a server without a cluster goes: a pool made with the project's base job
