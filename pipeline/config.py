@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -181,6 +182,18 @@ class ValidateConfig(Section):
         return {**DEFAULT_SEVERITY, **value}
 
 
+class RayConfig(Section):
+    """Where a stage's shards run with backend: ray (pipeline.data.ray_shards)."""
+    # a running cluster: "auto" (one `ray start` began on this machine) or ray://HOST:10001; the
+    # RAY_ADDRESS variable wins; none: Ray starts one on this machine for the run
+    address: str | None = None
+    # workers (Ray actors, each loading the model once); none: as many as the cluster's CPUs (or GPUs) hold
+    workers: PositiveInt | None = None
+    cpus_per_worker: PositiveInt = 1  # also each worker's torch threads
+    # auto: one GPU per worker where the cluster has GPUs, none otherwise
+    gpus_per_worker: NonNegativeFloat | Literal["auto"] = "auto"
+
+
 class TeacherConfig(Section):
     # lexicon-bm25: BM25 over the training documents with queries expanded through the synthetic
     # lexicon (the quickstart's teacher); cross-encoder: any CrossEncoder folder or Hub id;
@@ -203,6 +216,9 @@ class TeacherConfig(Section):
     # several ranks: how long one rank waits for another (rank 0 for the next shard, the others for
     # rank 0's batch-size plan) before failing with the missing shards and ranks named
     wait_seconds: PositiveFloat = 3600.0
+    # local: this process (and the ranks torchrun starts); ray: the shards as tasks of Ray workers
+    backend: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _mining_needs_a_bi_encoder(self) -> "TeacherConfig":
@@ -370,6 +386,9 @@ class EvaluateConfig(Section):
     shard_docs: PositiveInt = 100_000
     # several ranks: how long rank 0 waits for the next corpus shard before failing, naming the missing ones
     wait_seconds: PositiveFloat = 1800
+    # local: this process (and the ranks torchrun starts); ray: the corpus shards as tasks of Ray workers
+    backend: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
 
 class CardConfig(Section):

@@ -59,6 +59,26 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="session")
+def ray_session():
+    from tests.helpers.ray_cluster import RayCluster
+
+    cluster = RayCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def ray_cluster(ray_session):
+    """A local Ray cluster of two nodes of one CPU each (`ray start --head` on 127.0.0.1, and one
+    more node process), started once per session; a test that kills a node gets it back for the next."""
+    while len(ray_session.alive()) < 2:
+        ray_session.start_node()
+    return ray_session
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared assets not found at {SHARED} (set SPLADE_SHARED)")

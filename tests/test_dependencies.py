@@ -46,15 +46,26 @@ def undeclared(imports: dict[str, set[str]], names: set[str]) -> dict[str, list[
 
 
 def test_the_pipeline_imports_only_declared_dependencies():
-    missing = undeclared(imported_libraries("pipeline", "flows"), declared("scale", "server", "kubernetes"))
+    missing = undeclared(imported_libraries("pipeline", "flows"), declared("scale", "server", "kubernetes", "ray"))
     assert not missing, f"imported but not declared in pyproject's dependencies: {missing}"
 
 
 def test_tests_and_benches_import_only_declared_dependencies():
-    missing = undeclared(imported_libraries("tests", "bench"), declared("scale", "server", "kubernetes", "dev"))
+    missing = undeclared(imported_libraries("tests", "bench"), declared("scale", "server", "kubernetes", "ray", "dev"))
     assert not missing, f"imported but not declared in pyproject (dependencies or the dev extra): {missing}"
 
 
 def test_a_removed_declaration_is_found():
     names = declared("scale", "server") - {"scipy"}
     assert "scipy" in undeclared(imported_libraries("pipeline"), names)
+
+
+def test_the_local_backend_never_imports_ray():
+    """Ray is an extra (teacher.backend / evaluate.backend ray): the stages and their library code load
+    without it, and never import it unless asked."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import pipeline.stages.teacher, pipeline.stages.evaluate, pipeline.modelling.teachers, "
+             "pipeline.evaluation.scoring; print('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

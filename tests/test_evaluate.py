@@ -420,8 +420,9 @@ def test_graded_ndcg_on_the_whole_trec_dl19_subset(tmp_path, shared):
     assert ir_measures.calc_aggregate([exponential], data.qrels, ranking)[exponential] == pytest.approx(0.7153, abs=1e-4)
 
 
-def evaluate_process(model, beir, shards, out=None, rank=0, world_size=1):
-    """`python -m pipeline.stages.evaluate --model --beir --shards` as a rank of `world_size`."""
+def evaluate_process(model, beir, shards, out=None, rank=0, world_size=1, ray_address=None):
+    """`python -m pipeline.stages.evaluate --model --beir --shards` as a rank of `world_size`, or with
+    --ray on the cluster at `ray_address`."""
     import os
     import subprocess
     import sys
@@ -429,8 +430,11 @@ def evaluate_process(model, beir, shards, out=None, rank=0, world_size=1):
 
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.stages.evaluate", "--model", str(model), "--beir", str(beir), "--max-seq-length",
-         "128", "--batch-size", "8", "--shards", str(shards), "--shard-docs", "25"] + (["--out", str(out)] if out else []),
-        cwd=Path(evaluate.__file__).parents[1], env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size)},
+         "128", "--batch-size", "8", "--shards", str(shards), "--shard-docs", "25"] + (["--out", str(out)] if out else [])
+        + (["--ray"] if ray_address else []),
+        cwd=Path(evaluate.__file__).parents[1],
+        env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size),
+             **({"RAY_ADDRESS": ray_address} if ray_address else {})},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -438,6 +442,17 @@ def shard_matrices(folder) -> dict:
     from scipy.sparse import load_npz
 
     return {path.name: load_npz(path) for path in sorted(folder.glob("*-of-*.npz"))}
+
+
+def one_process_run(tmp_path, shared, cut_beir):
+    """splade-tiny on a cut SciFact by one process: (model, BEIR folder, its corpus shards); its
+    metrics in tmp_path/one.json."""
+    model, beir = shared / "models/splade-tiny", cut_beir("scifact", queries=6, extra_docs=220)
+    single = evaluate_process(model, beir, tmp_path / "one", tmp_path / "one.json")
+    assert single.wait(timeout=600) == 0, single.communicate()[0]
+    one = shard_matrices(tmp_path / "one")
+    assert len(one) >= 8
+    return model, beir, one
 
 
 @pytest.mark.e2e
@@ -449,12 +464,8 @@ def test_two_ranks_encode_what_one_process_does_and_a_killed_run_resumes(tmp_pat
     import signal
     import time
 
-    model, beir = shared / "models/splade-tiny", cut_beir("scifact", queries=6, extra_docs=220)
+    model, beir, one = one_process_run(tmp_path, shared, cut_beir)
     finished = lambda process: process.communicate(timeout=600)[0]
-    single = evaluate_process(model, beir, tmp_path / "one", tmp_path / "one.json")
-    assert single.wait(timeout=600) == 0, finished(single)
-    one = shard_matrices(tmp_path / "one")
-    assert len(one) >= 8
 
     ranks = [evaluate_process(model, beir, tmp_path / "two", tmp_path / f"rank{r}.json", r, 2) for r in (0, 1)]
     outputs = [finished(process) for process in ranks]
@@ -485,3 +496,28 @@ def test_two_ranks_encode_what_one_process_does_and_a_killed_run_resumes(tmp_pat
     resumed = shard_matrices(tmp_path / "resumed")
     assert resumed.keys() == one.keys() and all((resumed[n] != one[n]).nnz == 0 for n in one)
     assert not list((tmp_path / "resumed").glob(".*tmp"))  # no half-written shard left behind
+
+
+@pytest.mark.e2e
+def test_ray_workers_encode_the_corpus_shards_one_process_encodes(tmp_path, shared, cut_beir, ray_cluster):
+    """--ray (evaluate.backend ray) on a local two-node cluster: the corpus shards one process writes,
+    bit for bit, and the same metrics; a rerun finds every shard and encodes none."""
+    import json
+
+    model, beir, one = one_process_run(tmp_path, shared, cut_beir)
+    finished = lambda process: process.communicate(timeout=600)[0]
+
+    on_ray = evaluate_process(model, beir, tmp_path / "ray", tmp_path / "ray.json", ray_address=ray_cluster.address)
+    output = finished(on_ray)
+    assert on_ray.returncode == 0, output
+    assert "evaluate on 2 Ray worker(s)" in output
+    two = shard_matrices(tmp_path / "ray")
+    assert two.keys() == one.keys()
+    assert all((two[name] != one[name]).nnz == 0 and two[name].shape == one[name].shape for name in one)
+    metrics, expected = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ray", "one"))
+    assert {k: metrics[k] for k in expected if k != "seconds"} == {k: expected[k] for k in expected if k != "seconds"}
+
+    again = evaluate_process(model, beir, tmp_path / "ray", tmp_path / "again.json", ray_address=ray_cluster.address)
+    output = finished(again)
+    assert again.returncode == 0 and "evaluate on 2 Ray worker(s)" not in output, output  # nothing to encode
+    assert shard_matrices(tmp_path / "ray").keys() == one.keys()

@@ -290,6 +290,56 @@ def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_matc
     pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)
 
 
+def shard_times(workdir) -> dict:
+    return {p: p.stat().st_mtime_ns for p in (workdir / TEACHER_SHARDS_DIR).glob("*-of-*.parquet")}
+
+
+def wait_for_shard_files(workdir, process, count: int) -> None:
+    while len(shard_times(workdir)) < count:
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.01)
+
+
+@pytest.mark.e2e
+def test_ray_workers_score_what_one_process_does_a_lost_node_is_survived_and_a_killed_run_resumes(
+        workdir, scifact_stage, ray_cluster):
+    """teacher.backend ray on a local two-node cluster: the same scores as one process, bit for bit;
+    a node killed mid-run hands its shard to the other; the stage killed mid-run keeps its shards,
+    and the rerun scores only the missing ones."""
+    teacher.run(scifact_stage)
+    uninterrupted = scores_file(workdir)
+    total = len(shard_times(workdir))
+    assert total >= 8
+    for path in (workdir / TEACHER_SHARDS_DIR).iterdir():
+        path.unlink()
+    on_ray = scifact_stage.model_copy(update={"teacher": scifact_stage.teacher.model_copy(update={"backend": "ray"})})
+    env = {"RAY_ADDRESS": ray_cluster.address}
+
+    process = run_stage_process(workdir, on_ray, env)
+    wait_for_shard_files(workdir, process, 1)
+    ray_cluster.kill(ray_cluster.nodes[-1])  # a lost machine, its worker with it
+    output = finished(process)
+    ray_cluster.wait_for_nodes(1)  # the next run's workers: where the cluster knows there is room
+    record = json.loads((workdir / "records/teacher.json").read_text())["metrics"]
+    assert record["ray_workers"] == 2 and record["shards_scored"] == total
+    assert record["shards_redone"] == 1 and "a Ray worker died on shard" in output
+    pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)
+
+    for path in (workdir / TEACHER_SHARDS_DIR).iterdir():
+        path.unlink()
+    killed = run_stage_process(workdir, on_ray, env)
+    wait_for_shard_files(workdir, killed, total // 2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    survivors = shard_times(workdir)
+    assert total // 2 <= len(survivors) < total
+    finished(run_stage_process(workdir, on_ray, env))
+    record = json.loads((workdir / "records/teacher.json").read_text())["metrics"]
+    assert record["shards_reused"] == len(survivors) and record["shards_scored"] == total - len(survivors)
+    assert all(shard_times(workdir)[path] == mtime for path, mtime in survivors.items())  # not redone
+    pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)
+
+
 def test_teacher_refuses_a_snapshot_whose_validation_failed_or_is_missing(workdir, tiny_params, shared):
     """`dvc repro --single-item teacher` after a failed validation (or none) labels nothing."""
     toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS), columns=["query", "positive", "negative"]))

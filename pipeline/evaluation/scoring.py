@@ -6,10 +6,12 @@ benches call it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ import pandas as pd
 from pipeline.config import (
     EXPORT_DIR,
     IndexConfig,
+    RayConfig,
 )
 from pipeline.data.shards import wait_for_shards
 from pipeline.data.snapshots import (
@@ -59,12 +62,14 @@ class Sharding:
     """Where a corpus's vectors go (one file per `shard_docs` documents, kept across runs: a rerun, or
     a run after a killed one, encodes only the missing shards) and which of them this process
     encodes: under torchrun, or RANK / WORLD_SIZE set by hand on machines sharing the folder, rank r
-    takes shards r, r+N, ... and rank 0 waits for the rest, as the teacher splits its scoring."""
+    takes shards r, r+N, ... and rank 0 waits for the rest, as the teacher splits its scoring. With
+    `ray`, Ray workers (pipeline.data.ray_shards) encode them instead, into the same files."""
     folder: Path
     shard_docs: int = 100_000
     rank: int = 0
     world_size: int = 1
     wait_seconds: float = 1800
+    ray: RayConfig | None = None  # backend ray: Ray workers encode the missing shards, this process writes them
 
 
 @dataclass
@@ -116,14 +121,30 @@ def encode_shards(model, data: RetrievalSet, shards: CorpusShards, batch_size: i
     return {"shards": shards.count, "shards_reused": len(mine) - len(todo), "shards_encoded": len(todo)}
 
 
+def encode_documents(held: tuple, texts: list[str], batch_size: int, bf16: bool) -> "scipy.sparse.csr_matrix":
+    """A Ray worker's shard: `held` is what scored_model gave it."""
+    return to_csr(splade_head.encode(held[0], texts, "document", batch_size, bf16))
+
+
+def runs_bf16(held: tuple, precision: str) -> bool:
+    return use_bf16(precision, held[0].device.type)
+
+
 def encode(model, identity: str, data: RetrievalSet, batch_size: int, sharding: Sharding,
-           bf16: bool = False) -> Encoded:
+           bf16: bool = False, workers=None) -> Encoded:
     """The judged queries (as the stock evaluator) and the corpus, in shards on disk: this rank's
-    encoded here, the others' waited for. (A shard's COO tensor, int64 coordinates, is 2.5 times its
-    CSR rows: one tensor for 8.8M passages would not fit.)"""
+    encoded here and the others' waited for, or with `workers` (RayWorkers) the missing ones
+    encoded by them. (A shard's COO tensor, int64 coordinates, is 2.5 times its CSR rows: one
+    tensor for 8.8M passages would not fit.)"""
     shards = corpus_shards(model, identity, data, batch_size, bf16, sharding)
-    encode_shards(model, data, shards, batch_size, bf16, sharding)
-    wait_for_shards(shards, sharding.world_size, sharding.wait_seconds, "python -m pipeline.stages.evaluate")
+    if workers is None:
+        encode_shards(model, data, shards, batch_size, bf16, sharding)
+        wait_for_shards(shards, sharding.world_size, sharding.wait_seconds, "python -m pipeline.stages.evaluate")
+    else:
+        doc_ids = list(data.corpus)
+        texts = lambda index: [data.corpus[doc_ids[row]] for row in shards.rows(index)]  # noqa: E731
+        workers.map(shards.missing(), lambda index: (texts(index), batch_size, bf16), encode_documents,
+                    shards.write, lambda index: len(shards.rows(index)), "doc")
     query_ids = [q for q in data.qrels if q in data.queries]
     queries = to_csr(splade_head.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
     return Encoded(query_ids, queries, list(data.corpus), shards)
@@ -245,6 +266,16 @@ def scored_model(model_dir: Path, max_seq_length: int | None, onnx: str | None, 
     return load_encoder(model_dir, max_seq_length), model_identity(model_dir)
 
 
+def corpus_workers(sharding: Sharding, model_dir: Path, max_seq_length: int | None, onnx: str | None,
+                   export_dir: Path):
+    """Ray workers holding the model (sharding.ray), or none (a null context) for the local backend."""
+    if sharding.ray is None:
+        return contextlib.nullcontext()
+    from pipeline.data.ray_shards import RayWorkers
+
+    return RayWorkers(sharding.ray, partial(scored_model, model_dir, max_seq_length, onnx, export_dir), "evaluate")
+
+
 def encode_helper_shards(model_dir: Path, sets: dict[str, RetrievalSet], batch_size: int, precision: str,
                          sharding: Sharding, max_seq_length: int | None = None, onnx: str | None = None,
                          export_dir: Path = EXPORT_DIR) -> dict:
@@ -270,17 +301,19 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
     from sentence_transformers.sparse_encoder.evaluation import SparseTripletEvaluator
 
     model, identity = scored_model(model_dir, max_seq_length, onnx, export_dir)
-    bf16 = use_bf16(precision, model.device.type)
     per_set, sweeps, doc_dims, digests = {}, [], [], set()
-    for name, data in sets.items():
-        log.info("scoring %s on %s", model_dir, name)
-        vectors = encode(model, identity, data, batch_size, sharding, bf16)
-        digests.add(vectors.corpus.digest)
-        per_set[name] = retrieval_scores(vectors, data, index=index)
-        doc_dims.append(vectors.corpus.document_lengths())
-        # each top-k size's pooled metrics only: its rankings are not kept
-        sweeps.append({k: replace(retrieval_scores(vectors, data, k, index), ranking=None, per_query=None)
-                       for k in max_active_dims})
+    with corpus_workers(sharding, model_dir, max_seq_length, onnx, export_dir) as workers:
+        # on Ray, the precision the workers encode in (their device's) is the queries' too
+        bf16 = workers.agreed(runs_bf16, precision) if workers else use_bf16(precision, model.device.type)
+        for name, data in sets.items():
+            log.info("scoring %s on %s", model_dir, name)
+            vectors = encode(model, identity, data, batch_size, sharding, bf16, workers)
+            digests.add(vectors.corpus.digest)
+            per_set[name] = retrieval_scores(vectors, data, index=index)
+            doc_dims.append(vectors.corpus.document_lengths())
+            # each top-k size's pooled metrics only: its rankings are not kept
+            sweeps.append({k: replace(retrieval_scores(vectors, data, k, index), ranking=None, per_query=None)
+                           for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
         triplets = SparseTripletEvaluator(

@@ -1,14 +1,14 @@
 """The teachers whose scores the student is distilled from: a cross-encoder (sentence-transformers' CrossEncoder,
 each unique pair scored once, in length-sorted batches), a bi-encoder (cosines; also mines hard negatives), and
 the quickstart's lexicon-aware BM25; and the resumable, rank-split scoring of the unique pairs into shards
-(ShardPlan, score_shards). The teacher stage and the benches call it."""
+(ShardPlan, score_shards), or by Ray workers (score_shards_on_ray). The teacher stage and the benches call it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,10 @@ class CrossEncoderTeacher:
     def identity(self) -> dict:
         return model_identity(self.cfg)
 
+    @property
+    def max_length(self) -> int:
+        return self.model.max_seq_length
+
     def token_lengths(self, pairs: pd.DataFrame) -> np.ndarray:
         encoded = self.model.tokenizer(pairs["query"].tolist(), pairs["document"].tolist(),
                                        truncation=True, max_length=self.model.max_seq_length)
@@ -200,6 +204,10 @@ class BiEncoderTeacher:
     def identity(self) -> dict:
         return model_identity(self.cfg)
 
+    @property
+    def max_length(self) -> int:
+        return self.model.max_seq_length
+
     def encode(self, texts, batch_size: int, query: bool):
         import torch
 
@@ -258,7 +266,7 @@ class ShardPlan(ShardFiles):
         self.pairs, self.shard_size = pairs, teacher.cfg.shard_size
         key = {"pairs": frame_digest(pairs), "teacher": teacher.identity,
                "bf16": teacher.bf16, "batch_size": teacher.cfg.batch_size,
-               "shard_size": self.shard_size, "max_length": teacher.model.max_seq_length}
+               "shard_size": self.shard_size, "max_length": teacher.max_length}
         super().__init__(folder, key, max(1, -(-len(pairs) // self.shard_size)), ".parquet")
 
     def rows(self, index: int) -> pd.DataFrame:
@@ -309,6 +317,49 @@ def score_shards(teacher: "Teacher", plan: ShardPlan, rank: int, world_size: int
     return {"shards": plan.count, "shards_reused": len(mine) - len(todo), "shards_scored": len(todo),
             "pairs_scored": total, "pairs_per_second": total / seconds if total else 0.0,
             "batch_size": batch_size}
+
+
+class RayTeacher:
+    """The teacher as Ray workers hold it (pipeline.data.ray_shards), seen from the stage: what names its
+    shards (its identity, precision and length, which every worker must share) and its batch size."""
+
+    def __init__(self, workers, cfg: TeacherConfig):
+        self.workers, self.cfg = workers, cfg
+        self.identity, self.bf16, self.max_length = workers.agreed(shard_facts)
+
+    def auto_batch_size(self, pairs: pd.DataFrame) -> int:
+        return self.workers.first(auto_batch_size, pairs.head(100_000))
+
+
+def shard_facts(teacher: "Teacher") -> tuple[dict, bool, int]:
+    return teacher.identity, teacher.bf16, teacher.max_length
+
+
+def auto_batch_size(teacher: "Teacher", pairs: pd.DataFrame) -> int:
+    return teacher.auto_batch_size(pairs)
+
+
+def score(teacher: "Teacher", pairs: pd.DataFrame, batch_size: int) -> np.ndarray:
+    return teacher.score(pairs, batch_size)
+
+
+def score_shards_on_ray(cfg: TeacherConfig, folder: Path, pairs: pd.DataFrame) -> tuple[ShardPlan, dict, RayTeacher]:
+    """backend ray: the missing shards scored by Ray workers, each written here as it comes back."""
+    from pipeline.data.ray_shards import RayWorkers
+
+    with RayWorkers(cfg.ray, partial(MODEL_TEACHERS[cfg.kind], cfg), "teacher") as workers:
+        teacher = RayTeacher(workers, cfg)
+        plan = ShardPlan(folder, pairs, teacher)
+        batch_size = plan.batch_size(teacher, rank=0)
+        todo = plan.missing()
+        started = time.perf_counter()
+        redone = workers.map(todo, lambda index: (plan.rows(index), batch_size), score, plan.write,
+                             lambda index: len(plan.rows(index)), "pair")
+        seconds = time.perf_counter() - started
+    total = sum(len(plan.rows(i)) for i in todo)
+    return plan, {"shards": plan.count, "shards_reused": plan.count - len(todo), "shards_scored": len(todo),
+                  "shards_redone": redone, "pairs_scored": total, "pairs_per_second": total / seconds if total else 0.0,
+                  "batch_size": batch_size, "ray_workers": len(workers.actors)}, teacher
 
 
 Teacher = CrossEncoderTeacher | BiEncoderTeacher

@@ -18,8 +18,9 @@ nDCG@10 per set and model, and the documents' active dimensions.
 
 SPLADE models are encoded without their full logits tensor (pipeline.modelling.splade_head), the corpus into
 resumable shards in data/eval_shards/ that ranks (torchrun, or RANK / WORLD_SIZE by hand) split
-between them (Sharding); each query's top 100 comes from pipeline.retrieval.search: exact sparse products a
-shard at a time, or past evaluate.index.exact_max_docs documents (MS MARCO's 8.8M passages) the
+between them (Sharding), or that Ray workers encode (evaluate.backend ray); each query's top 100
+comes from pipeline.retrieval.search: exact sparse products a shard at a time, or past
+evaluate.index.exact_max_docs documents (MS MARCO's 8.8M passages) the
 blockmax index within evaluate.index.memory_gb, rank-safe by default ("index" in eval.json says what
 ran). Approximate settings (a query_cut, a heap_factor below 1, a recall_target, seismic) are used only
 when asked, and then "index" also says, on a sample of queries searched both ways, how far each
@@ -34,7 +35,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -53,6 +53,7 @@ from pipeline.config import (
     EvaluateConfig,
     IndexConfig,
     Params,
+    RayConfig,
 )
 from pipeline.data.shards import remove_stale
 from pipeline.data.snapshots import (
@@ -64,6 +65,15 @@ from pipeline.evaluation.gate import compare, metric_per_query, per_set
 from pipeline.evaluation.measures import (
     HEADLINE,
     judged_queries,
+)
+from pipeline.evaluation.scoring import (
+    Sharding,
+    bm25_model,
+    encode_helper_shards,
+    evaluate_folder,
+    evaluate_model,
+    per_query_table,
+    write_runs,
 )
 from pipeline.modelling.onnx import onnx_path
 from pipeline.runtime import (
@@ -77,60 +87,7 @@ from pipeline.tracking.records import (
     write_json,
 )
 
-if TYPE_CHECKING:
-    pass
-from pipeline.evaluation.scoring import (
-    Sharding,
-    bm25_model,
-    encode_helper_shards,
-    evaluate_folder,
-    evaluate_model,
-    per_query_table,
-    write_runs,
-)
-
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def intervals(table: pd.DataFrame, resampling: stats.Resampling) -> tuple[dict, dict]:
@@ -149,7 +106,11 @@ def run(params: Params) -> dict:
     cfg = params.evaluate
     rank, world_size = process_rank()
     use_local_gpu()
-    sharding = Sharding(EVAL_SHARDS_DIR, cfg.shard_docs, rank, world_size, cfg.wait_seconds)
+    if cfg.backend == "ray" and world_size > 1:
+        raise StageError("evaluate.backend ray encodes the corpus on Ray workers: start the stage as one process, "
+                         "not under torchrun or with WORLD_SIZE set")
+    sharding = Sharding(EVAL_SHARDS_DIR, cfg.shard_docs, rank, world_size, cfg.wait_seconds,
+                        cfg.ray if cfg.backend == "ray" else None)
     int8 = onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists()  # the export stage's quantized student
     if rank > 0:  # a helper rank: its share of every corpus shard rank 0 will read, in rank 0's order
         sets = read_eval_snapshot(params.snapshot.eval.split)
@@ -231,8 +192,6 @@ def write_ndcg_table(datasets: dict, path: Path) -> None:
     write_atomically(path, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
     """The stage (`python -m pipeline.stages.evaluate [--params FILE]`), or with --model and --beir one
     model scored on one BEIR folder, its metrics written as JSON to --out."""
@@ -250,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", help="keep the corpus vectors in this folder: a rerun resumes from them, "
                         "and processes started with RANK / WORLD_SIZE share the encoding (default: a temporary folder)")
     parser.add_argument("--shard-docs", type=int, default=EvaluateConfig().shard_docs, help="documents per shard")
+    parser.add_argument("--ray", action="store_true", help="encode the corpus shards on Ray workers (the cluster at "
+                        "RAY_ADDRESS, or one started here), one worker per CPU; needs --shards")
     parser.add_argument("--out", help="JSON file for the metrics (default: print them)")
     args = parser.parse_args(argv)
     if not (args.model or args.beir):
@@ -259,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         use_local_gpu()
-        sharding = Sharding(Path(args.shards), args.shard_docs, *process_rank()) if args.shards else None
+        if args.ray and not args.shards:
+            parser.error("--ray needs --shards (the folder the workers' shards are written to)")
+        sharding = (Sharding(Path(args.shards), args.shard_docs, *process_rank(), ray=RayConfig() if args.ray else None)
+                    if args.shards else None)
         result = evaluate_folder(Path(args.model), Path(args.beir), args.split, args.max_seq_length,
                                  args.batch_size, args.precision, args.max_active_dims,
                                  IndexConfig(kind=args.index), sharding)

@@ -22,7 +22,9 @@ by token length, under bf16 autocast on CUDA. Scores go to shards in data/teache
 after what determines them (pairs, teacher, precision, batching), so a rerun after a crash scores
 only the missing shards. Several processes split the shards by rank: under
 `torchrun --nproc-per-node N -m pipeline.stages.teacher` (or RANK / WORLD_SIZE set by hand on machines
-sharing the folder) rank r scores shards r, r+N, ...; rank 0 waits for the rest and merges.
+sharing the folder) rank r scores shards r, r+N, ...; rank 0 waits for the rest and merges. With
+teacher.backend ray, Ray workers score the missing shards and the stage writes them
+(pipeline.data.ray_shards): the same files, so either way resumes the other's run.
 """
 
 from __future__ import annotations
@@ -56,38 +58,13 @@ from pipeline.modelling.teachers import (
     labelled,
     mine_negatives,
     score_shards,
+    score_shards_on_ray,
     unique_pairs,
 )
-from pipeline.runtime import (
-    process_rank,
-)
+from pipeline.runtime import process_rank
 from pipeline.tracking.records import stage_record, write_atomically
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def distributed_rank() -> tuple[int, int, str | None]:
@@ -119,6 +96,9 @@ def run(params: Params) -> dict:
     cfg = params.teacher
     rank, world_size, device = distributed_rank()
     TEACHER_SHARDS_DIR.mkdir(parents=True, exist_ok=True)  # a DVC out, even for teachers that need no shards
+    if cfg.backend == "ray" and world_size > 1:
+        raise StageError("teacher.backend ray runs the shards on Ray workers: start the stage as one process, "
+                         "not under torchrun or with WORLD_SIZE set")
     if rank > 0:  # a helper rank: score its share of shards; rank 0 merges and records
         if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
             return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
@@ -142,12 +122,14 @@ def run(params: Params) -> dict:
             record["facts"]["teacher"] = {"skipped": "the snapshot carries teacher scores"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         else:
-            teacher = MODEL_TEACHERS[cfg.kind](cfg, device) if cfg.kind in MODEL_TEACHERS else None
+            # on Ray the workers hold the teacher; mining needs it here too
+            here = cfg.kind in MODEL_TEACHERS and (cfg.backend == "local" or mining)
+            teacher = MODEL_TEACHERS[cfg.kind](cfg, device) if here else None
             if mining:
                 train = mine_negatives(train, teacher, cfg.hard_negatives)
                 record["facts"]["mined_negatives"] = cfg.hard_negatives
             pairs, pair_index = unique_pairs(train)
-            if teacher is None:
+            if cfg.kind not in MODEL_TEACHERS:
                 lexicon = read_lexicon()
                 started = time.perf_counter()
                 scores = LexiconBM25(pairs["document"].unique().tolist(), lexicon).score_pairs(pairs)
@@ -156,10 +138,13 @@ def run(params: Params) -> dict:
                 record["metrics"].update(lexicon_eval_metrics(params, lexicon))
                 record["facts"]["teacher"] = {"model": "lexicon-bm25 over the snapshot's lexicon"}
             else:
-                plan = ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher)
-                ranks = (0, 1) if mining else (rank, world_size)  # mined pairs: rank 0 alone knows them
-                record["metrics"] = score_shards(teacher, plan, *ranks)
-                wait_for_shards(plan, ranks[1], cfg.wait_seconds, "python -m pipeline.stages.teacher")
+                if cfg.backend == "ray":
+                    plan, record["metrics"], teacher = score_shards_on_ray(cfg, TEACHER_SHARDS_DIR, pairs)
+                else:
+                    plan = ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher)
+                    ranks = (0, 1) if mining else (rank, world_size)  # mined pairs: rank 0 alone knows them
+                    record["metrics"] = score_shards(teacher, plan, *ranks)
+                    wait_for_shards(plan, ranks[1], cfg.wait_seconds, "python -m pipeline.stages.teacher")
                 scores = plan.merged()
                 remove_stale(plan.folder, {plan.digest})
                 record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
