@@ -348,6 +348,29 @@ def test_a_run_the_gate_refuses_or_a_stage_fails_is_in_mlflow_and_the_model_is_u
     assert failed.data.metrics["train.steps"] > 0
 
 
+def test_two_ranks_evaluating_in_bf16_share_every_model_s_shards(finished_run, tiny_params, workdir, tmp_path,
+                                                                monkeypatch):
+    """evaluate.precision bf16 (forced on this CPU) under RANK / WORLD_SIZE 2: the helper rank's
+    shards of every scored model (student, base, the int8 ONNX student) are the ones rank 0 reads;
+    rank 0 encodes only its own share, waits for none and keeps every file the helper wrote."""
+    from pipeline.config import EVAL_SHARDS_DIR
+
+    params = with_changes(in_a_copy(workdir, tmp_path, monkeypatch, tiny_params),
+                          evaluate={"precision": "bf16", "shard_docs": 4, "wait_seconds": 5})
+    shutil.rmtree(EVAL_SHARDS_DIR)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    helper = evaluate.run(params)
+    assert set(helper) == {"models/student", "models/base", "models/student int8"}
+    assert all(encoded["shards_encoded"] >= 1 for model in helper.values() for encoded in model.values())
+    written = {path: path.stat().st_mtime_ns for path in EVAL_SHARDS_DIR.rglob("*.npz")}
+    monkeypatch.setenv("RANK", "0")
+    result = evaluate.run(params)  # a shard named apart from the helper's: "no new shard for 5 s"
+    assert "student_onnx_int8" in result
+    assert {path: path.stat().st_mtime_ns for path in written if path.exists()} == written  # read, not redone
+    assert len(list(EVAL_SHARDS_DIR.rglob("*.npz"))) == sum(e["shards"] for m in helper.values() for e in m.values())
+
+
 def test_a_version_evaluated_on_another_set_is_champion_of_its_own_evaluation(finished_run, tiny_params,
                                                                               cut_beir, workdir, tmp_path, monkeypatch):
     """The quickstart's champion scores high on its synthetic set; the same student evaluated on

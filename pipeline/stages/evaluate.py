@@ -133,8 +133,8 @@ def run(params: Params) -> dict:
         scored = {"student": student, "base": base, "bm25": bm25}
         digests = student["shard_digests"] | base["shard_digests"]
         if int8:
-            quantized = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], index=cfg.index,
-                                       onnx="int8", sharding=sharding)
+            quantized = evaluate_model(STUDENT_DIR, sets, pd.DataFrame(), cfg.batch_size, [], precision=cfg.precision,
+                                       index=cfg.index, onnx="int8", sharding=sharding)
             result["student_onnx_int8"] = quantized["metrics"]
             result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - quantized["metrics"]["dot_ndcg@10"]
             digests |= quantized["shard_digests"]
