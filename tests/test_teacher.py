@@ -26,6 +26,7 @@ from pipeline.data.snapshots import read_training_snapshot
 from pipeline.data.sources import load_training
 from pipeline.modelling import teachers
 from pipeline.stages import snapshot, teacher, validate
+from tests.helpers.project import with_changes
 
 TOY_TRIPLETS = "data/msmarco-toy-triplets/triplets.tsv"
 
@@ -288,6 +289,14 @@ def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_matc
     assert record["metrics"]["shards"] == total and record["metrics"]["shards_scored"] == (total + 1) // 2
     assert "rank 1/2" in output  # rank 1 scored the other half
     pd.testing.assert_frame_equal(scores_file(workdir), uninterrupted)
+
+    # bf16 forced on this CPU under torchrun: shards of their own (bf16 names them), every rank
+    # autocasts, and the scores stay close to fp32's
+    finished(run_stage_process(workdir, with_changes(scifact_stage, teacher={"precision": "bf16"}), torchrun=2))
+    record = json.loads((workdir / "records/teacher.json").read_text())
+    assert record["metrics"]["shards_reused"] == 0 and record["metrics"]["shards_scored"] == (total + 1) // 2
+    scores, exact = (frame.select_dtypes("floating").to_numpy() for frame in (scores_file(workdir), uninterrupted))
+    assert 0 < np.abs(scores - exact).max() < 0.1 * exact.std()
 
 
 def shard_times(workdir) -> dict:

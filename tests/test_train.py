@@ -208,6 +208,22 @@ def crash_after_first_checkpoint(monkeypatch) -> None:
     monkeypatch.setattr(train, "build_trainer", crashing)
 
 
+def test_bf16_training_on_a_cpu_autocasts_and_lands_near_fp32(workdir, tiny_params, monkeypatch):
+    """train.precision bf16 forced on this CPU (transformers refuses bf16 on a CPU unless told
+    use_cpu): the stage trains, its weights differ from the fp32 run's (autocast ran), and they
+    moved from the start the way fp32's did (the difference a fraction of the distance travelled)."""
+    student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        (workdir / precision).mkdir()
+        monkeypatch.chdir(workdir / precision)  # each its own checkpoints
+        train.run(prepared(tiny_params, precision=precision, student=student))
+        weights[precision] = torch.cat([p.detach().flatten() for p in SparseEncoder(str(STUDENT_DIR)).parameters()])
+    start = torch.cat([p.detach().flatten() for p in SparseEncoder(str(BASE_MODEL_DIR)).parameters()])
+    apart = float((weights["bf16"] - weights["fp32"]).norm() / (weights["fp32"] - start).norm())
+    assert 0 < apart < 0.3, apart
+
+
 @pytest.mark.e2e
 def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params, monkeypatch):
     """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
