@@ -7,6 +7,7 @@ Model: the shared splade-tiny at max_seq_length 256. Rows: SciFact train queries
 positive and 4 BM25 hard negatives, labelled with BM25 margins (MarginMSE, FLOPS regularised).
 
     python bench/cached_loss.py [--batch-size 128] [--mini-batch-size 16]
+    python bench/cached_loss.py --smoke   # batch 8 in mini-batches of 4, length 64 (seconds)
 
 Prints one JSON line: for each side the step's peak memory above what was held before it (peak RSS
 on a CPU, peak allocated on CUDA), its seconds and loss, and `peak_ratio` (cached / uncached).
@@ -25,7 +26,6 @@ from scifact import PROJECT, SHARED, hard_negative_rows  # noqa: E402  (bench/ i
 
 sys.path.insert(0, str(PROJECT))
 
-MAX_SEQ_LENGTH = 256
 
 
 def current_rss_gb() -> float:
@@ -35,7 +35,7 @@ def current_rss_gb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-def worker(batch_size: int, mini_batch_size: int | None) -> dict:
+def worker(batch_size: int, mini_batch_size: int | None, max_seq_length: int) -> dict:
     import torch
 
     from pipeline.config import TrainConfig
@@ -46,8 +46,8 @@ def worker(batch_size: int, mini_batch_size: int | None) -> dict:
     cuda = torch.cuda.is_available()
     rows = hard_negative_rows(queries=-(-batch_size // 4), negatives=4).head(batch_size)
     rows = rows.assign(label=rows["positive_bm25"] - rows["negative_bm25"])
-    model = splade_encoder(str(SHARED / "models/splade-tiny"), MAX_SEQ_LENGTH).to("cuda" if cuda else "cpu")
-    loss = training_loss(TrainConfig(loss="margin-mse", mini_batch_size=mini_batch_size, max_seq_length=MAX_SEQ_LENGTH),
+    model = splade_encoder(str(SHARED / "models/splade-tiny"), max_seq_length).to("cuda" if cuda else "cpu")
+    loss = training_loss(TrainConfig(loss="margin-mse", mini_batch_size=mini_batch_size, max_seq_length=max_seq_length),
                          model, rows)
     features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in model.preprocess(rows[c].tolist()).items()}
                 for c in ("query", "positive", "negative")]
@@ -69,15 +69,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mini-batch-size", type=int, default=16)
+    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="batch 8, mini-batches of 4, length 64")
     parser.add_argument("--worker", choices=["uncached", "cached"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.mini_batch_size, args.max_seq_length = 8, 4, 64
     if args.worker:
-        print(json.dumps(worker(args.batch_size, args.mini_batch_size if args.worker == "cached" else None)))
+        print(json.dumps(worker(args.batch_size, args.mini_batch_size if args.worker == "cached" else None,
+                                args.max_seq_length)))
         return
-    result = {"batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size, "max_seq_length": MAX_SEQ_LENGTH}
+    result = {"batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
+              "max_seq_length": args.max_seq_length}
     for side in ("uncached", "cached"):
         done = subprocess.run([sys.executable, __file__, "--worker", side, "--batch-size", str(args.batch_size),
-                               "--mini-batch-size", str(args.mini_batch_size)], capture_output=True, text=True)
+                               "--mini-batch-size", str(args.mini_batch_size), "--max-seq-length",
+                               str(args.max_seq_length)], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{side} worker failed:\n{done.stderr[-3000:]}")
         result[side] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,6 +7,7 @@ and the sparse output are sentence-transformers' own in all of them.
     python bench/export.py [--model ../shared/models/splade-tiny] [--queries 300]
                            [--beir ../shared/data/beir/scifact] [--inference-free models/student]
 
+    python bench/export.py --smoke   # 30 queries, 10 passages (seconds)
 Queries are the shared MS MARCO triples' (real web queries), documents its passages. Prints one JSON
 line: ms/query (median) of torch, onnx_fp32 and onnx_int8 and their speedups over torch (and torch
 with the ONNX encoders' max-first SPLADE pooling, to show what the pooling alone gives); parity as
@@ -80,7 +81,10 @@ def main() -> None:
     parser.add_argument("--beir", help="a BEIR folder: nDCG@10 of torch and int8 on its --split")
     parser.add_argument("--split", default="test")
     parser.add_argument("--inference-free", help="an inference-free SparseEncoder folder: its query latency")
+    parser.add_argument("--smoke", action="store_true", help="30 queries, 10 passages")
     args = parser.parse_args()
+    if args.smoke:
+        args.queries, args.documents = 30, 10
 
     triplets = pd.read_csv(SHARED / "data/msmarco-toy-triplets/triplets.tsv", sep="\t", header=None,
                            names=["query", "positive", "negative"])

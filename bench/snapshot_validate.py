@@ -3,6 +3,7 @@ stage as the pipeline runs it (`python -m pipeline.stages.snapshot` / `pipeline.
 each), beside a plain pandas parquet read + write of the same file as the floor.
 
     python bench/snapshot_validate.py [--rows 1000000]
+    python bench/snapshot_validate.py --smoke   # 2,000 rows (seconds)
 
 Prints one JSON line.
 """
@@ -57,9 +58,12 @@ def pandas_copy(source: Path, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--smoke", action="store_true", help="2,000 rows")
     parser.add_argument("--step", choices=["generate", "pandas-copy"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = 2_000
     # every measured step runs in a child process that starts small: a forked child's peak RSS
     # would otherwise include whatever this process held
     if args.step == "generate":
@@ -73,6 +77,7 @@ def main() -> None:
         timed(this + ["--step", "generate", "--rows", str(args.rows), "--path", str(source)], work)
         params = yaml.safe_load((PROJECT / "params.yaml").read_text())
         params["snapshot"]["train"].update(source=str(source), kind="pairs")
+        params["train"]["loss"] = "mnrl"  # pairs train contrastively (no negatives to score)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
 
         floor_s, floor_gb = timed(this + ["--step", "pandas-copy", "--path", str(source)], work)

@@ -2,8 +2,10 @@
 head) against a stock SparseEncoderTrainer at its best settings, same model, rows, loss, batch size
 and batch order, each side in its own process (so that its peak memory is its own).
 
-Stock at its best: bf16 where the hardware has it natively (CUDA, or a CPU with AVX512-BF16 / AMX),
-as the reference SPLADE models trained; fp32 elsewhere. The project runs with the same precision,
+Stock at its best: bf16 where the hardware has it natively (CUDA, or a CPU with AVX512-BF16 / AMX;
+on a CPU with transformers' `use_cpu`, without which it refuses bf16), as the reference SPLADE
+models trained; fp32 elsewhere (--precision overrides: bf16 on a CPU without native bf16 is
+emulated, slower than fp32, and run only to check that path). The project runs with the same precision,
 the same random batches and the stock learning rate and warm-ups, so that the losses compare.
 
 Model: the shared splade-tiny (a real SPLADE, 30522-wide MLM head) at max_seq_length 256, or with
@@ -17,6 +19,8 @@ batch (doubling from the benchmark's) whose one-step peak stays within a budget:
 on a CPU (default 8), the GPU's memory on CUDA.
 
     python bench/train.py [--queries 120] [--batch-size 16] [--seed 42] [--model splade-tiny|bert-base]
+                          [--precision native|bf16|fp32]
+    python bench/train.py --smoke   # 2 queries, length 32, batch 4, bf16 forced (seconds): the suite runs it
 
 Prints one JSON line: samples/s of both, `speedup`, peak memory of both and `peak_rss_ratio`
 (project / stock), the largest batch of each, the mean training loss over the last third of the
@@ -40,7 +44,6 @@ from scifact import PROJECT, SHARED, hard_negative_rows  # noqa: E402  (bench/ i
 sys.path.insert(0, str(PROJECT))
 from pipeline.runtime import native_bf16  # noqa: E402
 
-MAX_SEQ_LENGTH = 256
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
 
@@ -86,7 +89,7 @@ def held_out_loss(model, rows) -> float:
     return float(((margins - labels) ** 2).mean())
 
 
-def training_flops(model, rows) -> float:
+def training_flops(model, rows, max_seq_length: int) -> float:
     """Model FLOPs of one epoch over `rows`, counting real tokens only: per text of n tokens,
     6 * n * (matmul weights: encoder layers + MLM head) + 12 * layers * hidden * n^2 (attention),
     the usual forward + backward = 3 x forward accounting."""
@@ -99,7 +102,7 @@ def training_flops(model, rows) -> float:
     total = 0.0
     for column in ("query", "positive", "negative"):
         lengths = np.array([len(ids) for ids in model.tokenizer(list(rows[column]), truncation=True,
-                                                                max_length=MAX_SEQ_LENGTH)["input_ids"]])
+                                                                max_length=max_seq_length)["input_ids"]])
         total += 6 * weights * lengths.sum() + 12 * config.num_hidden_layers * config.hidden_size * (lengths ** 2).sum()
     return float(total)
 
@@ -112,7 +115,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def trainer_for(side: str, mlm_path: str, rows, batch_size: int, seed: int, output_dir: str):
+def bf16_for(precision: str) -> bool:
+    """--precision native: bf16 where the device has it natively."""
+    return native_bf16(device_type()) if precision == "native" else precision == "bf16"
+
+
+def trainer_for(side: str, mlm_path: str, rows, batch_size: int, seed: int, output_dir: str, bf16: bool,
+                max_seq_length: int):
     """The stock SparseEncoderTrainer at its best settings, or the project's, on a fresh model."""
     from sentence_transformers import (
         SparseEncoderTrainer,
@@ -127,19 +136,20 @@ def trainer_for(side: str, mlm_path: str, rows, batch_size: int, seed: int, outp
     from pipeline.modelling.encoders import splade_encoder
     from pipeline.modelling.training import build_trainer
 
-    model = splade_encoder(mlm_path, MAX_SEQ_LENGTH)
+    model = splade_encoder(mlm_path, max_seq_length)
     # the SPLADE-v3 regulariser weights of the reference recipes' order of magnitude
     loss = SpladeLoss(model, loss=SparseMarginMSELoss(model), query_regularizer_weight=5e-5,
                       document_regularizer_weight=3e-5)
     if side == "stock":
         args = SparseEncoderTrainingArguments(output_dir=output_dir, num_train_epochs=1,
-                                              per_device_train_batch_size=batch_size, bf16=native_bf16(device_type()),
-                                              seed=seed, logging_steps=1, save_strategy="no", report_to=[])
+                                              per_device_train_batch_size=batch_size, bf16=bf16,
+                                              use_cpu=device_type() == "cpu", seed=seed, logging_steps=1,
+                                              save_strategy="no", report_to=[])
         return model, SparseEncoderTrainer(model=model, loss=loss, train_dataset=rows, args=args)
     defaults = SparseEncoderTrainingArguments(output_dir=output_dir)
     cfg = TrainConfig(base_model=mlm_path, epochs=1, batch_size=batch_size, learning_rate=defaults.learning_rate,
-                      warmup_ratio=0, max_seq_length=MAX_SEQ_LENGTH, batch_sampler="random",
-                      precision="bf16" if native_bf16(device_type()) else "fp32", save_steps=10_000, seed=seed)
+                      warmup_ratio=0, max_seq_length=max_seq_length, batch_sampler="random",
+                      precision="bf16" if bf16 else "fp32", save_steps=10_000, seed=seed)
     return model, build_trainer(cfg, model, rows, loss, Path(output_dir))
 
 
@@ -154,14 +164,16 @@ def worker(args) -> dict:
         if args.fit:
             batch = rows.select([i % len(rows) for i in range(args.fit)])  # one step
             try:
-                _, trainer = trainer_for(args.worker, mlm_path, batch, args.fit, args.seed, scratch)
+                _, trainer = trainer_for(args.worker, mlm_path, batch, args.fit, args.seed, scratch,
+                                         bf16_for(args.precision), args.max_seq_length)
                 trainer.train()
             except torch.cuda.OutOfMemoryError:
                 return {"fits": False, "peak_gb": None}
             return {"fits": True, "peak_gb": peak_memory_gb()}
         train_rows = rows.select(range(4 * args.queries))
         held_out = rows.select(range(4 * args.queries, len(rows)))
-        model, trainer = trainer_for(args.worker, mlm_path, train_rows, args.batch_size, args.seed, scratch)
+        model, trainer = trainer_for(args.worker, mlm_path, train_rows, args.batch_size, args.seed, scratch,
+                                     bf16_for(args.precision), args.max_seq_length)
         result = trainer.train()
         peak = peak_memory_gb()  # of the training, before the held-out scoring
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -170,13 +182,14 @@ def worker(args) -> dict:
                 "peak_gb": round(peak, 3),
                 "last_third_loss": float(np.mean(losses[-max(1, len(losses) // 3):])),
                 "held_out_loss": held_out_loss(model.float(), held_out),
-                "epoch_tflop": training_flops(model, train_rows) / 1e12}
+                "epoch_tflop": training_flops(model, train_rows, args.max_seq_length) / 1e12}
 
 
 def run_worker(args, side: str, fit: int | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--model", args.model, "--queries", str(args.queries),
                "--held-out-queries", str(args.held_out_queries), "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed)] + (["--fit", str(fit)] if fit else [])
+               "--seed", str(args.seed), "--precision", args.precision, "--max-seq-length",
+               str(args.max_seq_length)] + (["--fit", str(fit)] if fit else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode:
         if fit:  # killed for memory, or out of it
@@ -209,9 +222,17 @@ def main() -> None:
     parser.add_argument("--model", choices=["splade-tiny", "bert-base"], default="splade-tiny")
     parser.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU only (CUDA: the GPU's memory)")
     parser.add_argument("--max-fit-batch", type=int, default=512, help="stop the largest-batch search here")
+    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--precision", choices=["native", "bf16", "fp32"], default="native",
+                        help="of both sides; native: bf16 where the device has it natively, else fp32")
+    parser.add_argument("--smoke", action="store_true", help="2 queries, length 32, batch 4, one fit probe, bf16 forced")
     parser.add_argument("--worker", choices=["stock", "project"], help=argparse.SUPPRESS)
     parser.add_argument("--fit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.queries, args.held_out_queries, args.batch_size, args.max_fit_batch = 2, 1, 4, 4
+        args.max_seq_length = 32
+        args.precision = "bf16"
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -230,8 +251,9 @@ def main() -> None:
     stock, project = results["stock"], results["project"]
     print(json.dumps({
         "model": args.model, "rows": 4 * args.queries, "held_out_rows": 4 * args.held_out_queries,
-        "seed": args.seed, "batch_size": args.batch_size, "max_seq_length": MAX_SEQ_LENGTH,
-        "bf16": native_bf16(device_type()), "device": device, "threads": torch.get_num_threads(),
+        "seed": args.seed, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+        "precision": {side: "bf16" if bf16_for(args.precision) else "fp32" for side in ("stock", "project")},
+        "native_bf16": native_bf16(device_type()), "device": device, "threads": torch.get_num_threads(),
         "stock_samples_per_s": stock["samples_per_s"], "project_samples_per_s": project["samples_per_s"],
         "speedup": round(project["samples_per_s"] / stock["samples_per_s"], 3),
         "peak_rss_ratio": round(project["peak_gb"] / stock["peak_gb"], 3),

@@ -142,20 +142,15 @@ def cross_encoder(tmp_path_factory, shared):
 def cut_beir(shared, tmp_path_factory):
     """cut_beir(name, queries, extra_docs, split): a shared BEIR split cut down to its first judged
     queries, their judged documents and the first `extra_docs` others, written as a BEIR folder."""
-    from pipeline.data.sources import RetrievalSet, read_retrieval_set, write_beir
+    from pipeline.data.sources import cut_retrieval_set, read_retrieval_set, write_beir
 
     def cut(name: str, queries: int = 20, extra_docs: int = 300, split: str = "test") -> Path:
-        full = read_retrieval_set(shared / "data/beir" / name, split)
-        qrels = dict(list(full.qrels.items())[:queries])
-        keep = {d for judged in qrels.values() for d in judged if d in full.corpus}
-        keep |= set(list(full.corpus)[:extra_docs])
         folder = tmp_path_factory.mktemp(f"{name}-cut")
-        write_beir(RetrievalSet({d: full.corpus[d] for d in keep}, {q: full.queries[q] for q in qrels},
-                                qrels), folder, split)
+        write_beir(cut_retrieval_set(read_retrieval_set(shared / "data/beir" / name, split), queries, extra_docs),
+                   folder, split)
         return folder
 
     return cut
-
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,24 @@ and its numbers are checked where they promise something."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers.project import PROJECT
+
+
+def smoke(bench: str, tmp_path, *arguments: str) -> dict:
+    """`python bench/BENCH.py --smoke`: its JSON line (it must succeed)."""
+    done = subprocess.run([sys.executable, str(PROJECT / "bench" / bench), "--smoke", *arguments],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_paired_bench_agrees_with_ranx_arch_and_ir_measures_on_the_run_files(tmp_path, shared):
@@ -41,14 +52,110 @@ def test_paired_bench_agrees_with_ranx_arch_and_ir_measures_on_the_run_files(tmp
     assert result["ranx_fisher_p_two_sided"] == pytest.approx(result["ours_two_sided_p"], abs=0.03)
 
 
-def test_teacher_bench_reports_deduplication_and_scoring_apart(tmp_path, shared):
-    """bench/teacher.py --smoke (2 SciFact queries, 4 hard negatives each): 16 pairs labelled, 10
-    unique pairs scored; the project's scores are stock's; the overall speedup is the product of
-    the de-duplication's and the scoring's on the same pairs."""
-    done = subprocess.run([sys.executable, str(PROJECT / "bench/teacher.py"), "--smoke"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["pairs_labelled"] == 16 and result["unique_pairs_scored"] == 10
-    assert result["max_abs_diff_vs_stock"] < 1e-4
-    assert result["speedup"] == pytest.approx(result["dedup_speedup"] * result["speedup_same_pairs"], rel=0.01)
+def test_gpu_kit_refuses_without_a_gpu_and_its_smoke_runs_train_teacher_evaluate_and_parity(tmp_path, shared):
+    """bench/gpu.py without a GPU stops with a sentence saying so (status 2, no traceback). Its
+    --smoke runs every step tiny on the CPU, bf16 forced where the CPU emulates it:
+    - train (bench/train.py --smoke): stock and project both in bf16 (stock with use_cpu, without
+      which transformers refuses bf16 on a CPU), finite held-out losses, a largest batch each;
+    - teacher (bench/teacher.py --smoke): 16 pairs labelled, 10 unique scored, the project's
+      scores stock's, the speedup the product of its two parts, stock in bf16 close to fp32;
+    - evaluate (bench/evaluate.py --smoke): exact equals the stock evaluator within 1e-4, bf16
+      within 0.05 on every ranking metric;
+    - parity: the fused head's bf16 vectors no further from fp32 than stock's bf16."""
+    refused = subprocess.run([sys.executable, str(PROJECT / "bench/gpu.py")], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "has none" in refused.stderr and "Traceback" not in refused.stderr
+
+    result = smoke("gpu.py", tmp_path, "--out", str(tmp_path / "gpu.json"))
+    assert json.loads((tmp_path / "gpu.json").read_text()) == result
+    assert result["device"] == "cpu" and result["smoke"] is True
+    assert not [step for step in ("train", "teacher", "evaluate", "parity") if "error" in result[step]], result
+
+    train = result["train"]
+    assert train["precision"] == {"stock": "bf16", "project": "bf16"}
+    assert all(math.isfinite(loss) for loss in train["held_out_loss"].values())
+    assert train["largest_batch"] == {"stock": 4, "project": 4} and train["speedup"] > 0
+
+    teacher = result["teacher"]
+    assert teacher["pairs_labelled"] == 16 and teacher["unique_pairs_scored"] == 10
+    assert teacher["max_abs_diff_vs_stock"] < 1e-4
+    assert teacher["speedup"] == pytest.approx(teacher["dedup_speedup"] * teacher["speedup_same_pairs"], rel=0.01)
+    assert 0 < teacher["stock_bf16_max_abs_dev_vs_fp32"] < 0.25 * teacher["score_std"]
+
+    evaluate = result["evaluate"]
+    assert evaluate["exact_max_metric_difference"] < 1e-4
+    assert evaluate["fast_max_ranking_difference"] < 0.05
+    assert evaluate["corpus_docs"] >= 40 and evaluate["exact_docs_per_s"] > 0
+
+    parity = result["parity"]
+    assert parity["fused_bf16"]["max_vector_error"] > 0 and parity["fused_no_further_than_stock"], parity
+
+
+def test_cached_loss_bench_gives_the_uncached_loss(tmp_path, shared):
+    """bench/cached_loss.py --smoke: GradCache's loss is the whole batch's."""
+    result = smoke("cached_loss.py", tmp_path)
+    assert result["batch_size"] == 8 and result["mini_batch_size"] == 4
+    assert result["loss_difference"] < 1e-5 * max(1.0, abs(result["uncached"]["loss"]))
+    assert result["peak_ratio"] > 0
+
+
+def test_export_bench_onnx_fp32_is_torch_and_int8_runs(tmp_path, shared):
+    """bench/export.py --smoke: the exported fp32 encoder gives torch's vectors within 1e-4."""
+    result = smoke("export.py", tmp_path)
+    assert result["queries"] == 30
+    assert max(result["onnx_fp32_max_abs_diff"].values()) < 1e-4
+    assert result["onnx_int8_ms"] > 0 and result["onnx_fp32_speedup"] > 0
+
+
+def test_snapshot_validate_bench_validates_its_pairs(tmp_path):
+    result = smoke("snapshot_validate.py", tmp_path)
+    assert result["rows"] == 2_000 and result["validation_success"] is True and result["checks_failed"] == 0
+    assert result["snapshot_seconds"] > 0 and result["validate_seconds"] > 0
+
+
+def test_evaluate_scale_bench_rank_safe_is_exact_and_threads_agree(tmp_path, shared):
+    """bench/evaluate_scale.py --smoke (3,000 mixed documents from 200 real passage vectors): exact
+    search on every core returns one thread's; blockmax rank-safe returns exact's top 100, bmp's and
+    PISA's rank-safe searches nearly so (their weights in a byte); each swept index reaches about
+    each recall target on all queries."""
+    result = smoke("evaluate_scale.py", tmp_path)
+    assert result["corpus"] == "mixed" and result["docs"] == 3_000 and result["source"]["passages"] == 200
+    assert result["exact_threads"]["same_as_one_thread"] is True
+    assert result["blockmax"]["rank_safe"]["recall_at_100"] >= 0.999
+    assert result["bmp"]["rank_safe"]["recall_at_100"] >= 0.97
+    assert all(search["recall_at_100"] >= 0.97 for search in result["pisa"]["rank_safe"].values())
+    for kind in ("blockmax", "bmp", "seismic"):
+        for target, searched in result[kind]["at_recall"].items():
+            assert searched["recall_at_100"] >= float(target) - 0.05, (kind, target, searched)
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mixed_scale_corpus_has_no_near_duplicate_clusters_the_perturbed_one_has():
+    """The same 100 source vectors, 2,000 documents each way: a perturbed document shares most of
+    its terms with its nearest other document (the copies of its passage), a mixed one far fewer;
+    lengths follow the sources' in both, and every term of a mixed document comes from a source."""
+    from scipy.sparse import random as sparse_random
+
+    scale = load_bench("evaluate_scale")
+    rng = np.random.default_rng(0)
+    sources = sparse_random(100, 3_000, density=0.02, format="csr", random_state=1, dtype=np.float32)
+    sources.data = rng.lognormal(0.0, 1.0, sources.nnz).astype(np.float32)
+
+    def nearest_overlap(matrix) -> float:
+        binary = (matrix > 0).astype(np.float32)
+        shared = (binary @ binary.T).toarray()
+        np.fill_diagonal(shared, 0)
+        return float(np.mean(shared.max(1) / np.maximum(np.asarray(binary.sum(1)).ravel(), 1)))
+
+    mixed = scale.GENERATORS["mixed"](np.random.default_rng(2), sources, 2_000)
+    perturbed = scale.GENERATORS["perturbed"](np.random.default_rng(2), sources, 2_000)
+    assert nearest_overlap(perturbed) > 0.6 and nearest_overlap(mixed) < 0.4
+    lengths = np.diff(sources.indptr)
+    assert abs(np.diff(mixed.indptr).mean() - lengths.mean()) < 0.1 * lengths.mean()
+    assert set(mixed.indices) <= set(sources.indices)

@@ -551,6 +551,14 @@ def read_eval_sets(cfg: EvalDataConfig) -> dict[str, RetrievalSet]:
     return {Path(cfg.source).resolve().name: read_retrieval_set(Path(cfg.source), cfg.split)}
 
 
+def cut_retrieval_set(full: RetrievalSet, queries: int, extra_docs: int) -> RetrievalSet:
+    """`full` cut down to its first `queries` judged queries, their judged documents and the first
+    `extra_docs` others (tiny evaluations for tests and benchmarks' smoke runs)."""
+    qrels = dict(list(full.qrels.items())[:queries])
+    keep = {d for judged in qrels.values() for d in judged if d in full.corpus} | set(list(full.corpus)[:extra_docs])
+    return RetrievalSet({d: full.corpus[d] for d in keep}, {q: full.queries[q] for q in qrels}, qrels)
+
+
 def write_beir(data: RetrievalSet, folder: Path, split: str) -> None:
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     with (folder / "corpus.jsonl").open("w", encoding="utf-8") as handle:

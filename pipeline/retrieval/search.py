@@ -19,6 +19,7 @@ of queries. Measured by bench/evaluate_scale.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -200,11 +201,13 @@ def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndar
 
 
 def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
-          seed: int = 0, threads: int = 1) -> dict:
-    """An approximate index's search parameters (blockmax or seismic: query_cut, heap_factor) chosen on
-    `sample` of the queries: of the settings whose recall@depth against exact reaches `target`, the
-    fastest (one thread, the fastest of two runs; the FINALISTS fastest timed again, in turns); when
-    none does, the most accurate. Leaves them set on the index and returns what was tried and chosen."""
+          seed: int = 0, threads: int = 1, grid: dict[str, tuple] | None = None) -> dict:
+    """An approximate index's search parameters (`grid`: each attribute's values, every combination
+    tried; by default blockmax's or seismic's query_cut and heap_factor) chosen on `sample` of the
+    queries: of the settings whose recall@depth against exact reaches `target`, the fastest (one
+    thread, the fastest of two runs; the FINALISTS fastest timed again, in turns); when none does,
+    the most accurate. Leaves them set on the index and returns what was tried and chosen."""
+    grid = grid or {"query_cut": SWEEP_QUERY_CUTS, "heap_factor": SWEEP_HEAP_FACTORS}
     picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
                                                        replace=False))
     probe = queries[picks]
@@ -212,7 +215,9 @@ def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
 
     def timed(setting: dict, runs: int):
         """The setting's ms/query: the fastest of `runs` (a shared machine's noise is one-sided)."""
-        index.query_cut, index.heap_factor, index.search_threads = setting["query_cut"], setting["heap_factor"], 1
+        for name in grid:
+            setattr(index, name, setting[name])
+        index.search_threads = 1
         for _ in range(runs):
             started = time.perf_counter()
             found = index.search(probe, depth)
@@ -221,11 +226,10 @@ def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
         return found
 
     tried = []
-    for query_cut in SWEEP_QUERY_CUTS:
-        for heap_factor in SWEEP_HEAP_FACTORS:
-            setting = {"query_cut": query_cut, "heap_factor": heap_factor}
-            setting[f"recall_at_{depth}"] = recall(timed(setting, 2), truth)
-            tried.append(setting)
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values))
+        setting[f"recall_at_{depth}"] = recall(timed(setting, 2), truth)
+        tried.append(setting)
     meeting = [t for t in tried if t[f"recall_at_{depth}"] >= target]
     finalists = sorted(meeting, key=lambda t: t["ms_per_query"])[:FINALISTS]
     for _ in range(3 if len(finalists) > 1 else 0):  # in turns, so that a burst of noise slows them alike
@@ -233,7 +237,9 @@ def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
             timed(setting, 1)
     chosen = (min(meeting, key=lambda t: t["ms_per_query"]) if meeting
               else max(tried, key=lambda t: (t[f"recall_at_{depth}"], -t["ms_per_query"])))
-    index.query_cut, index.heap_factor, index.search_threads = chosen["query_cut"], chosen["heap_factor"], 0
+    for name in grid:
+        setattr(index, name, chosen[name])
+    index.search_threads = 0
     return {**chosen, "recall_target": target, "target_met": bool(meeting), "sample_queries": len(picks),
             "tried": tried}
 
