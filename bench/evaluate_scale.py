@@ -309,6 +309,7 @@ def main() -> None:
                       query_active_dims=round(queries.nnz / args.queries, 1), postings=postings,
                       corpus_gb_on_disk=round(sum(corpus.path(i).stat().st_size for i in range(corpus.count)) / 2 ** 30, 2),
                       peak_rss_gb_after_generate=peak_rss_gb())
+        print(json.dumps(result), file=sys.stderr, flush=True)
 
         started = time.perf_counter()
         truth = exact_search(corpus, queries, 100)
@@ -406,6 +407,7 @@ def main() -> None:
                     facts["at_recall"] = at_recall(index, SEISMIC_GRID)
             facts["peak_rss_gb_with_searches"] = peak_rss_since_reset_gb()  # since its build began
             result[kind] = facts
+            print(json.dumps({kind: facts}), file=sys.stderr, flush=True)  # a long run that stops keeps these
             del index  # its memory back before the next one builds
     result["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(result))
