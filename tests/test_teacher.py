@@ -296,7 +296,8 @@ def test_kill_half_way_then_rerun_loses_at_most_one_shard_and_two_processes_matc
     record = json.loads((workdir / "records/teacher.json").read_text())
     assert record["metrics"]["shards_reused"] == 0 and record["metrics"]["shards_scored"] == (total + 1) // 2
     scores, exact = (frame.select_dtypes("floating").to_numpy() for frame in (scores_file(workdir), uninterrupted))
-    assert 0 < np.abs(scores - exact).max() < 0.1 * exact.std()
+    # the labels are margins: the difference of two scores, each rounded to bf16 (8 bits of mantissa)
+    assert 0 < np.abs(scores - exact).max() < 0.25 * exact.std()
 
 
 def shard_times(workdir) -> dict:
