@@ -194,10 +194,9 @@ class BmpPeer:
     alpha (the threshold's factor) and beta (the share of the query's terms) are its approximations:
     both 1 search rank-safe, up to the byte weights."""
 
-    def __init__(self, corpus, order, folder: Path, block_size: int):
+    def __init__(self, corpus, order, scale: float, folder: Path, block_size: int):
         from bmp import Indexer, Searcher
 
-        scale = max(float(shard.data.max()) for shard in corpus) / 255
         indexer = Indexer(str(folder), bsize=block_size, compress_range=False)
         for row, terms in quantized_rows(corpus, order, scale):
             indexer.add_document(str(row), terms)
@@ -221,10 +220,9 @@ class PisaPeer:
     as integers (the largest 255, as for bmp; PISA then quantizes its scores), one search thread;
     every PISA algorithm is rank-safe (up to those weights): `algorithm` picks one."""
 
-    def __init__(self, corpus, order, folder: Path):
+    def __init__(self, corpus, order, scale: float, folder: Path):
         from pyterrier_pisa import PisaIndex
 
-        scale = max(float(shard.data.max()) for shard in corpus) / 255
         self.index = PisaIndex(str(folder), stemmer="none", threads=1)
         self.index.toks_indexer(scale=1.0).index({"docno": str(row), "toks": terms}
                                                   for row, terms in quantized_rows(corpus, order, scale))
@@ -384,6 +382,8 @@ def main() -> None:
                            **({"index_gb": round(index.nbytes / 2 ** 30, 3)} if hasattr(index, "nbytes") else {})}
 
         order = np.arange(corpus.docs)  # the peers' document order: blockmax's, once it is built
+        byte_scale = (max(float(shard.data.max()) for shard in corpus) / 255  # the peers' weights: the largest 255
+                      if {"bmp", "pisa"} & set(args.indexes.split(",")) else None)
         for kind in args.indexes.split(","):
             if kind == "blockmax":
                 index, facts = built(lambda: BlockMaxIndex(corpus, threads=threads))
@@ -392,13 +392,13 @@ def main() -> None:
                 if not args.rank_safe_only:
                     facts["at_recall"] = at_recall(index)
             elif kind == "bmp":
-                index, facts = built(lambda: BmpPeer(corpus, order, Path(folder) / "bmp", args.bmp_block_size))
+                index, facts = built(lambda: BmpPeer(corpus, order, byte_scale, Path(folder) / "bmp", args.bmp_block_size))
                 facts["block_size"] = args.bmp_block_size
                 facts["rank_safe"] = peer_rank_safe(index, alpha=1.0, beta=1.0)
                 if not args.rank_safe_only:
                     facts["at_recall"] = at_recall(index, BMP_GRID)
             elif kind == "pisa":
-                index, facts = built(lambda: PisaPeer(corpus, order, Path(folder) / "pisa"))
+                index, facts = built(lambda: PisaPeer(corpus, order, byte_scale, Path(folder) / "pisa"))
                 facts["rank_safe"] = {algorithm: peer_rank_safe(index, algorithm=algorithm)
                                       for algorithm in PISA_ALGORITHMS}
             else:
