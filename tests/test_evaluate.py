@@ -173,6 +173,12 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
     assert len(chosen["tried"]) == len(SWEEP_QUERY_CUTS) * len(SWEEP_HEAP_FACTORS)
     assert chosen["ms_per_query"] == min(t["ms_per_query"] for t in chosen["tried"] if t["recall_at_100"] >= 0.9)
     assert (index.query_cut, index.heap_factor) == (chosen["query_cut"], chosen["heap_factor"])
+    stricter = sweep(index, vectors.corpus, vectors.queries, target=0.99, sample=20, tried=chosen["tried"])
+    assert stricter["tried"] is chosen["tried"]  # the grid's recalls and times reused, not searched again
+    meeting = [t for t in chosen["tried"] if t["recall_at_100"] >= 0.99]
+    assert stricter["ms_per_query"] == (min(t["ms_per_query"] for t in meeting) if meeting
+                                        else max(chosen["tried"], key=lambda t: (t["recall_at_100"], -t["ms_per_query"]))["ms_per_query"])
+    assert (index.query_cut, index.heap_factor) == (stricter["query_cut"], stricter["heap_factor"])
     exact_metrics = scoring.retrieval_scores(vectors, data, index=IndexConfig(kind="exact")).metrics
     seismic = scoring.retrieval_scores(vectors, data, index=IndexConfig(kind="seismic", sweep_queries=20,
                                                                           recall_target=0.95))

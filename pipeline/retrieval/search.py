@@ -201,17 +201,19 @@ def recall(found: list[tuple[np.ndarray, np.ndarray]], truth: list[tuple[np.ndar
 
 
 def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
-          seed: int = 0, threads: int = 1, grid: dict[str, tuple] | None = None) -> dict:
+          seed: int = 0, threads: int = 1, grid: dict[str, tuple] | None = None,
+          tried: list[dict] | None = None) -> dict:
     """An approximate index's search parameters (`grid`: each attribute's values, every combination
     tried; by default blockmax's or seismic's query_cut and heap_factor) chosen on `sample` of the
     queries: of the settings whose recall@depth against exact reaches `target`, the fastest (one
     thread, the fastest of two runs; the FINALISTS fastest timed again, in turns); when none does,
-    the most accurate. Leaves them set on the index and returns what was tried and chosen."""
+    the most accurate. Leaves them set on the index and returns what was tried and chosen.
+    `tried`: an earlier sweep's, on the same index, queries and sample, for another target: its
+    recalls and times are reused rather than the grid searched again."""
     grid = grid or {"query_cut": SWEEP_QUERY_CUTS, "heap_factor": SWEEP_HEAP_FACTORS}
     picks = np.sort(np.random.default_rng(seed).choice(queries.shape[0], min(sample, queries.shape[0]),
                                                        replace=False))
     probe = queries[picks]
-    truth = exact_search(corpus, probe, depth, threads)
 
     def timed(setting: dict, runs: int):
         """The setting's ms/query: the fastest of `runs` (a shared machine's noise is one-sided)."""
@@ -225,11 +227,13 @@ def sweep(index, corpus, queries, target: float, sample: int, depth: int = 100,
             setting["ms_per_query"] = min(setting.get("ms_per_query", ms), ms)
         return found
 
-    tried = []
-    for values in itertools.product(*grid.values()):
-        setting = dict(zip(grid, values))
-        setting[f"recall_at_{depth}"] = recall(timed(setting, 2), truth)
-        tried.append(setting)
+    if tried is None:
+        truth = exact_search(corpus, probe, depth, threads)
+        tried = []
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
+            setting[f"recall_at_{depth}"] = recall(timed(setting, 2), truth)
+            tried.append(setting)
     meeting = [t for t in tried if t[f"recall_at_{depth}"] >= target]
     finalists = sorted(meeting, key=lambda t: t["ms_per_query"])[:FINALISTS]
     for _ in range(3 if len(finalists) > 1 else 0):  # in turns, so that a burst of noise slows them alike
