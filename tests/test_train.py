@@ -208,6 +208,10 @@ def crash_after_first_checkpoint(monkeypatch) -> None:
     monkeypatch.setattr(train, "build_trainer", crashing)
 
 
+def flat_weights(folder) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in SparseEncoder(str(folder)).parameters()])
+
+
 def test_bf16_training_on_a_cpu_autocasts_and_lands_near_fp32(workdir, tiny_params, monkeypatch):
     """train.precision bf16 forced on this CPU (transformers refuses bf16 on a CPU unless told
     use_cpu): the stage trains, its weights differ from the fp32 run's (autocast ran), and they
@@ -218,8 +222,8 @@ def test_bf16_training_on_a_cpu_autocasts_and_lands_near_fp32(workdir, tiny_para
         (workdir / precision).mkdir()
         monkeypatch.chdir(workdir / precision)  # each its own checkpoints
         train.run(prepared(tiny_params, precision=precision, student=student))
-        weights[precision] = torch.cat([p.detach().flatten() for p in SparseEncoder(str(STUDENT_DIR)).parameters()])
-    start = torch.cat([p.detach().flatten() for p in SparseEncoder(str(BASE_MODEL_DIR)).parameters()])
+        weights[precision] = flat_weights(STUDENT_DIR)
+    start = flat_weights(BASE_MODEL_DIR)
     apart = float((weights["bf16"] - weights["fp32"]).norm() / (weights["fp32"] - start).norm())
     assert 0 < apart < 0.3, apart
 
@@ -261,6 +265,37 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
     for (name, a), b, start in zip(single.named_parameters(), distributed.parameters(), base.parameters()):
         moved = (a - start).abs().max()
         assert (a - b).abs().max() <= 1e-3 * moved + 1e-6, name
+
+
+@pytest.mark.e2e
+def test_bf16_under_torchrun_trains_as_one_bf16_process(workdir, tiny_params, monkeypatch):
+    """train.precision bf16 forced on this CPU under torchrun (2 processes, gloo, 16 rows each):
+    every rank autocasts (transformers told use_cpu): the model lands as far from one fp32 process's
+    (on the whole 32-row batch) as one bf16 process's does, and nearer to the bf16 one (on this
+    machine 0.39 of the way; under fp32 the split changes the weights by under 1e-3 of their move)."""
+    student = {**tiny_params.train.student.model_dump(), "dropout": 0.0}
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        one = prepared(tiny_params, batch_size=32, epochs=3, precision=precision, student=student)
+        train.run(one)
+        weights[precision] = flat_weights(STUDENT_DIR)
+    start = flat_weights(BASE_MODEL_DIR)
+    data = one.model_dump(by_alias=True)
+    data["train"]["batch_size"] = 16  # per process
+    write_params(workdir, Params.model_validate(data))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", "-m", "pipeline.stages.train", "--params", "params.yaml"],
+                         cwd=workdir, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    args = json.loads((RECORDS_DIR / "train.json").read_text())["facts"]["training_args"]
+    assert args["bf16"] and args["use_cpu"]
+    distributed = flat_weights(STUDENT_DIR)
+    travelled = float((weights["bf16"] - start).norm())
+    rounding = float((weights["bf16"] - weights["fp32"]).norm())
+    split = float((distributed - weights["bf16"]).norm())
+    from_fp32 = float((distributed - weights["fp32"]).norm())
+    assert 0 < rounding < 0.3 * travelled, (rounding, travelled)
+    assert from_fp32 > 0.5 * rounding and split < 0.75 * from_fp32, (split, from_fp32, rounding)
 
 
 @pytest.mark.parametrize("fused", [True, False])
