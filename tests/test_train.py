@@ -228,6 +228,13 @@ def test_bf16_training_on_a_cpu_autocasts_and_lands_near_fp32(workdir, tiny_para
     assert 0 < apart < 0.3, apart
 
 
+def train_on_two_processes(workdir) -> subprocess.CompletedProcess:
+    """The train stage under torchrun: 2 CPU processes (gloo), on workdir's params.yaml."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "pipeline.stages.train", "--params", "params.yaml"],
+                          cwd=workdir, capture_output=True, text=True)
+
+
 @pytest.mark.e2e
 def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, tiny_params, monkeypatch):
     """torchrun, 2 CPU processes (gloo), 16 rows each, against one process with 32 rows: the same
@@ -250,9 +257,7 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
         train.run(ddp)  # one process, batch 16: crashed, checkpoints left
     left = max(checkpoint_steps(workdir))
     write_params(workdir, ddp)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", "-m", "pipeline.stages.train", "--params", "params.yaml"],
-                         cwd=workdir, capture_output=True, text=True)
+    ddp = train_on_two_processes(workdir)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     record = json.loads((RECORDS_DIR / "train.json").read_text())
     assert record["metrics"]["steps"] == 3 * -(-record["facts"]["training_rows"] // 32)
@@ -268,7 +273,7 @@ def test_ddp_on_two_processes_trains_as_one_process_on_the_whole_batch(workdir, 
 
 
 @pytest.mark.e2e
-def test_bf16_under_torchrun_trains_as_one_bf16_process(workdir, tiny_params, monkeypatch):
+def test_bf16_under_torchrun_trains_as_one_bf16_process(workdir, tiny_params):
     """train.precision bf16 forced on this CPU under torchrun (2 processes, gloo, 16 rows each):
     every rank autocasts (transformers told use_cpu): the model lands as far from one fp32 process's
     (on the whole 32-row batch) as one bf16 process's does, and nearer to the bf16 one (on this
@@ -283,9 +288,7 @@ def test_bf16_under_torchrun_trains_as_one_bf16_process(workdir, tiny_params, mo
     data = one.model_dump(by_alias=True)
     data["train"]["batch_size"] = 16  # per process
     write_params(workdir, Params.model_validate(data))
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", "-m", "pipeline.stages.train", "--params", "params.yaml"],
-                         cwd=workdir, capture_output=True, text=True)
+    ddp = train_on_two_processes(workdir)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     args = json.loads((RECORDS_DIR / "train.json").read_text())["facts"]["training_args"]
     assert args["bf16"] and args["use_cpu"]
