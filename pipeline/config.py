@@ -348,9 +348,10 @@ class IndexConfig(Section):
     # reaches this on sweep_queries of the queries (null: use the two above)
     recall_target: float | None = Field(None, gt=0, le=1)
     sweep_queries: PositiveInt = 200  # the sweep's queries, and those an approximate search is checked on
-    # approximate: the memory its build may take; checked (estimated from the corpus's postings) before it starts
-    memory_gb: PositiveFloat = 12.0
-    block_size: int = Field(8, gt=0, le=255)  # blockmax: documents per block (smaller: tighter bounds, more blocks)
+    # blockmax / seismic: the memory the index's build may take, checked (estimated from the corpus's
+    # postings) before it starts; null: three quarters of this machine's memory
+    memory_gb: PositiveFloat | None = None
+    block_size: int = Field(4, gt=0, le=255)  # blockmax: documents per block (smaller: tighter bounds, more blocks)
     # exact: shards scored at once (0: one per core); each adds a shard to the memory it holds
     threads: NonNegativeInt = 0
 

@@ -117,9 +117,11 @@ def test_evaluate_scale_bench_rank_safe_is_exact_and_threads_agree(tmp_path, sha
     """bench/evaluate_scale.py --smoke (3,000 mixed documents from 200 real passage vectors): exact
     search on every core returns one thread's; blockmax rank-safe returns exact's top 100, bmp's and
     PISA's rank-safe searches nearly so (their weights in a byte); each swept index reaches about
-    each recall target on all queries."""
-    result = smoke("evaluate_scale.py", tmp_path)
+    each recall target on all queries; --timed-queries times that many more end to end."""
+    result = smoke("evaluate_scale.py", tmp_path, "--timed-queries", "30")
     assert result["corpus"] == "mixed" and result["docs"] == 3_000 and result["source"]["passages"] == 200
+    timed = result["blockmax"]["rank_safe_timed"]
+    assert timed["queries"] == 30 and timed["ms_per_query"] > 0 and timed["seconds"] >= timed["search_seconds"]
     assert result["exact_threads"]["same_as_one_thread"] is True
     assert result["blockmax"]["rank_safe"]["recall_at_100"] >= 0.999
     assert result["bmp"]["rank_safe"]["recall_at_100"] >= 0.97
@@ -134,6 +136,17 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_mixed_generator_shuffles_each_documents_terms_as_lexsort_did():
+    """shuffled_within (a group at a time) gives np.lexsort's order, ties included, so the mixed corpus
+    is the one the earlier figures were measured on."""
+    scale = load_bench("evaluate_scale")
+    rng = np.random.default_rng(0)
+    group = np.sort(rng.integers(0, 300, 5_000))
+    keys = rng.integers(0, 40, len(group)).astype(np.float64)  # many ties within a group
+    starts = np.searchsorted(group, np.arange(301))
+    assert np.array_equal(scale.shuffled_within(starts, keys), np.lexsort((keys, group)))
 
 
 def test_the_mixed_scale_corpus_has_no_near_duplicate_clusters_the_perturbed_one_has():

@@ -191,7 +191,7 @@ def test_seismic_index_ranks_by_the_true_dot_products_and_finds_what_exact_finds
         SeismicIndex(vectors.corpus, memory_gb=0.01)  # refused before building
 
 
-def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 100):
+def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 100, density: float = 0.05):
     """(corpus shards, the same rows as one matrix, queries): random sparse vectors."""
     import numpy as np
     from scipy.sparse import random as sparse_random
@@ -199,7 +199,7 @@ def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 10
     from pipeline.retrieval.search import CorpusShards
 
     rng = np.random.default_rng(0)
-    matrix = sparse_random(docs, dims, density=0.05, format="csr", dtype=np.float32, random_state=rng)
+    matrix = sparse_random(docs, dims, density=density, format="csr", dtype=np.float32, random_state=rng)
     corpus = CorpusShards(folder, {"test": "random"}, docs, dims, shard_docs)
     for index in range(corpus.count):
         rows = corpus.rows(index)
@@ -221,12 +221,15 @@ def test_exact_search_on_several_threads_returns_what_one_thread_does(tmp_path):
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(one, many))
 
 
-def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_the_memory_budget(tmp_path):
+def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_the_memory_budget(tmp_path,
+                                                                                               monkeypatch):
     """auto past exact_max_docs falls back to exact search, saying why, when blockmax's estimated
-    build exceeds evaluate.index.memory_gb; an explicit approximate kind is refused instead."""
+    build exceeds evaluate.index.memory_gb (null: three quarters of the machine's memory); an
+    explicit approximate kind is refused instead."""
     import numpy as np
 
     from pipeline.cli import StageError
+    from pipeline.retrieval import search as search_module
     from pipeline.retrieval.search import search
 
     corpus, matrix, queries = random_corpus(tmp_path)
@@ -244,6 +247,11 @@ def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_th
     for kind in ("blockmax", "seismic"):
         with pytest.raises(StageError, match=rf"the {kind} index .* over evaluate.index.memory_gb \(0.4 GB\). Raise"):
             search(corpus, queries, IndexConfig(kind=kind, memory_gb=0.4), depth=10)
+    assert search(corpus, queries, IndexConfig(exact_max_docs=100), depth=10)[1]["kind"] == "blockmax"
+    monkeypatch.setattr(search_module, "machine_memory_gb", lambda: 0.6)  # 0.45 GB for the build
+    facts = search(corpus, queries, IndexConfig(exact_max_docs=100), depth=10)[1]
+    assert facts["kind"] == "exact"
+    assert "over evaluate.index.memory_gb (null: 0.75 of this machine's 0.6 GB)" in facts["blockmax_skipped"]
 
 
 def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_pruned(tmp_path):
@@ -299,10 +307,29 @@ def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_prune
     found, facts = search(corpus, short, IndexConfig(exact_max_docs=900, sweep_queries=7, recall_target=0.95),
                           depth=20)
     assert not facts["rank_safe"]
-    assert facts["kind"] == "blockmax" and facts["block_size"] == 8 and facts["sample_queries"] == 7
+    assert facts["kind"] == "blockmax" and facts["block_size"] == 4 and facts["sample_queries"] == 7
     assert facts["target_met"] and facts["recall_at_20"] >= 0.95
     assert len(facts["tried"]) == len(SWEEP_QUERY_CUTS) * len(SWEEP_HEAP_FACTORS)
     assert recall(found, exact[:7]) == pytest.approx(facts["recall_at_20"])  # the sample was every query
+
+
+def test_blockmax_rank_safe_walk_goes_through_its_tiers_and_still_finds_exact_top_k(tmp_path):
+    """400,000 documents in 100,000 blocks (1,563 chunks): a deep top k (10,000) takes the walk past
+    its first two tiers (the FIRST_CHUNKS highest chunks, then twice as many), and every block that can
+    beat the k-th score is still scored: exact search's top k, with every query term and heap_factor 1."""
+    import numpy as np
+
+    from pipeline.retrieval import blockmax
+    from pipeline.retrieval.blockmax import BlockMaxIndex
+
+    corpus, matrix, queries = random_corpus(tmp_path, docs=400_000, dims=2000, shard_docs=100_000, density=0.005)
+    index = BlockMaxIndex(corpus, block_size=4, query_cut=10_000, heap_factor=1.0, progress=False)
+    exact = exact_search(corpus, queries, 10_000)
+    found = index.search(queries, 10_000)
+    for (rows, scores), (exact_rows, exact_scores) in zip(found, exact):
+        np.testing.assert_allclose(scores, exact_scores, rtol=1e-3)
+        assert len(np.intersect1d(rows, exact_rows)) >= 9990  # near-ties at the 10,000th at most
+    assert index.blocks_scored.max() > 2 * blockmax.FIRST_CHUNKS * blockmax.CHUNK  # into the third tier
 
 
 def test_an_approximate_search_reports_how_far_its_metrics_are_from_exact_and_a_rank_safe_one_is_exact(tmp_path):

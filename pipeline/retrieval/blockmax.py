@@ -4,23 +4,26 @@ block-max pruning (BMP; Mallia, Suel, Tonellotto, SIGIR 2024).
 Build, one corpus shard at a time:
 - reorder the shard's documents by recursive graph bisection (Dhulipala et al., KDD 2016), so that
   documents sharing terms sit side by side;
-- cut them into blocks of `block_size` and lay each block out block-inverted: its terms (entries:
+- cut them into blocks of `block_size` (4) and lay each block out block-inverted: its terms (entries:
   uint16 term ids where the vocabulary allows, and how many of its documents hold each), and each
   entry's postings (the document's place in the block, its weight quantized to uint16);
 - for each term, its largest weight in each block that holds it (uint8, rounded up: an upper
   bound): a list of (block, weight) for a term in under a tenth of the blocks, a byte per block for
   the others (at most twice its list, and summed in one sequential pass).
-Memory: about 3 B per posting plus 8 B per (block, term) entry (about 0.35 entries per posting in
-blocks of 8), and a shard per build thread while it is laid out.
+Memory: 3 B per posting plus 3 B per (block, term) entry and its block maximum (5 B in a list, or a
+byte per block); about 10 B per posting in blocks of 4 on MS MARCO-shaped vectors without
+near-duplicates (0.86 entries per posting), and a shard per build thread while it is laid out.
 
 Search, a query at a time: each block's upper bound is summed from its largest weights over the
-query's `query_cut` largest terms (uint16 sums, rounded up); blocks are visited from the highest bound
-down (in tiers: over half the highest bound, then a quarter, ...; each a pass over the bounds and a
-counting sort), their documents scored against the whole query from the block's entries of the
-query's terms (found through a table of the vocabulary's size, one byte per term where the query has
-under 256 terms), and the walk stops at the first block whose bound times `heap_factor` cannot beat
-the k-th best score found (1: stops last; with every query term it is exact, up to the weights'
-rounding).
+query's `query_cut` largest terms (uint16 sums of each term's (query weight x block max) on 0-255
+scales, shifted right by as few bits as let the query's terms sum in 16 bits and rounded up);
+blocks are visited from the highest bound down, in tiers (the chunks of CHUNK blocks sorted by their
+largest bound: the first tier the blocks of the FIRST_CHUNKS highest chunks down to the lowest of
+those chunks' largest bounds, each next tier twice the chunks; each ordered by a counting sort),
+their documents scored against the whole query from the block's entries of the query's terms (found
+through a table of the vocabulary's size, one byte per term where the query has under 256 terms),
+and the walk stops at the first block whose bound times `heap_factor` cannot beat the k-th best
+score found (1: stops last; with every query term it is exact, up to the weights' rounding).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ AHEAD = 8  # blocks: the walk matches a block's entries this many blocks before 
 RING = 16  # blocks whose matched entries are held: a power of two over AHEAD
 DENSE_SHARE = 10  # a term in at least 1/DENSE_SHARE of the blocks keeps a byte per block, not a list
 CHUNK = 64  # blocks per largest bound kept, so that a tier's pass skips the chunks below it
+FIRST_CHUNKS = 256  # the first tier's chunks (the highest); each tier after takes twice the chunks before it
 
 
 @intrinsic
@@ -285,35 +289,99 @@ def _score(block, n, matched, r, block_docs, post_docs, post_weights, slot_weigh
     return size
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _part(weight16, maximum, round16, shift16):
+    """A term's part of a block's bound, (query weight x block max + round) >> shift, in 16 bits
+    (255 x 255 + 255 fits) so that it vectorizes widest."""
+    return np.uint16(np.uint16(weight16 * np.uint16(maximum)) + round16) >> shift16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_rows(dense, rows, weights, bound, round16, shift16):
+    """bound += each dense row's part, four rows in one pass where it can (the bounds, larger than the
+    cache past a few million documents, read and written once per four terms: 1.5 times faster). The
+    shift is a constant where this is inlined: a variable one does not vectorize."""
+    i = 0
+    while i + 4 <= len(rows):
+        row1, row2, row3, row4 = dense[rows[i]], dense[rows[i + 1]], dense[rows[i + 2]], dense[rows[i + 3]]
+        weight1, weight2, weight3, weight4 = weights[i], weights[i + 1], weights[i + 2], weights[i + 3]
+        for b in range(len(bound)):
+            bound[b] += (_part(weight1, row1[b], round16, shift16) + _part(weight2, row2[b], round16, shift16)
+                         + _part(weight3, row3[b], round16, shift16) + _part(weight4, row4[b], round16, shift16))
+        i += 4
+    for j in range(i, len(rows)):
+        row, weight = dense[rows[j]], weights[j]
+        for b in range(len(bound)):
+            bound[b] += _part(weight, row[b], round16, shift16)
+
+
 @njit(cache=True, nogil=True)
-def _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
+def _bounds(dense, dense_rows, dense_weights, term_blocks, term_maxima, sparse_at, sparse_end, sparse_weights, shift,
+            bound, chunk_max):
+    """Every block's bound over the query's terms (dense rows and sparse lists, each part
+    (weight x block max + 2^shift - 1) >> shift, shift 4-8), and each CHUNK's largest."""
+    bound[:] = 0
+    if shift == 4:
+        _add_rows(dense, dense_rows, dense_weights, bound, np.uint16(15), np.uint16(4))
+    elif shift == 5:
+        _add_rows(dense, dense_rows, dense_weights, bound, np.uint16(31), np.uint16(5))
+    elif shift == 6:
+        _add_rows(dense, dense_rows, dense_weights, bound, np.uint16(63), np.uint16(6))
+    elif shift == 7:
+        _add_rows(dense, dense_rows, dense_weights, bound, np.uint16(127), np.uint16(7))
+    else:
+        _add_rows(dense, dense_rows, dense_weights, bound, np.uint16(255), np.uint16(8))
+    for i in range(len(sparse_at)):
+        weight = sparse_weights[i]
+        for e in range(sparse_at[i], sparse_end[i]):
+            bound[term_blocks[e]] += (weight * term_maxima[e] + (1 << shift) - 1) >> shift
+    for c in range(len(chunk_max)):
+        largest = np.uint16(0)
+        for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):
+            largest = max(largest, bound[b])
+        chunk_max[c] = largest
+
+
+@njit(cache=True, nogil=True)
+def _walk(bound, chunk_max, chunk_order, offset, threshold, block_docs, block_entries, block_posts, entry_terms, entry_counts, post_docs,
           post_weights, slot, slot_weight, counts, tier, order, matched, n_matched, scores, heap_scores, heap_rows):
     """Scores the blocks from the highest bound down until a bound (plus `offset`; x threshold: its unit
     in score units x heap_factor) cannot beat the k-th best found; returns (heap size, blocks scored).
-    The blocks are taken in tiers, each found by a pass over the chunks of CHUNK bounds whose largest
-    reaches it: those over half the highest bound, then over a quarter, ...; each tier ordered by a
-    counting sort (a count per bound value). A pipeline, so that each block's cache misses overlap the
+    The blocks are taken in tiers: the chunks of CHUNK bounds ordered by their largest (a counting
+    sort), a tier is the blocks in the first FIRST_CHUNKS chunks (then twice as many as the tier
+    before) down to the lowest of those chunks' largest bounds, found by a pass over those chunks and
+    ordered by a counting sort (a count per bound value); so the first tiers pass over a few chunks,
+    not every chunk that reaches half the highest bound. A pipeline, so that each block's cache misses overlap the
     work on the blocks before it: its offsets are asked for 3 x AHEAD blocks before it is scored, its
     entries 2 x AHEAD before, and AHEAD before, its entries of the query's terms are matched (held in
     a ring of RING blocks) and their postings asked for."""
     k = len(heap_scores)
     size, scored = 0, 0
-    n_chunks = (len(bound) + CHUNK - 1) // CHUNK
-    chunk_max = np.zeros(n_chunks, np.uint16)
+    n_chunks = len(chunk_max)
+    if n_chunks == 0:
+        return size, scored
+    top = np.int64(chunk_max.max())
+    counts[:top + 2] = 0  # the chunks by their largest bound, highest first (a counting sort)
     for c in range(n_chunks):
-        largest = np.uint16(0)
-        for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):
-            largest = max(largest, bound[b])
-        chunk_max[c] = largest
-    upper = np.int64(chunk_max.max()) if len(bound) else np.int64(-1)  # the tier: bounds in [floor, upper]
+        counts[top - chunk_max[c] + 1] += 1
+    for v in range(1, top + 2):
+        counts[v] += counts[v - 1]
+    for c in range(n_chunks):
+        v = top - chunk_max[c]
+        chunk_order[counts[v]] = c
+        counts[v] += 1
+    upper, reach = top, 0  # the tier: bounds in [floor, upper], in the first `reach` chunks of chunk_order
     while upper >= 0:
-        floor = upper // 2 if upper >= 16 else 0
+        reach = min(n_chunks, max(FIRST_CHUNKS, 2 * reach))
+        floor = min(np.int64(chunk_max[chunk_order[reach - 1]]), upper) if reach < n_chunks else 0
+        while reach < n_chunks and chunk_max[chunk_order[reach]] >= floor:
+            reach += 1
         n = 0
-        for c in range(n_chunks):
-            if chunk_max[c] >= floor:
-                for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):  # no branch: kept or overwritten
-                    tier[n] = b
-                    n += np.int64(floor <= bound[b]) & np.int64(bound[b] <= upper)
+        for i in range(reach):
+            c = chunk_order[i]
+            for b in range(c * CHUNK, min(len(bound), (c + 1) * CHUNK)):  # no branch: kept or overwritten
+                tier[n] = b
+                n += np.int64(floor <= bound[b]) & np.int64(bound[b] <= upper)
         counts[:upper - floor + 2] = 0
         for i in range(n):
             counts[upper - bound[tier[i]] + 1] += 1  # the highest bounds first
@@ -360,6 +428,10 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
     slot16 = np.zeros(dims, np.uint16)
     slot_weight = np.zeros(2 ** 16, np.float32)  # slot 0: not a query term
     bound = np.zeros(n_blocks, np.uint16)
+    chunk_max = np.zeros((n_blocks + CHUNK - 1) // CHUNK, np.uint16)
+    chunk_order = np.empty(len(chunk_max), np.int64)
+    dense_rows, dense_weights = np.empty(256, np.int64), np.empty(256, np.uint16)
+    sparse_at, sparse_end, sparse_weights = np.empty(256, np.int64), np.empty(256, np.int64), np.empty(256, np.int64)
     counts = np.zeros(2 ** 16 + 1, np.int64)
     tier = np.empty(n_blocks, np.int64)
     order = np.empty(n_blocks, np.int64)
@@ -380,19 +452,27 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
                 slot8[q_indices[lo + by_weight[i]]] = i + 1
             else:
                 slot16[q_indices[lo + by_weight[i]]] = i + 1
-        bound[:] = 0
         largest = max(q_weights[lo + by_weight[0]], np.float32(1e-30)) if hi > lo else np.float32(1.0)
-        for i in range(min(query_cut, hi - lo, 256)):  # uint16 bounds hold 256 terms' parts
-            # a term's part of a block's bound, (query weight x block max) on a 0-255 scale, rounded up
+        bounded = min(query_cut, hi - lo, 256)  # uint16 bounds hold 256 terms' parts
+        # a term's part of a block's bound: (query weight x block max), each on a 0-255 scale, >> shift,
+        # rounded up; the shift as small as lets `bounded` parts sum in 16 bits (8 for 256 terms)
+        shift = 4
+        while bounded * ((255 * 255 + (1 << shift) - 1) >> shift) > 65535:
+            shift += 1
+        n_dense, n_sparse = 0, 0
+        for i in range(bounded):
             weight8 = min(255, max(0, math.ceil(q_weights[lo + by_weight[i]] / largest * 255)))
             term = q_indices[lo + by_weight[i]]
-            if dense_row[term] >= 0:  # in 16 bits (255 x 255 + 255 fits), so that it vectorizes widest
-                row, weight16 = dense[dense_row[term]], np.uint16(weight8)
-                for b in range(n_blocks):
-                    bound[b] += np.uint16(np.uint16(weight16 * np.uint16(row[b])) + np.uint16(255)) >> np.uint16(8)
-            for e in range(term_ptr[term], term_ptr[term + 1]):
-                bound[term_blocks[e]] += (weight8 * term_maxima[e] + 255) >> 8
-        unit = np.float32(largest * max_scale * 256 / 255)  # a bound's unit, in score units
+            if dense_row[term] >= 0:
+                dense_rows[n_dense], dense_weights[n_dense] = dense_row[term], weight8
+                n_dense += 1
+            elif term_ptr[term + 1] > term_ptr[term]:
+                sparse_at[n_sparse], sparse_end[n_sparse] = term_ptr[term], term_ptr[term + 1]
+                sparse_weights[n_sparse] = weight8
+                n_sparse += 1
+        _bounds(dense, dense_rows[:n_dense], dense_weights[:n_dense], term_blocks, term_maxima,
+                sparse_at[:n_sparse], sparse_end[:n_sparse], sparse_weights[:n_sparse], shift, bound, chunk_max)
+        unit = np.float32(largest * max_scale * (1 << shift) / 255)  # a bound's unit, in score units
         # terms past the 256th within query_cut: each adds at most its weight x the largest block max
         rest = 0.0
         for i in range(256, min(query_cut, hi - lo)):
@@ -400,11 +480,11 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
         offset = math.ceil(rest * 255 * max_scale / unit)
         threshold = unit * heap_factor
         if hi - lo < 256:  # (two calls: numba types the two tables apart)
-            size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
+            size, scored = _walk(bound, chunk_max, chunk_order, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
                                  entry_counts, post_docs, post_weights, slot8, slot_weight, counts, tier, order,
                                  matched, n_matched, scores, heap_scores, heap_rows)
         else:
-            size, scored = _walk(bound, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
+            size, scored = _walk(bound, chunk_max, chunk_order, offset, threshold, block_docs, block_entries, block_posts, entry_terms,
                                  entry_counts, post_docs, post_weights, slot16, slot_weight, counts, tier, order,
                                  matched, n_matched, scores, heap_scores, heap_rows)
         for p in range(lo, hi):
@@ -420,7 +500,7 @@ def _search(q_indptr, q_indices, q_weights, query_cut, heap_factor, k, term_ptr,
 class BlockMaxIndex:
     """The corpus rows in block-max pruned blocks; search returns (corpus rows, scores) best first."""
 
-    def __init__(self, corpus, block_size: int = 8, query_cut: int = 12, heap_factor: float = 1.0,
+    def __init__(self, corpus, block_size: int = 4, query_cut: int = 12, heap_factor: float = 1.0,
                  search_threads: int = 0, bisection_iterations: int = 5, threads: int = 0, progress: bool = True):
         """Built from the corpus's shards, `threads` at a time (0: every core); each adds a shard in memory."""
         from tqdm.auto import tqdm

@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 # an approximate index's build peaks at about this many bytes per posting of the corpus, plus a fixed
 # part (bench/evaluate_scale.py, splade-tiny-shaped vectors; seismic: +1.15 GB at 200k documents, 25M
-# postings, +6.7 GB at 2M documents, 254M postings; blockmax: +1.5 GB at 2M, +7.4 GB at 8.8M, 1.1G postings)
-BUILD_BYTES_PER_POSTING = {"seismic": 28, "blockmax": 7}
+# postings, +6.7 GB at 2M documents, 254M postings; blockmax in blocks of 4, without near-duplicates:
+# a 14.6 GB peak at 8.8M documents, 1.11G postings, from a process that held up to 1.9 GB before)
+BUILD_BYTES_PER_POSTING = {"seismic": 28, "blockmax": 13}
 BUILD_FIXED_BYTES = 2 ** 29
+MACHINE_SHARE = 0.75  # evaluate.index.memory_gb null: the share of this machine's memory a build may take
 # the search parameters the sweep tries, cheapest first (a query's largest terms, pruning: 1 least);
 # denser near 1, where recall@100 0.95 falls at 2M documents (0.92 with 16 terms: 0.955, 0.9: 0.93)
 SWEEP_QUERY_CUTS = (5, 8, 12, 16, 20, 30)
@@ -136,15 +138,26 @@ def exact_search(corpus, queries, depth: int = 100, threads: int = 1) -> list[tu
     return list(zip(np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)))
 
 
+def machine_memory_gb() -> float:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
 def over_budget(kind: str, corpus, memory_gb: float | None) -> str | None:
-    """Why the `kind` index's build would not fit in memory_gb (estimated from the corpus's postings), or None."""
+    """Why the `kind` index's build would not fit in memory_gb (estimated from the corpus's postings;
+    None: MACHINE_SHARE of this machine's memory), or None."""
     postings = corpus.nnz
     needed = BUILD_BYTES_PER_POSTING[kind] * postings + BUILD_FIXED_BYTES
-    if memory_gb is None or needed <= memory_gb * 2 ** 30:
+    if memory_gb is None:
+        machine = machine_memory_gb()
+        budget, named = MACHINE_SHARE * machine, f"null: {MACHINE_SHARE:g} of this machine's {machine:.1f} GB"
+    else:
+        budget, named = memory_gb, f"{memory_gb:g} GB"
+    if needed <= budget * 2 ** 30:
         return None
     return (f"the {kind} index of {corpus.docs:,} documents ({postings:,} postings) needs about "
             f"{needed / 2 ** 30:.1f} GB to build (measured: {BUILD_BYTES_PER_POSTING[kind]} B per posting and "
-            f"0.5 GB), over evaluate.index.memory_gb ({memory_gb:g} GB)")
+            f"0.5 GB), over evaluate.index.memory_gb ({named})")
 
 
 def refuse(too_big: str) -> StageError:
