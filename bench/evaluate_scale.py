@@ -287,6 +287,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--indexes", default="blockmax,bmp,pisa,seismic",
                         help="the indexes measured, in turn (the peers take blockmax's document order)")
+    parser.add_argument("--block-size", type=int, default=None, help="blockmax's block_size (default: the stage's)")
     parser.add_argument("--bmp-block-size", type=int, default=32, help="bmp's bsize (its README's)")
     parser.add_argument("--rank-safe-only", action="store_true",
                         help="exact on one thread and blockmax rank-safe only (no threaded exact, no sweep)")
@@ -301,6 +302,7 @@ def main() -> None:
         args.docs, args.queries, args.shard_docs, args.sweep_queries = 3_000, 20, 1_000, 10
     targets = [float(target) for target in args.recall_targets.split(",")]
     from pipeline.cli import StageError
+    from pipeline.config import IndexConfig
     from pipeline.retrieval.blockmax import BlockMaxIndex
     from pipeline.retrieval.search import (
         ALL_TERMS,
@@ -423,7 +425,9 @@ def main() -> None:
                       if {"bmp", "pisa"} & set(args.indexes.split(",")) else None)
         for kind in args.indexes.split(","):
             if kind == "blockmax":
-                index, facts = built(lambda: BlockMaxIndex(corpus, threads=threads))
+                block_size = args.block_size or IndexConfig().block_size
+                index, facts = built(lambda: BlockMaxIndex(corpus, block_size, threads=threads))
+                facts["block_size"] = block_size
                 order = index.rows
                 facts["rank_safe"] = rank_safe(index)
                 if args.timed_queries:

@@ -514,13 +514,16 @@ def test_prefect_work_pool_worker_schedule_concurrency_and_a_failed_stage(projec
                 process.wait(timeout=60)
 
 
-# The obvious first experiments on the default profile (docs/training.md, "Which settings matter")
-PROFILE_VARIANTS = {"epochs 4 (halved)": {"train.epochs": 4},
-                    "learning rate 1.5e-4 (halved)": {"train.learning_rate": 0.00015},
-                    "learning rate 6e-4 (doubled)": {"train.learning_rate": 0.0006},
-                    "seed 1": {"train.seed": 1}}
-# twice the training: the run least likely to fall (0.9964 when measured) and the longest (~4 min)
-LONGER_VARIANTS = {"epochs 16 (doubled)": {"train.epochs": 16}}
+# The obvious first experiments on the default profile (docs/training.md, "Which settings matter").
+# In CI: the two that fell under the earlier schedule (empty query vectors), epochs 4 the cheapest
+RISKY_VARIANTS = {"epochs 4 (halved)": {"train.epochs": 4},
+                  "learning rate 6e-4 (doubled)": {"train.learning_rate": 0.0006}}
+# in the slow tier: the rest, with their margins when measured (BM25 0.2983): the learning rate
+# halved (0.9597), another seed (0.9930; the significance gate's test also runs it), and twice the
+# training, the longest (~4 min)
+OTHER_VARIANTS = {"learning rate 1.5e-4 (halved)": {"train.learning_rate": 0.00015},
+                  "seed 1": {"train.seed": 1},
+                  "epochs 16 (doubled)": {"train.epochs": 16}}
 
 @pytest.fixture(scope="module")
 def second_project(tmp_path_factory):
@@ -539,24 +542,24 @@ def test_two_clean_runs_on_one_machine_give_byte_identical_metrics(project, seco
         assert (second_project / path).read_text() == git(project, "show", f"{committed}:{path}"), path
 
 
-@pytest.mark.timeout(1800)  # four trainings, 3,600 steps in all (about 6 minutes on 2 cores)
-def test_the_default_profile_survives_the_obvious_experiments(second_project, tmp_path):
-    """Epochs halved, the learning rate halved or doubled, another seed: each student is still
-    clearly above BM25 on the held-out queries (the low end of its nDCG@10's interval above BM25's
-    value, and of the paired difference's interval above 0)."""
-    assert_above_bm25(PROFILE_VARIANTS, second_project, tmp_path)
+@pytest.mark.timeout(900)  # two trainings, 1,800 steps in all (about 3 minutes on 2 cores)
+def test_the_default_profile_survives_the_risky_experiments(second_project, tmp_path):
+    """Epochs halved, the learning rate doubled: each student is still clearly above BM25 on the
+    held-out queries (the low end of its nDCG@10's interval above BM25's value, and of the paired
+    difference's interval above 0)."""
+    assert_above_bm25(RISKY_VARIANTS, second_project, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_default_profile_survives_twice_the_epochs(second_project, tmp_path):
-    """Epochs doubled (16): as clearly above BM25 as the shorter experiments."""
-    assert_above_bm25(LONGER_VARIANTS, second_project, tmp_path)
+def test_the_default_profile_survives_the_other_obvious_experiments(second_project, tmp_path):
+    """The learning rate halved, another seed, epochs doubled: as clearly above BM25."""
+    assert_above_bm25(OTHER_VARIANTS, second_project, tmp_path)
 
 
 def assert_above_bm25(experiments: dict[str, dict], second_project: Path, tmp_path: Path) -> None:
     variants = make_project_copy(tmp_path / "variants")
-    # second_project's DVC cache: a run the significance gate's test makes too (seed 1, epochs 4),
-    # and the stages before train, run once for both
+    # second_project's DVC cache: the trainings the significance gate's test makes too (epochs 4,
+    # seed 1) and the stages before train, run once for both
     run([str(BIN / "dvc"), "cache", "dir", "--local", str(second_project / ".dvc/cache")], variants)
     lines, above = [], {}
     for name, values in experiments.items():

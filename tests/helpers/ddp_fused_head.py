@@ -40,6 +40,10 @@ def main(shared: Path, out: Path) -> None:
     _, gradients, _ = loss_and_gradients(model, loss, share, fused=True)
     if rank == 0:
         torch.save(gradients, out)
+    # DDP's reducer holds the process group; dropped last by the reducer, the group would join its
+    # gloo threads in this thread without releasing the GIL one of them may be waiting for: a hang
+    # at exit, one run in five here (pytorch/pytorch#56297). destroy_process_group releases it.
+    del loss.model
     dist.destroy_process_group()
 
 
