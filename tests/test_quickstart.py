@@ -508,9 +508,11 @@ def test_prefect_work_pool_worker_schedule_concurrency_and_a_failed_stage(projec
         assert "set_working_directory" not in shown  # the pods run in the image's folder, not this machine's
     finally:
         git(project, "checkout", "params.yaml")
+        # killed, as tests/helpers/services.py stops its servers: nothing of theirs is kept, and
+        # prefect's worker, sent SIGTERM, once never finished its own shutdown
         for process in (worker, server):
             if process:
-                os.killpg(process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=60)
 
 
