@@ -276,6 +276,8 @@ def synthetic_corpus(folder: Path, docs: int, shard_docs: int, passages, seed: i
 
 
 def main() -> None:
+    from pipeline.config import IndexConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", choices=list(GENERATORS), default="mixed", help="the generator (see above)")
     parser.add_argument("--docs", type=int, default=2_000_000)
@@ -287,7 +289,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--indexes", default="blockmax,bmp,pisa,seismic",
                         help="the indexes measured, in turn (the peers take blockmax's document order)")
-    parser.add_argument("--block-size", type=int, default=None, help="blockmax's block_size (default: the stage's)")
+    parser.add_argument("--block-size", type=int, default=IndexConfig().block_size,
+                        help="blockmax's block_size (default: the stage's, %(default)s)")
     parser.add_argument("--bmp-block-size", type=int, default=32, help="bmp's bsize (its README's)")
     parser.add_argument("--rank-safe-only", action="store_true",
                         help="exact on one thread and blockmax rank-safe only (no threaded exact, no sweep)")
@@ -302,7 +305,6 @@ def main() -> None:
         args.docs, args.queries, args.shard_docs, args.sweep_queries = 3_000, 20, 1_000, 10
     targets = [float(target) for target in args.recall_targets.split(",")]
     from pipeline.cli import StageError
-    from pipeline.config import IndexConfig
     from pipeline.retrieval.blockmax import BlockMaxIndex
     from pipeline.retrieval.search import (
         ALL_TERMS,
@@ -425,9 +427,8 @@ def main() -> None:
                       if {"bmp", "pisa"} & set(args.indexes.split(",")) else None)
         for kind in args.indexes.split(","):
             if kind == "blockmax":
-                block_size = args.block_size or IndexConfig().block_size
-                index, facts = built(lambda: BlockMaxIndex(corpus, block_size, threads=threads))
-                facts["block_size"] = block_size
+                index, facts = built(lambda: BlockMaxIndex(corpus, args.block_size, threads=threads))
+                facts["block_size"] = args.block_size
                 order = index.rows
                 facts["rank_safe"] = rank_safe(index)
                 if args.timed_queries:

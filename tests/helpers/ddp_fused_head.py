@@ -42,7 +42,7 @@ def main(shared: Path, out: Path) -> None:
         torch.save(gradients, out)
     # DDP's reducer holds the process group; dropped last by the reducer, the group would join its
     # gloo threads in this thread without releasing the GIL one of them may be waiting for: a hang
-    # at exit, one run in five here (pytorch/pytorch#56297). destroy_process_group releases it.
+    # at exit, one run in six here (pytorch/pytorch#56297). destroy_process_group releases it.
     del loss.model
     dist.destroy_process_group()
 
