@@ -28,13 +28,6 @@ sys.path.insert(0, str(PROJECT))
 
 
 
-def current_rss_gb() -> float:
-    import os
-
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
-
-
 def worker(batch_size: int, mini_batch_size: int | None, max_seq_length: int) -> dict:
     import torch
 
@@ -42,6 +35,7 @@ def worker(batch_size: int, mini_batch_size: int | None, max_seq_length: int) ->
     from pipeline.modelling.encoders import splade_encoder
     from pipeline.modelling.splade_head import fused_head
     from pipeline.modelling.training import training_loss
+    from pipeline.runtime import resident_gb
 
     cuda = torch.cuda.is_available()
     rows = hard_negative_rows(queries=-(-batch_size // 4), negatives=4).head(batch_size)
@@ -52,7 +46,7 @@ def worker(batch_size: int, mini_batch_size: int | None, max_seq_length: int) ->
     features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in model.preprocess(rows[c].tolist()).items()}
                 for c in ("query", "positive", "negative")]
     labels = torch.tensor(rows["label"].to_numpy(), dtype=torch.float32, device=model.device)
-    before = torch.cuda.memory_allocated() / 2 ** 30 if cuda else current_rss_gb()
+    before = torch.cuda.memory_allocated() / 2 ** 30 if cuda else resident_gb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

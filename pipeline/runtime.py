@@ -1,5 +1,5 @@
 """What every stage asks of the process it runs in: its rank under torchrun, whether to use bf16
-(and whether the hardware has it), the machine's fingerprint, and content hashes of large files
+(and whether the hardware has it), the memory it holds, the machine's fingerprint, and content hashes of large files
 (model weights)."""
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resident_gb() -> float:
+    """The memory this process holds now (its resident set; Linux's /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
 def update_with_file(digest: "hashlib._Hash", path: Path) -> None:

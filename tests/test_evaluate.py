@@ -221,6 +221,32 @@ def test_exact_search_on_several_threads_returns_what_one_thread_does(tmp_path):
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(one, many))
 
 
+def test_exact_search_memory_does_not_grow_with_the_queries_beyond_their_results(tmp_path):
+    """Thousands of queries against one 20k-document shard, a block of dense scores at a time: the
+    peak of what numpy allocates grows with the queries' results only (1,000 against 4,000 queries),
+    not with each block's whole (queries x documents) argpartition; MS MARCO dev has 6,980 queries."""
+    import tracemalloc
+
+    import numpy as np
+    from scipy.sparse import random as sparse_random
+
+    corpus, matrix, _ = random_corpus(tmp_path, docs=20_000, dims=1000, shard_docs=20_000, density=0.03)
+    queries = sparse_random(4000, 1000, density=0.02, format="csr", dtype=np.float32,
+                            random_state=np.random.default_rng(1))
+    peaks = {}
+    for count in (1000, 4000):
+        tracemalloc.start()
+        found = exact_search(corpus, queries[:count], 100, threads=1)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(found) == count
+    results = 3000 * 100 * 12 * 3  # the extra queries' rows and scores, merged and sorted: a few copies
+    assert peaks[4000] - peaks[1000] < results + 20 * 2 ** 20, peaks
+    for q in (0, 3999):  # still exact search's answer
+        dense = (queries[q] @ matrix.T).toarray().ravel()
+        np.testing.assert_allclose(found[q][1], np.sort(dense)[::-1][:100], rtol=1e-6)
+
+
 def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_the_memory_budget(tmp_path,
                                                                                                monkeypatch):
     """auto past exact_max_docs falls back to exact search, saying why, when blockmax's estimated
@@ -252,6 +278,26 @@ def test_auto_index_searches_exactly_when_the_approximate_index_would_not_fit_th
     facts = search(corpus, queries, IndexConfig(exact_max_docs=100), depth=10)[1]
     assert facts["kind"] == "exact"
     assert "over evaluate.index.memory_gb (null: 0.75 of this machine's 0.6 GB)" in facts["blockmax_skipped"]
+
+
+def test_the_memory_check_refuses_a_build_that_fits_alone_but_not_beside_what_the_stage_holds(tmp_path):
+    """The budget is for the whole stage: the build's estimate (0.5 GB here) plus what the process
+    holds when the build would start (its models, texts and vectors). 0.4 GB more held than the budget
+    leaves room for is refused before the build, naming both; once freed, the same build goes ahead."""
+    import numpy as np
+
+    from pipeline.cli import StageError
+    from pipeline.retrieval.search import search
+    from pipeline.runtime import resident_gb
+
+    corpus, _, queries = random_corpus(tmp_path)
+    budget = IndexConfig(kind="blockmax", memory_gb=round(resident_gb() + 0.65, 2))
+    held = np.ones(2 ** 30 // 20)  # 0.4 GB, touched: resident
+    with pytest.raises(StageError, match=r"needs about 0\.5 GB to build .* beside the (\d+\.\d) GB this process "
+                                         r"holds, (\d+\.\d) GB in all, over evaluate.index.memory_gb"):
+        search(corpus, queries, budget, depth=10)
+    del held
+    assert search(corpus, queries, budget, depth=10)[1]["kind"] == "blockmax"
 
 
 def test_blockmax_index_finds_exact_top_k_unpruned_and_scores_fewer_blocks_pruned(tmp_path):

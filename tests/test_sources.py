@@ -199,3 +199,16 @@ def test_trec_qrels_as_nist_ships_them_give_the_tab_separated_files_metrics(shar
     (nist / "qrels/test.txt").write_text("\n".join(lines[:3] + [lines[3].rsplit(" ", 1)[0]] + lines[4:]) + "\n")
     with pytest.raises(SourceError, match=r"qrels/test.txt: delimited_rows failed: line 4 has 3 fields, not 4"):
         read_retrieval_set(nist, "test")
+
+
+def test_a_corpus_digest_built_a_chunk_at_a_time_equals_the_whole_frames():
+    """The evaluate stage names a corpus's vector shards by this digest without a frame of all its
+    texts: chunks of 3 rows give the digest of the whole (id, text) frame, and one changed text,
+    or the same texts under swapped ids, another."""
+    from pipeline.data.snapshots import id_texts_digest
+
+    texts = {f"d{i}": f"text number {i}" for i in range(10)}
+    whole = frame_digest(pd.DataFrame({"id": list(texts), "text": list(texts.values())}, dtype=str))
+    assert id_texts_digest(texts, chunk_rows=3) == id_texts_digest(texts) == whole
+    assert id_texts_digest({**texts, "d7": "text number 8"}, chunk_rows=3) != whole
+    assert id_texts_digest({**texts, "d0": texts["d1"], "d1": texts["d0"]}, chunk_rows=3) != whole

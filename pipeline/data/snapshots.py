@@ -7,8 +7,10 @@ and no stage imports another."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,16 @@ def frame_digest(frame: pd.DataFrame) -> str:
     """sha256 of the rows' values (and column names), independent of how they were stored."""
     digest = hashlib.sha256("\x1f".join(frame.columns).encode())
     digest.update(row_hashes(frame).tobytes())
+    return digest.hexdigest()
+
+
+def id_texts_digest(texts: Mapping[str, str], chunk_rows: int = 100_000) -> str:
+    """frame_digest of the (id, text) frame of `texts` in their order, equal to it, built a chunk of
+    rows at a time: a frame of a whole corpus's texts would be a second copy of them."""
+    digest = hashlib.sha256("\x1f".join(["id", "text"]).encode())
+    items = iter(texts.items())
+    while chunk := list(itertools.islice(items, chunk_rows)):
+        digest.update(row_hashes(pd.DataFrame(chunk, columns=["id", "text"], dtype=str)).tobytes())
     return digest.hexdigest()
 
 

@@ -24,9 +24,7 @@ from pipeline.config import (
     RayConfig,
 )
 from pipeline.data.shards import wait_for_shards
-from pipeline.data.snapshots import (
-    frame_digest,
-)
+from pipeline.data.snapshots import id_texts_digest
 from pipeline.data.sources import RetrievalSet, read_retrieval_set
 from pipeline.evaluation.measures import (
     HEADLINE,
@@ -100,8 +98,7 @@ def model_identity(model_dir: Path, onnx_file: Path | None = None) -> str:
 def corpus_shards(model, identity: str, data: RetrievalSet, batch_size: int, bf16: bool,
                   sharding: Sharding) -> CorpusShards:
     """The corpus's vectors under this model, its shards named by everything that shapes them."""
-    texts = pd.DataFrame({"id": list(data.corpus), "text": list(data.corpus.values())}, dtype=str)
-    key = {"model": identity, "corpus": frame_digest(texts), "batch_size": batch_size, "bf16": bf16,
+    key = {"model": identity, "corpus": id_texts_digest(data.corpus), "batch_size": batch_size, "bf16": bf16,
            "max_seq_length": model.max_seq_length, "max_active_dims": model.max_active_dims}
     return CorpusShards(sharding.folder, key, len(data.corpus), model.get_embedding_dimension(),
                         sharding.shard_docs)

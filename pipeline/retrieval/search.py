@@ -32,6 +32,7 @@ import numpy as np
 from pipeline.cli import StageError
 from pipeline.config import IndexConfig
 from pipeline.data.shards import ShardFiles
+from pipeline.runtime import resident_gb
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,21 @@ class CorpusShards(ShardFiles):
 
 
 def shard_top(shard, queries, depth: int, max_cells: int = 2 ** 23) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores): each query's `depth` best rows of one shard (fewer when it is smaller), unsorted."""
+    """(rows, scores): each query's `depth` best rows of one shard (fewer when it is smaller), unsorted.
+    Memory: one block of dense scores (max_cells, 16 bytes each with its argpartition) besides the
+    results, whatever the number of queries."""
     by_dimension = shard.T.tocsr()  # once per shard: one row of postings per dimension
     depth = min(depth, shard.shape[0])
     block = max(1, max_cells // max(1, shard.shape[0]))  # a block's dense scores stay under max_cells
-    rows, scores = [], []
+    rows = np.empty((queries.shape[0], depth), dtype=np.int64)
+    scores = np.empty((queries.shape[0], depth), dtype=np.float32)
     for start in range(0, queries.shape[0], block):
         dense = (queries[start:start + block] @ by_dimension).toarray()
         best = np.argpartition(-dense, depth - 1, axis=1)[:, :depth]
-        rows.append(best)
-        scores.append(np.take_along_axis(dense, best, axis=1))
-    return np.concatenate(rows), np.concatenate(scores).astype(np.float32)
+        # copied out: a slice kept as it is would keep the block's whole argpartition alive
+        rows[start:start + len(best)] = best
+        scores[start:start + len(best)] = np.take_along_axis(dense, best, axis=1)
+    return rows, scores
 
 
 def exact_search(corpus, queries, depth: int = 100, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -143,21 +148,24 @@ def machine_memory_gb() -> float:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-def over_budget(kind: str, corpus, memory_gb: float | None) -> str | None:
-    """Why the `kind` index's build would not fit in memory_gb (estimated from the corpus's postings;
-    None: MACHINE_SHARE of this machine's memory), or None."""
+def over_budget(kind: str, corpus, memory_gb: float | None, held_gb: float | None = None) -> str | None:
+    """Why the `kind` index's build (estimated from the corpus's postings) would not fit in memory_gb
+    (None: MACHINE_SHARE of this machine's memory) beside what the process holds (held_gb; None:
+    its resident memory now: models, texts, vectors), or None."""
     postings = corpus.nnz
-    needed = BUILD_BYTES_PER_POSTING[kind] * postings + BUILD_FIXED_BYTES
+    build = BUILD_BYTES_PER_POSTING[kind] * postings + BUILD_FIXED_BYTES
+    held = (resident_gb() if held_gb is None else held_gb) * 2 ** 30
     if memory_gb is None:
         machine = machine_memory_gb()
         budget, named = MACHINE_SHARE * machine, f"null: {MACHINE_SHARE:g} of this machine's {machine:.1f} GB"
     else:
         budget, named = memory_gb, f"{memory_gb:g} GB"
-    if needed <= budget * 2 ** 30:
+    if build + held <= budget * 2 ** 30:
         return None
     return (f"the {kind} index of {corpus.docs:,} documents ({postings:,} postings) needs about "
-            f"{needed / 2 ** 30:.1f} GB to build (measured: {BUILD_BYTES_PER_POSTING[kind]} B per posting and "
-            f"0.5 GB), over evaluate.index.memory_gb ({named})")
+            f"{build / 2 ** 30:.1f} GB to build (measured: {BUILD_BYTES_PER_POSTING[kind]} B per posting and "
+            f"0.5 GB) beside the {held / 2 ** 30:.1f} GB this process holds, {(build + held) / 2 ** 30:.1f} GB "
+            f"in all, over evaluate.index.memory_gb ({named})")
 
 
 def refuse(too_big: str) -> StageError:
