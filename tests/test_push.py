@@ -60,16 +60,13 @@ def card_text(value: float, eval_id: str, dataset: str = "scifact") -> str:
 
 
 def eval_snapshot(queries: int) -> None:
-    """A BEIR folder for the evaluation set, where the snapshot leaves it: the push reads its query
-    texts."""
-    folder = SNAPSHOT_EVAL / "scifact"
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"doc {i}"}) + "\n"
-                                                 for i in range(queries)))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n"
-                                                  for i in range(queries)))
-    (folder / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\n"
-                                           + "".join(f"q{i}\td{i}\t1\n" for i in range(queries)))
+    """The evaluation set where the snapshot leaves it: the push reads its query texts."""
+    from pipeline.data.snapshots import write_eval_set
+    from pipeline.data.sources import RetrievalSet
+
+    write_eval_set(RetrievalSet({f"d{i}": f"doc {i}" for i in range(queries)},
+                                {f"q{i}": f"query {i}" for i in range(queries)},
+                                {f"q{i}": {f"d{i}": 1} for i in range(queries)}), SNAPSHOT_EVAL / "scifact")
 
 
 def built_model(ndcg: float, base: float = 0.3, eval_sha256: str = "e" * 64, queries: int = 40,

@@ -90,7 +90,7 @@ def test_the_run_files_and_the_per_query_values_give_eval_json_s_numbers(project
     from pipeline.data.snapshots import read_eval_snapshot
 
     evaluation = json.loads((project / "metrics/eval.json").read_text())
-    data = read_eval_snapshot("test", project / "data/snapshot/eval")["synthetic"]
+    data = read_eval_snapshot(project / "data/snapshot/eval")["synthetic"]
     binary = {q: {d: 1 for d in docs} for q, docs in data.qrels.items()}
     table = pd.read_csv(project / "metrics/per_query.csv", dtype={"query_id": str})
     measures = {"dot_ndcg@10": nDCG @ 10, "dot_mrr@10": RR @ 10, "dot_map@100": AP @ 100, "dot_recall@10": R @ 10,

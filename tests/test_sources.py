@@ -166,7 +166,7 @@ def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_para
     params["snapshot"]["eval"].update(source=str(root), format="hf", split="dev")
     manifest = snapshot.run(Params.model_validate(params))
     assert manifest["eval"]["sets"]["msmarco"]["judged_queries"] == 5
-    assert read_eval_snapshot("dev") == {"msmarco": data}
+    assert read_eval_snapshot() == {"msmarco": data}
 
 
 def test_trec_qrels_as_nist_ships_them_give_the_tab_separated_files_metrics(shared, cut_beir, tmp_path):
@@ -212,3 +212,26 @@ def test_a_corpus_digest_built_a_chunk_at_a_time_equals_the_whole_frames():
     assert id_texts_digest(texts, chunk_rows=3) == id_texts_digest(texts) == whole
     assert id_texts_digest({**texts, "d7": "text number 8"}, chunk_rows=3) != whole
     assert id_texts_digest({**texts, "d0": texts["d1"], "d1": texts["d0"]}, chunk_rows=3) != whole
+
+
+def test_an_evaluation_snapshot_reads_its_texts_back_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """The snapshot's Parquet evaluation set reads back equal to what was written (ids in order,
+    texts, grades); its corpus holds only the ids: a range of rows reads only the row groups that
+    hold it (here of 4 rows), and walking the texts in order reads each row group once."""
+    from pipeline.data import snapshots
+    from pipeline.data.sources import RetrievalSet
+
+    monkeypatch.setattr(snapshots, "TEXT_ROW_GROUP", 4)
+    corpus = {f"d{i}": f"text é {i}" for i in (7, 3, 11, 0, 5, 9, 2, 8, 1, 10, 4)}  # not in id order
+    written = RetrievalSet(corpus, {"q1": "a question", "q2": "another"}, {"q1": {"d3": 2, "d9": 1}, "q2": {"d0": 1}})
+    snapshots.write_eval_set(written, tmp_path / "set")
+    data = snapshots.read_eval_set(tmp_path / "set")
+    assert data == written and list(data.corpus) == list(corpus) and list(data.corpus.values()) == list(corpus.values())
+    assert data.qrels == {"q1": {"d3": 2, "d9": 1}, "q2": {"d0": 1}}
+    reads = []
+    read_row_group = data.corpus.file.read_row_group
+    monkeypatch.setattr(data.corpus.file, "read_row_group", lambda group, **kw: reads.append(group) or read_row_group(group, **kw))
+    assert snapshots.texts_between(data.corpus, 5, 9) == list(corpus.values())[5:9] and reads == [1, 2]
+    reads.clear()
+    assert [data.corpus[d] for d in corpus] == list(corpus.values()) and reads == [0, 1, 2]
+    assert snapshots.texts_between(corpus, 3, 9) == list(corpus.values())[3:9]  # a dict, by position

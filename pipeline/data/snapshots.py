@@ -1,6 +1,11 @@
 """The snapshot as every stage reads it: the training rows and their text columns, content hashes,
 the evaluation sets, and the columns each loss trains on.
 
+An evaluation set is a folder of Parquet files: corpus.parquet and queries.parquet (_id, text) and
+qrels.parquet (query-id, corpus-id, score). Its corpus is read lazily (SnapshotTexts): the ids in
+memory, the texts a row group at a time, so that a stage holds a shard of MS MARCO's 8.8M passages,
+not all of them.
+
 A neutral module: the snapshot stage writes these files, the later stages read them through here,
 and no stage imports another."""
 
@@ -22,7 +27,9 @@ from pipeline.config import (
     SNAPSHOT_TRAIN,
     TrainConfig,
 )
-from pipeline.data.sources import RetrievalSet, read_retrieval_set
+from pipeline.data.sources import RetrievalSet
+
+TEXT_ROW_GROUP = 10_000  # rows per Parquet row group of a snapshot's texts: the unit read at a time
 
 TEXT_COLUMN = re.compile(r"query|positive|negative(_\d+)?")
 # the teacher's column each loss trains on: margins, score lists, or none (in-batch negatives)
@@ -86,10 +93,100 @@ def read_manifest() -> dict:
     return json.loads(SNAPSHOT_MANIFEST.read_text())
 
 
-def read_eval_snapshot(split: str, folder: Path = SNAPSHOT_EVAL) -> dict[str, RetrievalSet]:
+class SnapshotTexts(Mapping):
+    """id -> text of a snapshot's Parquet file (_id, text), in the file's order, read lazily: the ids
+    are held, the texts read a row group at a time (the last one kept), so that walking them in
+    order, or a range of rows, holds one row group of texts."""
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.file = pq.ParquetFile(self.path)
+        self.ids: list[str] = self.file.read(columns=["_id"]).column("_id").to_pylist()
+        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.group_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._rows: dict[str, int] | None = None
+        self._cached: tuple[int, list[str]] = (-1, [])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def _group(self, group: int) -> list[str]:
+        if self._cached[0] != group:
+            self._cached = (group, self.file.read_row_group(group, columns=["text"]).column("text").to_pylist())
+        return self._cached[1]
+
+    def between(self, start: int, stop: int) -> list[str]:
+        """The texts of rows start to stop (exclusive), reading only the row groups that hold them."""
+        texts = []
+        for group in range(int(np.searchsorted(self.group_starts, start, "right")) - 1, len(self.group_starts) - 1):
+            first = int(self.group_starts[group])
+            if first >= stop:
+                break
+            texts += self._group(group)[max(start, first) - first:stop - first]
+        return texts
+
+    def __getitem__(self, doc_id: str) -> str:
+        if self._rows is None:
+            self._rows = {doc: row for row, doc in enumerate(self.ids)}
+        row = self._rows[doc_id]
+        return self.between(row, row + 1)[0]
+
+    def values(self):
+        for batch in self.file.iter_batches(TEXT_ROW_GROUP, columns=["text"]):
+            yield from batch.column("text").to_pylist()
+
+    def items(self):
+        return zip(self.ids, self.values())
+
+
+def texts_between(corpus: Mapping[str, str], start: int, stop: int) -> list[str]:
+    """The texts of a corpus's rows start to stop: a snapshot's read from its row groups, others by position."""
+    if isinstance(corpus, SnapshotTexts):
+        return corpus.between(start, stop)
+    return list(itertools.islice(corpus.values(), start, stop))
+
+
+def write_texts(texts: Mapping[str, str], path: Path) -> None:
+    """id -> text as a snapshot's Parquet file (_id, text), a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("_id", pa.string()), ("text", pa.string())])
+    items = iter(texts.items())
+    with pq.ParquetWriter(path, schema) as writer:
+        while chunk := list(itertools.islice(items, TEXT_ROW_GROUP)):
+            ids, values = zip(*chunk)
+            writer.write_table(pa.table([pa.array(ids, pa.string()), pa.array(values, pa.string())], schema=schema),
+                               row_group_size=TEXT_ROW_GROUP)
+
+
+def write_eval_set(data: RetrievalSet, folder: Path) -> None:
+    """An evaluation set as the snapshot keeps it (the module's docstring says the files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_texts(data.corpus, folder / "corpus.parquet")
+    write_texts(data.queries, folder / "queries.parquet")
+    pd.DataFrame([(q, d, grade) for q, docs in data.qrels.items() for d, grade in docs.items()],
+                 columns=["query-id", "corpus-id", "score"]).astype({"score": "int64"}).to_parquet(
+        folder / "qrels.parquet", index=False)
+
+
+def read_eval_set(folder: Path) -> RetrievalSet:
+    """An evaluation set the snapshot wrote: its corpus lazily, its queries and judgements whole."""
+    qrels: dict[str, dict[str, int]] = {}
+    for query, doc, grade in pd.read_parquet(folder / "qrels.parquet").itertuples(index=False):
+        qrels.setdefault(query, {})[doc] = int(grade)
+    return RetrievalSet(SnapshotTexts(folder / "corpus.parquet"), dict(SnapshotTexts(folder / "queries.parquet").items()),
+                        qrels)
+
+
+def read_eval_snapshot(folder: Path = SNAPSHOT_EVAL) -> dict[str, RetrievalSet]:
     """The snapshot's evaluation sets, by name."""
-    return {set_folder.name: read_retrieval_set(set_folder, split)
-            for set_folder in sorted(folder.iterdir()) if set_folder.is_dir()}
+    return {set_folder.name: read_eval_set(set_folder) for set_folder in sorted(folder.iterdir()) if set_folder.is_dir()}
 
 
 def training_rows(cfg: TrainConfig, scored: pd.DataFrame) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class SourceError(StageError):
 
 @dataclass(frozen=True)
 class RetrievalSet:
-    corpus: dict[str, str]  # doc id -> text
+    corpus: Mapping[str, str]  # doc id -> text (a dict, or a snapshot's lazily read file)
     queries: dict[str, str]  # query id -> text
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 

@@ -24,7 +24,7 @@ from pipeline.config import (
     RayConfig,
 )
 from pipeline.data.shards import wait_for_shards
-from pipeline.data.snapshots import id_texts_digest
+from pipeline.data.snapshots import id_texts_digest, texts_between
 from pipeline.data.sources import RetrievalSet, read_retrieval_set
 from pipeline.evaluation.measures import (
     HEADLINE,
@@ -107,10 +107,9 @@ def corpus_shards(model, identity: str, data: RetrievalSet, batch_size: int, bf1
 def encode_shards(model, data: RetrievalSet, shards: CorpusShards, batch_size: int, bf16: bool,
                   sharding: Sharding) -> dict:
     """Encode this rank's missing corpus shards; returns how many it found and encoded."""
-    doc_ids = list(data.corpus)
     mine, todo = shards.owed(sharding.rank, sharding.world_size)
     for index in todo:
-        texts = [data.corpus[doc_ids[row]] for row in shards.rows(index)]
+        texts = texts_between(data.corpus, shards.rows(index).start, shards.rows(index).stop)
         log.info("rank %d/%d: corpus shard %d of %d (%d documents)", sharding.rank, sharding.world_size,
                  index + 1, shards.count, len(texts))
         shards.write(index, to_csr(splade_head.encode(model, texts, "document", batch_size, bf16,
@@ -138,8 +137,7 @@ def encode(model, identity: str, data: RetrievalSet, batch_size: int, sharding: 
         encode_shards(model, data, shards, batch_size, bf16, sharding)
         wait_for_shards(shards, sharding.world_size, sharding.wait_seconds, "python -m pipeline.stages.evaluate")
     else:
-        doc_ids = list(data.corpus)
-        texts = lambda index: [data.corpus[doc_ids[row]] for row in shards.rows(index)]  # noqa: E731
+        texts = lambda index: texts_between(data.corpus, shards.rows(index).start, shards.rows(index).stop)  # noqa: E731
         workers.map(shards.missing(), lambda index: (texts(index), batch_size, bf16), encode_documents,
                     shards.write, lambda index: len(shards.rows(index)), "doc")
     query_ids = [q for q in data.qrels if q in data.queries]

@@ -113,13 +113,13 @@ def run(params: Params) -> dict:
                         cfg.ray if cfg.backend == "ray" else None)
     int8 = onnx_path(EXPORT_DIR, STUDENT_DIR, "int8").exists()  # the export stage's quantized student
     if rank > 0:  # a helper rank: its share of every corpus shard rank 0 will read, in rank 0's order
-        sets = read_eval_snapshot(params.snapshot.eval.split)
+        sets = read_eval_snapshot()
         scored = [(STUDENT_DIR, None), (BASE_MODEL_DIR, None)] + ([(STUDENT_DIR, "int8")] if int8 else [])
         return {f"{folder} {onnx or ''}".strip(): encode_helper_shards(folder, sets, cfg.batch_size, cfg.precision,
                                                                         sharding, onnx=onnx)
                 for folder, onnx in scored}
     with stage_record("evaluate", params) as record:
-        sets = read_eval_snapshot(params.snapshot.eval.split)
+        sets = read_eval_snapshot()
         train = read_training_snapshot().head(cfg.max_train_triplets)
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
                                         precision=cfg.precision, index=cfg.index, sharding=sharding)

@@ -39,7 +39,7 @@ FP32_TOLERANCE = 1e-4  # the largest difference from torch an fp32 export may sh
 def parity_texts(params: Params) -> dict[str, list[str]]:
     """The first N queries and documents of the evaluation set(s)."""
     n = params.export.parity_texts
-    sets = read_eval_snapshot(params.snapshot.eval.split).values()
+    sets = read_eval_snapshot().values()
     return {"query": [t for data in sets for t in data.queries.values()][:n],
             "document": [t for data in sets for t in data.corpus.values()][:n]}
 

@@ -160,7 +160,7 @@ def run(params: Params) -> dict:
         identity = evaluation_identity(manifest)
         dataset = main_result_name(manifest)
         scores = scores_from_evaluation(evaluation, cfg.gate, dataset, read_per_query(PER_QUERY))
-        texts = query_texts(read_eval_snapshot(params.snapshot.eval.split))
+        texts = query_texts(read_eval_snapshot())
         message = f"Upload {params.card.model_name} (git {git_revision()}, dvc.lock {dvc_lock_hash()})"
         description = f"{cfg.gate.metric} on {dataset}: {scores.value:.4f}. Pushed by sparse-pipeline."
         plan = {"repo_id": cfg.repo_id, "revision": cfg.revision, "private": cfg.private,

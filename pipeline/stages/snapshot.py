@@ -1,7 +1,8 @@
 """Stage 1: freeze the training and evaluation data as files with a manifest.
 
 Training rows become data/snapshot/train.parquet (columns of the data's kind); each evaluation set
-is written in BEIR layout under data/snapshot/eval/<set name>/. The manifest records source, revision, content
+is written as Parquet files (its texts a row group at a time: pipeline.data.snapshots) under
+data/snapshot/eval/<set name>/. The manifest records source, revision, content
 hash, row counts, schema, length statistics and sample rows, and the evaluation sets' content hash
 (part of the evaluation's identity: scores compare only within one). The content hashes depend on
 the rows only, so the same source always gives the same hash.
@@ -21,12 +22,11 @@ from pipeline.config import (
     Params,
 )
 from pipeline.data import synthetic
-from pipeline.data.snapshots import frame_digest, retrieval_sets_digest, text_columns
+from pipeline.data.snapshots import frame_digest, retrieval_sets_digest, text_columns, write_eval_set
 from pipeline.data.sources import (
     RetrievalSet,
     load_training,
     read_eval_sets,
-    write_beir,
 )
 from pipeline.tracking.records import replace_folder, stage_record, write_json
 
@@ -81,7 +81,7 @@ def run(params: Params) -> dict:
 
             train.to_parquet(inside(SNAPSHOT_TRAIN), index=False)
             for name, data in evaluation.items():
-                write_beir(data, inside(SNAPSHOT_EVAL / name), cfg.eval.split)
+                write_eval_set(data, inside(SNAPSHOT_EVAL / name))
             if cfg.train.source == "synthetic":
                 write_json(inside(SNAPSHOT_LEXICON), world.lexicon)
             write_json(inside(SNAPSHOT_MANIFEST), manifest)

@@ -170,7 +170,7 @@ def read_lexicon() -> dict[str, str]:
 def lexicon_eval_metrics(params: Params, lexicon: dict[str, str]) -> dict:
     """The lexicon teacher is cheap enough to rank the whole eval corpus: how good is the teacher?"""
     per_set = []
-    for evaluation in read_eval_snapshot(params.snapshot.eval.split).values():
+    for evaluation in read_eval_snapshot().values():
         doc_ids = list(evaluation.corpus)
         ranker = LexiconBM25([evaluation.corpus[d] for d in doc_ids], lexicon)
         ranking = {qid: dict(zip(doc_ids, ranker.scores(text))) for qid, text in evaluation.queries.items()}

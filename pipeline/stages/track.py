@@ -105,7 +105,7 @@ def log_and_register(params: Params) -> dict:
     tags = {**pipeline_tags(params, records), OUTCOME_TAG: "ok"}
     artifacts = [path for stage in records for path in STAGE_ARTIFACTS.get(stage, [])]
     run_id = log_pipeline_run(records, params, tags, artifacts, [(training_dataset(read_manifest()), "training")])
-    texts = query_texts(read_eval_snapshot(params.snapshot.eval.split))
+    texts = query_texts(read_eval_snapshot())
     registered = registry.register(run_id, params.tracking.registered_model, params.push.gate, *gate_inputs(params),
                                    params.evaluate.intervals, texts)
     client = mlflow.MlflowClient()

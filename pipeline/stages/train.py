@@ -146,7 +146,7 @@ def held_out_evaluator(params: Params):
         SparseInformationRetrievalEvaluator,
     )
 
-    sets = read_eval_snapshot(params.snapshot.eval.split)
+    sets = read_eval_snapshot()
     evaluators = [SparseInformationRetrievalEvaluator(
         data.queries, data.corpus, {q: set(d) for q, d in data.qrels.items()},
         batch_size=params.evaluate.batch_size, write_csv=False, name=name if len(sets) > 1 else "")

@@ -239,7 +239,7 @@ def run(params: Params) -> dict:
     with stage_record("validate", params) as record:
         frame = read_training_snapshot()
         check_loss_has_its_labels(frame, params)
-        evaluation = read_eval_snapshot(params.snapshot.eval.split)
+        evaluation = read_eval_snapshot()
         # name the user's files in the findings, not the snapshot's copies
         findings = check_rows(frame, params.snapshot.train.source, cfg)
         source = params.snapshot.eval.source
