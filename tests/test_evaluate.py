@@ -207,6 +207,45 @@ def random_corpus(folder, docs: int = 230, dims: int = 500, shard_docs: int = 10
     return corpus, matrix, sparse_random(7, dims, density=0.1, format="csr", dtype=np.float32, random_state=rng)
 
 
+def test_bm25_shard_by_shard_gives_bm25s_own_rankings_and_metrics(shared):
+    """BM25 weights written a shard at a time (here 1,000 documents) and searched as the models'
+    vectors are: on SciFact's 300 test queries over its 5,183 documents, and on the quickstart's
+    generated set, every query's top 100 and its scores are bm25s.BM25's over the whole corpus
+    (what the stage ran before; only documents tied with the 100th may differ, and those matching no
+    query term are not retrieved), and so are every metric and per-query value."""
+    import numpy as np
+
+    from pipeline.config import load_params
+    from pipeline.data import synthetic
+    from pipeline.data.sources import RetrievalSet
+    from pipeline.evaluation.measures import judged_queries, scored_ranking
+    from pipeline.runtime import import_bm25s
+    from tests.helpers.project import PROJECT
+
+    bm25s = import_bm25s()
+    world = synthetic.generate(load_params(PROJECT / "params.yaml").snapshot.synthetic)  # the quickstart's
+    for name, data in {"scifact": read_retrieval_set(shared / "data/beir/scifact", "test"),
+                       "synthetic": RetrievalSet(world.corpus, world.eval_queries, world.eval_qrels)}.items():
+        ours = scoring.bm25_model({name: data}, shard_docs=1000)
+        doc_ids, query_ids = list(data.corpus), judged_queries(data)
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize([data.corpus[d] for d in doc_ids], stopwords="en", show_progress=False),
+                        show_progress=False)
+        found, scores = retriever.retrieve(bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en",
+                                                          return_ids=False, show_progress=False),
+                                           k=min(100, len(doc_ids)), show_progress=False)
+        stock = {q: {doc_ids[j]: float(v) for j, v in zip(rows, values) if v > 0}  # bm25s adds arbitrary zeros
+                 for q, rows, values in zip(query_ids, found, scores)}
+        metrics, per_query, ranking = scored_ranking(data, stock)
+        assert len(query_ids) >= 100 and 0.2 < metrics["dot_ndcg@10"] < 1, name
+        assert ours["datasets"][name] == metrics and ours["per_query"][name].equals(per_query), name
+        for query in query_ids:  # the same documents in the same order, but those tied with the 100th
+            mine, theirs = ours["rankings"][name][query], ranking[query]
+            np.testing.assert_allclose(list(mine.values()), list(theirs.values()), rtol=1e-6)
+            last = min(theirs.values(), default=0) + 1e-5
+            assert [d for d, v in mine.items() if v > last] == [d for d, v in theirs.items() if v > last], (name, query)
+
+
 def test_exact_search_on_several_threads_returns_what_one_thread_does(tmp_path):
     import numpy as np
 

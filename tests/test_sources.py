@@ -233,5 +233,6 @@ def test_an_evaluation_snapshot_reads_its_texts_back_a_row_group_at_a_time(tmp_p
     monkeypatch.setattr(data.corpus.file, "read_row_group", lambda group, **kw: reads.append(group) or read_row_group(group, **kw))
     assert snapshots.texts_between(data.corpus, 5, 9) == list(corpus.values())[5:9] and reads == [1, 2]
     reads.clear()
+    assert "d3" in data.corpus and "d99" not in data.corpus and reads == []  # the ids answer, no text read
     assert [data.corpus[d] for d in corpus] == list(corpus.values()) and reads == [0, 1, 2]
     assert snapshots.texts_between(corpus, 3, 9) == list(corpus.values())[3:9]  # a dict, by position

@@ -130,10 +130,21 @@ class SnapshotTexts(Mapping):
             texts += self._group(group)[max(start, first) - first:stop - first]
         return texts
 
-    def __getitem__(self, doc_id: str) -> str:
+    def row_of(self, doc_id: str) -> int:
+        """The row that holds `doc_id` (an id -> row table, built at the first look-up: ids only)."""
         if self._rows is None:
             self._rows = {doc: row for row, doc in enumerate(self.ids)}
-        row = self._rows[doc_id]
+        return self._rows[doc_id]
+
+    def __contains__(self, doc_id) -> bool:
+        try:
+            self.row_of(doc_id)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, doc_id: str) -> str:
+        row = self.row_of(doc_id)
         return self.between(row, row + 1)[0]
 
     def values(self):

@@ -20,8 +20,9 @@ def ranking_metrics(data: RetrievalSet, scores: dict[str, dict[str, float]],
     )
 
     relevant = {qid: set(docs) for qid, docs in data.qrels.items() if qid in data.queries}
+    # no corpus: its metrics read only the ranking and the judgements (a corpus would be copied as a list)
     evaluator = InformationRetrievalEvaluator(
-        {qid: data.queries[qid] for qid in relevant}, data.corpus, relevant, write_csv=False)
+        {qid: data.queries[qid] for qid in relevant}, {}, relevant, write_csv=False)
     results = [[{"corpus_id": doc_id, "score": float(score)}
                 for doc_id, score in scores.get(qid, {}).items()]
                for qid in evaluator.queries_ids]

@@ -12,6 +12,7 @@ is scored by the evaluate stage. CSR models (a dense encoder and an autoencoder 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -40,8 +41,8 @@ def parity_texts(params: Params) -> dict[str, list[str]]:
     """The first N queries and documents of the evaluation set(s)."""
     n = params.export.parity_texts
     sets = read_eval_snapshot().values()
-    return {"query": [t for data in sets for t in data.queries.values()][:n],
-            "document": [t for data in sets for t in data.corpus.values()][:n]}
+    return {"query": list(itertools.islice((t for data in sets for t in data.queries.values()), n)),
+            "document": list(itertools.islice((t for data in sets for t in data.corpus.values()), n))}
 
 
 def vectors(model, texts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
