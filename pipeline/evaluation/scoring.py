@@ -326,11 +326,11 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
 
 
 def bm25_model(sets: dict[str, RetrievalSet], depth: int = DEPTH, index: IndexConfig = IndexConfig(),
-               shard_docs: int = 100_000, folder: Path | None = None) -> dict:
+               shard_docs: int = 100_000) -> dict:
     """BM25 (bm25s' tokenizer and weights, English stop words: pipeline.retrieval.bm25) on the same
     sets, the lexical baseline, in evaluate_model's shape (pooled metrics, and per set: metrics,
     ranking, per-query values), its weights in shards of `shard_docs` documents in a temporary folder
-    (under `folder`, where given) searched as the models' vectors are (`index`). A document with none
+    (TMPDIR's), searched as the models' vectors are (`index`). A document with none
     of a query's terms is not retrieved for it (bm25s filled a top 100 with arbitrary ones of score 0
     when fewer matched: on the quickstart's 200 documents, whose BM25 nDCG@10 went from 0.2983 to
     0.2934 when this replaced bm25s' own index). Its ranking metrics
@@ -341,7 +341,7 @@ def bm25_model(sets: dict[str, RetrievalSet], depth: int = DEPTH, index: IndexCo
     for name, data in sets.items():
         doc_ids = list(data.corpus)
         query_ids = judged_queries(data)
-        with tempfile.TemporaryDirectory(prefix="bm25-", dir=folder) as shards_folder:
+        with tempfile.TemporaryDirectory(prefix="bm25-") as shards_folder:
             shards, vocabulary = bm25_shards(partial(texts_between, data.corpus), len(doc_ids), Path(shards_folder),
                                              shard_docs, {"corpus": name})
             found, _ = search(shards, query_vectors([data.queries[q] for q in query_ids], vocabulary), index, depth)

@@ -124,7 +124,7 @@ def run(params: Params) -> dict:
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
                                         precision=cfg.precision, index=cfg.index, sharding=sharding)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))
-        bm25 = bm25_model(sets)
+        bm25 = bm25_model(sets, index=cfg.index, shard_docs=cfg.shard_docs)
         result = {"student": student["metrics"], "base": base["metrics"], "bm25": bm25["metrics"],
                   "gain": {k: student["metrics"][k] - base["metrics"][k] for k in HEADLINE},
                   "datasets": {name: {"student": student["datasets"][name], "base": base["datasets"][name],
