@@ -236,3 +236,28 @@ def test_an_evaluation_snapshot_reads_its_texts_back_a_row_group_at_a_time(tmp_p
     assert "d3" in data.corpus and "d99" not in data.corpus and reads == []  # the ids answer, no text read
     assert [data.corpus[d] for d in corpus] == list(corpus.values()) and reads == [0, 1, 2]
     assert snapshots.texts_between(corpus, 3, 9) == list(corpus.values())[3:9]  # a dict, by position
+
+
+def test_the_evaluation_sets_digest_is_the_sorted_frames_without_building_them(shared):
+    """The manifest's evaluation sha256 (the evaluation's identity in the registry) keeps its value:
+    each part's rows sorted and hashed as frames, as before, here from the texts a chunk at a time;
+    any order of the same rows gives it, and one changed text another."""
+    import hashlib
+
+    from pipeline.data.snapshots import retrieval_sets_digest
+    from pipeline.data.sources import RetrievalSet
+
+    data = read_retrieval_set(shared / "data/beir/scifact", "test")
+    expected = hashlib.sha256(b"scifact\x1e")
+    frames = [pd.DataFrame({"id": list(texts), "text": list(texts.values())}, dtype=str)
+              for texts in (data.corpus, data.queries)]
+    frames.append(pd.DataFrame([(q, d, str(g)) for q, docs in data.qrels.items() for d, g in docs.items()],
+                               columns=["query", "doc", "grade"], dtype=str))
+    for frame in frames:
+        expected.update(frame_digest(frame.sort_values(list(frame.columns), ignore_index=True)).encode())
+    assert retrieval_sets_digest({"scifact": data}) == expected.hexdigest()
+    shuffled = RetrievalSet(dict(reversed(list(data.corpus.items()))), data.queries, data.qrels)
+    assert retrieval_sets_digest({"scifact": shuffled}) == expected.hexdigest()
+    first = next(iter(data.corpus))
+    assert retrieval_sets_digest({"scifact": RetrievalSet({**data.corpus, first: "changed"}, data.queries,
+                                                          data.qrels)}) != expected.hexdigest()

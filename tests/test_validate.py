@@ -313,3 +313,24 @@ def test_standalone_contract_exit_codes(workdir, shared, capsys):
         validate.main([str(bad), "--kind", "triplets"])
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "expect_column_values_to_match_regex" in err and "row 2" in err
+
+
+def test_repeated_texts_are_found_through_hashes_and_confirmed_on_the_texts(monkeypatch, tmp_path):
+    """A repeated text is reported with the first id that has it, in corpus order, from the
+    snapshot's lazily read corpus as from a dict; texts whose hashes collide are compared, not
+    taken for repeats (every hash made equal here)."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.data.snapshots import read_eval_set, write_eval_set
+    from pipeline.data.sources import RetrievalSet
+    from pipeline.stages.validate import repeated_texts
+
+    corpus = {"d0": "a", "d1": "b", "d2": "a", "d3": "c", "d4": "b", "d5": "a"}
+    expected = [("d2", "d0"), ("d4", "d1"), ("d5", "d0")]
+    write_eval_set(RetrievalSet(corpus, {"q": "a"}, {"q": {"d0": 1}}), tmp_path / "set")
+    for texts in (corpus, read_eval_set(tmp_path / "set").corpus):
+        assert [(e["corpus-id"], e["same_text_as"]) for e in repeated_texts(texts)] == expected
+    monkeypatch.setattr(pd.util, "hash_array", lambda values: np.zeros(len(values), dtype=np.uint64))
+    assert [(e["corpus-id"], e["same_text_as"]) for e in repeated_texts(corpus)] == expected
+    assert repeated_texts({"d0": "a", "d1": "b"}) == []

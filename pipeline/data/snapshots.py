@@ -60,28 +60,36 @@ def frame_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def id_texts_digest(texts: Mapping[str, str], chunk_rows: int = 100_000) -> str:
-    """frame_digest of the (id, text) frame of `texts` in their order, equal to it, built a chunk of
-    rows at a time: a frame of a whole corpus's texts would be a second copy of them."""
-    digest = hashlib.sha256("\x1f".join(["id", "text"]).encode())
+def id_text_hashes(texts: Mapping[str, str], chunk_rows: int = 100_000) -> np.ndarray:
+    """One 64-bit hash per (id, text) row of `texts`, in their order, a chunk of rows at a time: a
+    frame of a whole corpus's texts would be a second copy of them."""
     items = iter(texts.items())
-    while chunk := list(itertools.islice(items, chunk_rows)):
-        digest.update(row_hashes(pd.DataFrame(chunk, columns=["id", "text"], dtype=str)).tobytes())
-    return digest.hexdigest()
+    parts = [row_hashes(pd.DataFrame(chunk, columns=["id", "text"], dtype=str))
+             for chunk in iter(lambda: list(itertools.islice(items, chunk_rows)), [])]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def id_texts_digest(texts: Mapping[str, str], chunk_rows: int = 100_000, by_id: bool = False) -> str:
+    """frame_digest of the (id, text) frame of `texts`, equal to it without building it: in their
+    order, or with `by_id` sorted by id (as sorting the frame by its columns sorts unique ids)."""
+    hashes = id_text_hashes(texts, chunk_rows)
+    if by_id:
+        hashes = hashes[np.argsort(np.array(list(texts), dtype=object), kind="stable")]
+    return hashlib.sha256("\x1f".join(["id", "text"]).encode() + hashes.tobytes()).hexdigest()
 
 
 def retrieval_sets_digest(sets: dict[str, RetrievalSet]) -> str:
-    """sha256 of evaluation sets' names, documents, queries and judgements, independent of their order."""
+    """sha256 of evaluation sets' names, documents, queries and judgements, independent of their order
+    (each part's rows sorted; the texts hashed a chunk at a time, their ids unique)."""
     digest = hashlib.sha256()
     for name in sorted(sets):
         data = sets[name]
-        frames = [pd.DataFrame({"id": list(texts), "text": list(texts.values())}, dtype=str)
-                  for texts in (data.corpus, data.queries)]
-        frames.append(pd.DataFrame([(q, d, str(grade)) for q, docs in data.qrels.items()
-                                    for d, grade in docs.items()], columns=["query", "doc", "grade"], dtype=str))
+        qrels = pd.DataFrame([(q, d, str(grade)) for q, docs in data.qrels.items() for d, grade in docs.items()],
+                             columns=["query", "doc", "grade"], dtype=str)
         digest.update(name.encode() + b"\x1e")
-        for frame in frames:
-            digest.update(frame_digest(frame.sort_values(list(frame.columns), ignore_index=True)).encode())
+        digest.update(id_texts_digest(data.corpus, by_id=True).encode())
+        digest.update(id_texts_digest(data.queries, by_id=True).encode())
+        digest.update(frame_digest(qrels.sort_values(list(qrels.columns), ignore_index=True)).encode())
     return digest.hexdigest()
 
 

@@ -13,9 +13,11 @@ exits 0 on valid data and 1 on invalid data.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +160,30 @@ def finding(check: str, cfg: ValidateConfig, source: str, expectation: str, kwar
             "observed_value": observed, "example_rows": examples}
 
 
+def repeated_texts(corpus: Mapping[str, str]) -> list[dict]:
+    """The documents whose text an earlier one already has, in corpus order, each with the first
+    one's id: found through one 64-bit hash per text (the texts read CHUNK_ROWS at a time), then
+    only the texts whose hash repeats compared, in a second pass. Memory: the hashes and those texts."""
+    values = iter(corpus.values())
+    parts = [pd.util.hash_array(np.array(chunk, dtype=object))
+             for chunk in iter(lambda: list(itertools.islice(values, CHUNK_ROWS)), [])]
+    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    repeats = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    candidate = np.zeros(len(hashes), dtype=bool)
+    candidate[order[repeats]] = candidate[order[repeats + 1]] = True
+    first_with: dict[str, str] = {}
+    offenders = []
+    for doc_id, text, maybe in zip(corpus, corpus.values(), candidate):
+        if not maybe:
+            continue
+        if text in first_with:
+            offenders.append({"corpus-id": doc_id, "same_text_as": first_with[text], "text": text[:200]})
+        else:
+            first_with[text] = doc_id
+    return offenders
+
+
 def check_eval_set(data: RetrievalSet, source: str, cfg: ValidateConfig,
                    train_queries: set[str]) -> list[dict]:
     findings = []
@@ -173,12 +199,7 @@ def check_eval_set(data: RetrievalSet, source: str, cfg: ValidateConfig,
     check("qrels_missing_ids", "qrels_reference_existing_queries",
           [{"query-id": q} for q in data.qrels if q not in data.queries],
           "qrels naming a query missing from the queries")
-    texts = pd.Series(data.corpus, dtype=object)
-    repeats = texts.duplicated(keep="first")
-    firsts = texts[~repeats & texts.isin(set(texts[repeats]))]
-    first_id = dict(zip(firsts.to_numpy(), firsts.index))
-    check("corpus_duplicate_texts", "corpus_texts_unique",
-          [{"corpus-id": d, "same_text_as": first_id[t], "text": t[:200]} for d, t in texts[repeats].items()],
+    check("corpus_duplicate_texts", "corpus_texts_unique", repeated_texts(data.corpus),
           "documents whose text an earlier document (another id) already has")
     judged = {q: data.queries[q] for q in data.qrels if q in data.queries}
     check("eval_leak", "eval_queries_not_in_training",
