@@ -261,3 +261,41 @@ def test_the_evaluation_sets_digest_is_the_sorted_frames_without_building_them(s
     first = next(iter(data.corpus))
     assert retrieval_sets_digest({"scifact": RetrievalSet({**data.corpus, first: "changed"}, data.queries,
                                                           data.qrels)}) != expected.hexdigest()
+
+
+JSONL_CORPORA = {
+    "valid": ['{"_id": "d1", "title": "T", "text": "one"}', '{"_id": 2, "text": " two "}', '{"_id": 3.0, "text": "x"}'],
+    "no titles": ['{"_id": "d1", "text": " one "}', '{"_id": "d2", "text": null}'],
+    "missing id": ['{"_id": "d1", "text": "a"}', '{"text": "b"}', '{"_id": null, "text": "c"}'],
+    "id a list": ['{"_id": ["d1"], "text": "a"}', '{"_id": "d2", "text": 5}'],
+    "text a number": ['{"_id": "d1", "text": "a"}', '{"_id": "d2", "text": 5}', '{"_id": "d3", "text": true}'],
+    "title an object": ['{"_id": "d1", "text": "a", "title": {"x": 1}}'],
+    "no text field": ['{"_id": "d1", "body": "a"}', '{"_id": "d2", "content": "b"}'],
+    "repeated ids": ['{"_id": "d1", "text": "a"}', '{"_id": "d2", "text": "b"}', '', '{"_id": "d1", "text": "c"}',
+                     '{"_id": "d2", "text": "d"}', '{"_id": 7, "text": "e"}', '{"_id": "7", "text": "f"}'],
+    "not json": ['{"_id": "d1", "text": "a"}', '{"_id": "d2", "text": '],
+    "empty": [],
+}
+
+
+@pytest.mark.parametrize("case", list(JSONL_CORPORA))
+def test_a_corpus_read_lazily_gives_the_whole_frame_readers_texts_and_errors(case, tmp_path):
+    """A BEIR corpus file read lazily (its ids held, its texts read again when asked) gives the texts
+    the frame reader gives (title and text joined), or refuses it with the same message."""
+    from pipeline.data.sources import JsonlTexts, id_texts, read_jsonl
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(JSONL_CORPORA[case]) + "\n")
+    outcomes = []
+    for read in (lambda: id_texts(read_jsonl(path), path), lambda: JsonlTexts(path)):
+        try:
+            outcomes.append(dict(read().items()))
+        except SourceError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    if case in ("valid", "no titles"):
+        texts = JsonlTexts(path)
+        assert outcomes[0] == dict(texts.items()) == {d: texts[d] for d in texts} and "d9" not in texts
+        assert texts.between(1, 5) == list(outcomes[0].values())[1:]
+    else:
+        assert isinstance(outcomes[0], str) and str(path) in outcomes[0]

@@ -27,7 +27,7 @@ from pipeline.config import (
     SNAPSHOT_TRAIN,
     TrainConfig,
 )
-from pipeline.data.sources import RetrievalSet
+from pipeline.data.sources import LazyTexts, RetrievalSet
 
 TEXT_ROW_GROUP = 10_000  # rows per Parquet row group of a snapshot's texts: the unit read at a time
 
@@ -101,27 +101,20 @@ def read_manifest() -> dict:
     return json.loads(SNAPSHOT_MANIFEST.read_text())
 
 
-class SnapshotTexts(Mapping):
-    """id -> text of a snapshot's Parquet file (_id, text), in the file's order, read lazily: the ids
-    are held, the texts read a row group at a time (the last one kept), so that walking them in
-    order, or a range of rows, holds one row group of texts."""
+class SnapshotTexts(LazyTexts):
+    """id -> text of a snapshot's Parquet file (_id, text), in the file's order: the ids held, the
+    texts read a row group at a time (the last one kept), so that walking them in order, or a range
+    of rows, holds one row group of texts."""
 
     def __init__(self, path: Path):
         import pyarrow.parquet as pq
 
         self.path = Path(path)
         self.file = pq.ParquetFile(self.path)
-        self.ids: list[str] = self.file.read(columns=["_id"]).column("_id").to_pylist()
+        self.ids = self.file.read(columns=["_id"]).column("_id").to_pylist()
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.group_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._rows: dict[str, int] | None = None
         self._cached: tuple[int, list[str]] = (-1, [])
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __iter__(self):
-        return iter(self.ids)
 
     def _group(self, group: int) -> list[str]:
         if self._cached[0] != group:
@@ -129,7 +122,6 @@ class SnapshotTexts(Mapping):
         return self._cached[1]
 
     def between(self, start: int, stop: int) -> list[str]:
-        """The texts of rows start to stop (exclusive), reading only the row groups that hold them."""
         texts = []
         for group in range(int(np.searchsorted(self.group_starts, start, "right")) - 1, len(self.group_starts) - 1):
             first = int(self.group_starts[group])
@@ -138,34 +130,14 @@ class SnapshotTexts(Mapping):
             texts += self._group(group)[max(start, first) - first:stop - first]
         return texts
 
-    def row_of(self, doc_id: str) -> int:
-        """The row that holds `doc_id` (an id -> row table, built at the first look-up: ids only)."""
-        if self._rows is None:
-            self._rows = {doc: row for row, doc in enumerate(self.ids)}
-        return self._rows[doc_id]
-
-    def __contains__(self, doc_id) -> bool:
-        try:
-            self.row_of(doc_id)
-        except (KeyError, TypeError):
-            return False
-        return True
-
-    def __getitem__(self, doc_id: str) -> str:
-        row = self.row_of(doc_id)
-        return self.between(row, row + 1)[0]
-
     def values(self):
         for batch in self.file.iter_batches(TEXT_ROW_GROUP, columns=["text"]):
             yield from batch.column("text").to_pylist()
 
-    def items(self):
-        return zip(self.ids, self.values())
-
 
 def texts_between(corpus: Mapping[str, str], start: int, stop: int) -> list[str]:
-    """The texts of a corpus's rows start to stop: a snapshot's read from its row groups, others by position."""
-    if isinstance(corpus, SnapshotTexts):
+    """The texts of a corpus's rows start to stop: a lazily read one's from its file, others by position."""
+    if isinstance(corpus, LazyTexts):
         return corpus.between(start, stop)
     return list(itertools.islice(corpus.values(), start, stop))
 

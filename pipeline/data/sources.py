@@ -12,6 +12,7 @@ because a user with a 10-million-row file cannot guess."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import re
@@ -70,19 +71,28 @@ def detect_format(source: str) -> str:
     raise SourceError(path, "source_exists", "no such file or folder (nor a Hugging Face id)")
 
 
-def _utf8_lines(path: Path):
-    """(line number, text) of a text file, failing on the first line that is not UTF-8 (a UTF-8
-    byte order mark is dropped; a UTF-16 one is named)."""
+def _utf8_offset_lines(path: Path, start: int = 0):
+    """(line number, byte offset, text) of a text file from byte `start` (a line's start; its lines
+    then counted from 1), failing on the first line that is not UTF-8 (a UTF-8 byte order mark is
+    dropped; a UTF-16 one is named)."""
     with path.open("rb") as handle:
+        handle.seek(start)
+        offset = start
         for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            if offset == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
                 raise SourceError(path, "utf8_encoding", "the file is UTF-16 (its byte order mark says so): "
                                   "save it as UTF-8")
             try:
-                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                yield line_no, offset, raw.decode("utf-8-sig" if offset == 0 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise SourceError(path, "utf8_encoding", f"line {line_no} is not UTF-8 ({exc.reason} "
                                   f"at byte {exc.start})", raw[:200].decode("utf-8", "replace")) from None
+            offset += len(raw)
+
+
+def _utf8_lines(path: Path):
+    """(line number, text) of a text file (see _utf8_offset_lines)."""
+    return ((line_no, line) for line_no, _, line in _utf8_offset_lines(path))
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what JSON can escape (\udc07) but no UTF-8 text holds
@@ -96,9 +106,10 @@ def _holds_lone_surrogate(value) -> bool:
     return isinstance(value, list) and any(map(_holds_lone_surrogate, value))
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    rows, lines = [], []
-    for line_no, line in _utf8_lines(path):
+def jsonl_rows(path: Path, start: int = 0):
+    """(line number, byte offset, object) of each non-blank line of a jsonl file (from byte `start`),
+    failing on the first line that is not a JSON object of Unicode text."""
+    for line_no, offset, line in _utf8_offset_lines(path, start):
         if not line.strip():
             continue
         try:
@@ -111,6 +122,12 @@ def read_jsonl(path: Path) -> pd.DataFrame:
         if "\\u" in line and _holds_lone_surrogate(row):  # valid JSON, but no Unicode text (nor parquet)
             raise SourceError(path, "utf8_encoding", f"line {line_no} escapes half of a UTF-16 surrogate pair "
                               "(\\ud800-\\udfff alone): not a character", line.strip()[:200])
+        yield line_no, offset, row
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    rows, lines = [], []
+    for line_no, _, row in jsonl_rows(path):
         rows.append(row)
         lines.append(line_no)
     frame = pd.DataFrame(rows)
@@ -294,10 +311,141 @@ def id_texts(frame: pd.DataFrame, path: Path | str) -> dict[str, str]:
     return dict(zip(ids, joined_text(frame)))
 
 
-def _read_id_texts(path: Path) -> dict[str, str]:
-    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id, tab, text)."""
+class LazyTexts(Mapping):
+    """id -> text kept in a file rather than in memory: the ids held, the texts read when asked,
+    `between(start, stop)` the texts of a range of rows (in the file's order) without the others."""
+
+    ids: list[str]
+
+    def between(self, start: int, stop: int) -> list[str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def row_of(self, key: str) -> int:
+        """The row that holds `key` (an id -> row table, built at the first look-up: ids only)."""
+        if getattr(self, "_rows", None) is None:
+            self._rows = {doc: row for row, doc in enumerate(self.ids)}
+        return self._rows[key]
+
+    def __contains__(self, key) -> bool:
+        try:
+            self.row_of(key)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        row = self.row_of(key)
+        return self.between(row, row + 1)[0]
+
+    def items(self):
+        return zip(self.ids, self.values())
+
+
+MISSING = object()
+
+
+def _id_field(value) -> str | None:
+    """What a row's _id holds instead of an id (id_texts' check, one row at a time), or None."""
+    if value is MISSING or value is None or (isinstance(value, float) and np.isnan(value)):
+        return "missing"
+    kind = not_text(value)
+    return None if kind == "a number" else kind
+
+
+def _id_string(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+class JsonlTexts(LazyTexts):
+    """id -> text of a BEIR corpus or queries file (jsonl: _id, text[, title]), with id_texts' checks
+    and messages, without holding the texts: a first pass checks every row and keeps the ids and
+    where each row starts; texts are read again from there when asked (title and text joined as
+    sentence-transformers joins them). Memory: the ids, and 8 bytes a row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.ids, offsets, lines = [], [], []
+        columns: dict[str, None] = {}  # every field any row has, in order of first appearance
+        first_bad: dict[str, tuple[int, str, dict]] = {}  # field -> (row, what it holds, the row)
+        bad_rows = dict.fromkeys(("_id", "text", "title"), 0)
+        first_row = None
+        for row_number, (line_no, offset, row) in enumerate(jsonl_rows(self.path)):
+            first_row = row if first_row is None else first_row
+            columns.update(dict.fromkeys(row))
+            for field in ("_id", "text", "title"):
+                kind = _id_field(row.get("_id", MISSING)) if field == "_id" else not_text(row.get(field))
+                if kind is not None:
+                    bad_rows[field] += 1
+                    first_bad.setdefault(field, (row_number, kind, row))
+            self.ids.append(_id_string(row.get("_id")))
+            offsets.append(offset)
+            lines.append(line_no)
+        self.offsets, self.has_title = np.array(offsets, dtype=np.int64), "title" in columns
+
+        def example(row: dict | None) -> dict | None:  # the row as id_texts shows it: every field, NaN where absent
+            return None if row is None else {c: row.get(c, float("nan")) for c in columns}
+
+        if "_id" not in columns or "text" not in columns:
+            raise SourceError(self.path, "required_columns", "expected '_id' and 'text' fields", example(first_row))
+        for field in ("_id", "text", "title"):
+            if field in first_bad:
+                row, kind, values = first_bad[field]
+                raise SourceError(self.path, "id_text_fields", f"line {lines[row]}: {field} is {kind}"
+                                  f"{'' if field == '_id' else ', not text'} ({bad_rows[field]} row(s) like it)",
+                                  example(values))
+        repeated = repeated_ids(self.ids)
+        if len(repeated):
+            row = int(repeated[0])
+            first = self.ids.index(self.ids[row])
+            raise SourceError(self.path, "unique_ids", f"line {lines[row]}: id {self.ids[row]!r} is used again (first "
+                              f"at line {lines[first]}; {len(repeated)} repeated id(s))",
+                              example(next(jsonl_rows(self.path, int(self.offsets[row])))[2]))
+
+    def _text(self, row: dict) -> str:
+        text = row.get("text")
+        text = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
+        if not self.has_title:
+            return text
+        title = row.get("title")
+        title = "" if title is None or (isinstance(title, float) and np.isnan(title)) else str(title)
+        return (title + " " + text).strip()
+
+    def between(self, start: int, stop: int) -> list[str]:
+        if start >= min(stop, len(self.ids)):
+            return []
+        rows = jsonl_rows(self.path, int(self.offsets[start]))
+        return [self._text(row) for _, _, row in itertools.islice(rows, min(stop, len(self.ids)) - start)]
+
+    def values(self):
+        return (self._text(row) for _, _, row in jsonl_rows(self.path))
+
+
+def repeated_ids(ids: list[str]) -> np.ndarray:
+    """The rows whose id an earlier row has, in order: found through one 64-bit hash per id, then
+    only the ids whose hashes repeat compared."""
+    hashes = np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    candidates = np.union1d(order[same], order[same + 1])
+    seen: set[str] = set()
+    repeated = []
+    for row in candidates:  # in row order
+        if ids[row] in seen:
+            repeated.append(row)
+        seen.add(ids[row])
+    return np.array(repeated, dtype=np.int64)
+
+
+def _read_id_texts(path: Path) -> Mapping[str, str]:
+    """id -> text from a jsonl (_id, title, text; read lazily) or a header-less tsv (id, tab, text)."""
     if path.suffix.lower() in {".jsonl", ".json"}:
-        return id_texts(read_jsonl(path), path)
+        return JsonlTexts(path)
     return id_texts(read_delimited(path, "\t", ["_id", "text"]), path)
 
 
@@ -307,7 +455,7 @@ def join_ids(frame: pd.DataFrame, cfg: TrainDataConfig, path: Path) -> pd.DataFr
         raise SourceError(path, "id_columns_resolvable", "rows hold ids (query_id, ...) but "
                           "snapshot.train.corpus and snapshot.train.queries are not set",
                           frame.iloc[0].to_dict())
-    corpus, queries = _read_id_texts(Path(cfg.corpus)), _read_id_texts(Path(cfg.queries))
+    corpus, queries = (dict(_read_id_texts(Path(p)).items()) for p in (cfg.corpus, cfg.queries))
     for column in [c for c in frame.columns if c.endswith("_id")]:
         lookup = queries if column == "query_id" else corpus
         ids = frame[column].astype(str)

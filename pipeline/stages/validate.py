@@ -106,15 +106,21 @@ def expectations(frame: pd.DataFrame, cfg: ValidateConfig) -> tuple[list, list]:
 
 
 def check_rows(frame: pd.DataFrame, source: str, cfg: ValidateConfig) -> list[dict]:
-    """Run the great-expectations suites; one finding per failed expectation.
+    """Run the great-expectations suites over a frame; one finding per failed expectation."""
+    chunks = (frame.iloc[start:start + CHUNK_ROWS] for start in range(0, max(len(frame), 1), CHUNK_ROWS))
+    return check_row_chunks(chunks, source, cfg, lambda row: frame.loc[row].to_dict())
 
-    Per-row expectations run over chunks of CHUNK_ROWS rows (GX holds a Python copy of what it
-    checks), whole-table ones over the row hashes alone; counts and examples are merged."""
+
+def check_row_chunks(chunks, source: str, cfg: ValidateConfig, example_row=None) -> list[dict]:
+    """Run the great-expectations suites over rows that come in chunks (frames indexed by their row
+    numbers, the first one's columns in every chunk); one finding per failed expectation.
+
+    Per-row expectations run a chunk at a time (GX holds a Python copy of what it checks), whole-table
+    ones over the row hashes alone; counts and examples are merged. A whole-table failure's example
+    rows come from `example_row(row number)` (without one, none: the chunks are gone by then)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    derived = with_derived_columns(frame)
-    per_row, whole_table = expectations(derived, cfg)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
 
@@ -128,7 +134,7 @@ def check_rows(frame: pd.DataFrame, source: str, cfg: ValidateConfig) -> list[di
 
     failed: dict[str, dict] = {}
 
-    def collect(part: pd.DataFrame, definition) -> None:
+    def collect(part: pd.DataFrame, definition, example) -> None:
         for outcome in definition.run(batch_parameters={"dataframe": part}, result_format="SUMMARY").results:
             if outcome.success:
                 continue
@@ -136,20 +142,27 @@ def check_rows(frame: pd.DataFrame, source: str, cfg: ValidateConfig) -> list[di
             kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
             entry = failed.setdefault(f"{config.type}{sorted(kwargs.items())}", {
                 "check": config.meta["check"], "expectation": config.type, "kwargs": kwargs,
-                "count": None, "observed": None, "rows": []})
+                "count": None, "observed": None, "examples": {}})
             if outcome.result.get("unexpected_count") is not None:
                 entry["count"] = (entry["count"] or 0) + outcome.result["unexpected_count"]
             entry["observed"] = outcome.result.get("observed_value")
-            entry["rows"] += outcome.result.get("partial_unexpected_index_list") or []
+            for row in (outcome.result.get("partial_unexpected_index_list") or [])[:EXAMPLES - len(entry["examples"])]:
+                entry["examples"][int(row)] = example(row)
 
-    if per_row:
-        definition = suite_of("rows", per_row)
-        for start in range(0, max(len(derived), 1), CHUNK_ROWS):
-            collect(derived.iloc[start:start + CHUNK_ROWS], definition)
+    definition, whole_table, hashes = None, [], []
+    for chunk in chunks:
+        derived = with_derived_columns(chunk)
+        if definition is None:
+            per_row, whole_table = expectations(derived, cfg)
+            definition = suite_of("rows", per_row) if per_row else False
+        if definition:
+            collect(derived, definition, lambda row: chunk.loc[row].to_dict())
+        hashes.append(derived["check_row_hash"])
     if whole_table:
-        collect(derived[["check_row_hash"]], suite_of("table", whole_table))
+        collect(pd.concat(hashes).to_frame(), suite_of("table", whole_table),
+                example_row or (lambda row: None))
     return [finding(e["check"], cfg, source, e["expectation"], e["kwargs"], e["count"], e["observed"],
-                    {int(i): frame.loc[i].to_dict() for i in e["rows"][:EXAMPLES]})
+                    {row: example for row, example in e["examples"].items() if example is not None})
             for e in failed.values()]
 
 
@@ -274,16 +287,28 @@ def run(params: Params) -> dict:
     return result
 
 
+def text_chunks(texts, column: str):
+    """`texts` as frames of CHUNK_ROWS rows (at least one, perhaps empty) of one column, indexed by
+    row number."""
+    texts, start = iter(texts), 0
+    while True:
+        chunk = list(itertools.islice(texts, CHUNK_ROWS))
+        if chunk or not start:
+            yield pd.DataFrame({column: chunk}, index=range(start, start + len(chunk)))
+        if len(chunk) < CHUNK_ROWS:
+            return
+        start += len(chunk)
+
+
 def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
                     columns: list[str] | None) -> dict:
     """Check a file or folder as it is, without snapshotting it (the standalone contract)."""
     if kind == "beir":
         data = read_retrieval_set(Path(source), split)
-        corpus = pd.DataFrame({"positive": list(data.corpus.values())})
         # repeated texts are check_eval_set's to report, by document id
         rows_cfg = cfg.model_copy(update={"min_rows": 1, "severity": {**cfg.severity, "duplicates": "off"}})
-        findings = check_rows(corpus, f"{source}/corpus", rows_cfg)
-        return report(findings + check_eval_set(data, source, cfg, set()), len(corpus))
+        findings = check_row_chunks(text_chunks(data.corpus.values(), "positive"), f"{source}/corpus", rows_cfg)
+        return report(findings + check_eval_set(data, source, cfg, set()), len(data.corpus))
     frame = load_training(TrainDataConfig(source=source, kind=kind, columns=columns, split=split))
     return report(check_rows(frame, source, cfg), len(frame))
 
