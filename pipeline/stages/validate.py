@@ -33,6 +33,7 @@ from pipeline.config import (
     load_params,
 )
 from pipeline.data.snapshots import (
+    TEXT_ROW_GROUP,
     read_eval_snapshot,
     read_manifest,
     read_training_snapshot,
@@ -175,11 +176,11 @@ def finding(check: str, cfg: ValidateConfig, source: str, expectation: str, kwar
 
 def repeated_texts(corpus: Mapping[str, str]) -> list[dict]:
     """The documents whose text an earlier one already has, in corpus order, each with the first
-    one's id: found through one 64-bit hash per text (the texts read CHUNK_ROWS at a time), then
+    one's id: found through one 64-bit hash per text (the texts read TEXT_ROW_GROUP at a time), then
     only the texts whose hash repeats compared, in a second pass. Memory: the hashes and those texts."""
     values = iter(corpus.values())
     parts = [pd.util.hash_array(np.array(chunk, dtype=object))
-             for chunk in iter(lambda: list(itertools.islice(values, CHUNK_ROWS)), [])]
+             for chunk in iter(lambda: list(itertools.islice(values, TEXT_ROW_GROUP)), [])]
     hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
     order = np.argsort(hashes, kind="stable")
     repeats = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
@@ -206,9 +207,11 @@ def check_eval_set(data: RetrievalSet, source: str, cfg: ValidateConfig,
             findings.append(finding(name, cfg, source, expectation, {}, len(offenders), what,
                                     dict(enumerate(offenders[:EXAMPLES]))))
 
+    judged_docs = {d for docs in data.qrels.values() for d in docs}
+    present = {d for d in data.corpus if d in judged_docs}  # a walk over the ids: no id -> row table of the corpus
     check("qrels_missing_ids", "qrels_reference_existing_docs",
           [{"query-id": q, "corpus-id": d} for q, docs in data.qrels.items() for d in docs
-           if d not in data.corpus], "qrels naming a document missing from the corpus")
+           if d not in present], "qrels naming a document missing from the corpus")
     check("qrels_missing_ids", "qrels_reference_existing_queries",
           [{"query-id": q} for q in data.qrels if q not in data.queries],
           "qrels naming a query missing from the queries")
