@@ -107,10 +107,11 @@ def test_export_bench_onnx_fp32_is_torch_and_int8_runs(tmp_path, shared):
     assert result["onnx_int8_ms"] > 0 and result["onnx_fp32_speedup"] > 0
 
 
-def test_snapshot_validate_bench_validates_its_pairs(tmp_path):
+def test_snapshot_validate_bench_validates_its_pairs_and_an_ms_marco_shaped_corpus(tmp_path):
     result = smoke("snapshot_validate.py", tmp_path)
     assert result["rows"] == 2_000 and result["validation_success"] is True and result["checks_failed"] == 0
     assert result["snapshot_seconds"] > 0 and result["validate_seconds"] > 0
+    assert result["eval_docs"] == 3_000 and result["standalone_beir_peak_rss_gb"] > 0
 
 
 def test_evaluate_scale_bench_rank_safe_is_exact_and_threads_agree(tmp_path, shared):

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import tempfile
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,7 +371,7 @@ class JsonlTexts(LazyTexts):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.ids, offsets, lines = [], [], []
+        self.ids, offsets, lines = [], array("q"), array("q")  # arrays: 8 bytes a row, not a Python int
         columns: dict[str, None] = {}  # every field any row has, in order of first appearance
         first_bad: dict[str, tuple[int, str, dict]] = {}  # field -> (row, what it holds, the row)
         bad_rows = dict.fromkeys(("_id", "text", "title"), 0)
@@ -386,7 +387,7 @@ class JsonlTexts(LazyTexts):
             self.ids.append(_id_string(row.get("_id")))
             offsets.append(offset)
             lines.append(line_no)
-        self.offsets, self.has_title = np.array(offsets, dtype=np.int64), "title" in columns
+        self.offsets, self.has_title = np.frombuffer(offsets, dtype=np.int64), "title" in columns
 
         def example(row: dict | None) -> dict | None:  # the row as id_texts shows it: every field, NaN where absent
             return None if row is None else {c: row.get(c, float("nan")) for c in columns}
