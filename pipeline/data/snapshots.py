@@ -27,7 +27,7 @@ from pipeline.config import (
     SNAPSHOT_TRAIN,
     TrainConfig,
 )
-from pipeline.data.sources import LazyTexts, RetrievalSet
+from pipeline.data.sources import LazyTexts, RetrievalSet, batches
 
 # rows per Parquet row group of a snapshot's texts, and per chunk of texts hashed: the unit read at a
 # time (hashing 200,000 texts at once peaked 0.5 GB higher than 20,000)
@@ -65,9 +65,8 @@ def frame_digest(frame: pd.DataFrame) -> str:
 def id_text_hashes(texts: Mapping[str, str], chunk_rows: int = TEXT_ROW_GROUP) -> np.ndarray:
     """One 64-bit hash per (id, text) row of `texts`, in their order, a chunk of rows at a time: a
     frame of a whole corpus's texts would be a second copy of them."""
-    items = iter(texts.items())
     parts = [row_hashes(pd.DataFrame(chunk, columns=["id", "text"], dtype=str))
-             for chunk in iter(lambda: list(itertools.islice(items, chunk_rows)), [])]
+             for chunk in batches(texts.items(), chunk_rows)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
@@ -150,9 +149,8 @@ def write_texts(texts: Mapping[str, str], path: Path) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.schema([("_id", pa.string()), ("text", pa.string())])
-    items = iter(texts.items())
     with pq.ParquetWriter(path, schema) as writer:
-        while chunk := list(itertools.islice(items, TEXT_ROW_GROUP)):
+        for chunk in batches(texts.items(), TEXT_ROW_GROUP):
             ids, values = zip(*chunk)
             writer.write_table(pa.table([pa.array(ids, pa.string()), pa.array(values, pa.string())], schema=schema),
                                row_group_size=TEXT_ROW_GROUP)
@@ -173,13 +171,14 @@ def read_eval_set(folder: Path) -> RetrievalSet:
     qrels: dict[str, dict[str, int]] = {}
     for query, doc, grade in pd.read_parquet(folder / "qrels.parquet").itertuples(index=False):
         qrels.setdefault(query, {})[doc] = int(grade)
-    return RetrievalSet(SnapshotTexts(folder / "corpus.parquet"), dict(SnapshotTexts(folder / "queries.parquet").items()),
-                        qrels)
+    queries = dict(SnapshotTexts(folder / "queries.parquet").items())
+    return RetrievalSet(SnapshotTexts(folder / "corpus.parquet"), queries, qrels)
 
 
 def read_eval_snapshot(folder: Path = SNAPSHOT_EVAL) -> dict[str, RetrievalSet]:
     """The snapshot's evaluation sets, by name."""
-    return {set_folder.name: read_eval_set(set_folder) for set_folder in sorted(folder.iterdir()) if set_folder.is_dir()}
+    return {set_folder.name: read_eval_set(set_folder)
+            for set_folder in sorted(folder.iterdir()) if set_folder.is_dir()}
 
 
 def training_rows(cfg: TrainConfig, scored: pd.DataFrame) -> pd.DataFrame:

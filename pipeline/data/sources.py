@@ -302,7 +302,7 @@ def id_texts(frame: pd.DataFrame, path: Path | str) -> dict[str, str]:
             raise SourceError(path, "id_text_fields", f"{place(frame, row)}: {column} is {kinds.iloc[row]}"
                               f"{'' if column == '_id' else ', not text'} ({int(bad.sum())} row(s) like it)",
                               frame.iloc[row].to_dict())
-    ids = frame["_id"].map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    ids = frame["_id"].map(_id_string)
     repeated = ids.duplicated(keep="first").to_numpy()
     if repeated.any():
         row = int(repeated.argmax())
@@ -409,13 +409,11 @@ class JsonlTexts(LazyTexts):
                               example(next(jsonl_rows(self.path, int(self.offsets[row])))[2]))
 
     def _text(self, row: dict) -> str:
-        text = row.get("text")
-        text = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
-        if not self.has_title:
-            return text
-        title = row.get("title")
-        title = "" if title is None or (isinstance(title, float) and np.isnan(title)) else str(title)
-        return (title + " " + text).strip()
+        def field(name: str) -> str:  # absent, null or NaN: empty, as the frame reader's fillna("")
+            value = row.get(name)
+            return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+        return (field("title") + " " + field("text")).strip() if self.has_title else field("text")
 
     def between(self, start: int, stop: int) -> list[str]:
         if start >= min(stop, len(self.ids)):
@@ -427,16 +425,26 @@ class JsonlTexts(LazyTexts):
         return (self._text(row) for _, _, row in jsonl_rows(self.path))
 
 
+def batches(items, size: int):
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def rows_sharing_a_hash(hashes: np.ndarray) -> np.ndarray:
+    """The rows, in order, whose hash another row also has: the only ones whose values can repeat."""
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    return np.union1d(order[same], order[same + 1])
+
+
 def repeated_ids(ids: list[str]) -> np.ndarray:
     """The rows whose id an earlier row has, in order: found through one 64-bit hash per id, then
     only the ids whose hashes repeat compared."""
-    hashes = np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids))
-    order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    candidates = np.union1d(order[same], order[same + 1])
     seen: set[str] = set()
     repeated = []
-    for row in candidates:  # in row order
+    for row in rows_sharing_a_hash(np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids))):
         if ids[row] in seen:
             repeated.append(row)
         seen.add(ids[row])

@@ -148,13 +148,13 @@ def machine_memory_gb() -> float:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
 
 
-def over_budget(kind: str, corpus, memory_gb: float | None, held_gb: float | None = None) -> str | None:
+def over_budget(kind: str, corpus, memory_gb: float | None) -> str | None:
     """Why the `kind` index's build (estimated from the corpus's postings) would not fit in memory_gb
-    (None: MACHINE_SHARE of this machine's memory) beside what the process holds (held_gb; None:
-    its resident memory now: models, texts, vectors), or None."""
+    (None: MACHINE_SHARE of this machine's memory) beside what the process holds now (its resident
+    memory: models, ids, vectors), or None."""
     postings = corpus.nnz
     build = BUILD_BYTES_PER_POSTING[kind] * postings + BUILD_FIXED_BYTES
-    held = (resident_gb() if held_gb is None else held_gb) * 2 ** 30
+    held = resident_gb() * 2 ** 30
     if memory_gb is None:
         machine = machine_memory_gb()
         budget, named = MACHINE_SHARE * machine, f"null: {MACHINE_SHARE:g} of this machine's {machine:.1f} GB"

@@ -13,7 +13,6 @@ exits 0 on valid data and 1 on invalid data.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import sys
@@ -43,8 +42,10 @@ from pipeline.data.snapshots import (
 from pipeline.data.sources import (
     RetrievalSet,
     SourceError,
+    batches,
     load_training,
     read_retrieval_set,
+    rows_sharing_a_hash,
 )
 from pipeline.tracking.records import stage_record, write_json
 
@@ -178,14 +179,10 @@ def repeated_texts(corpus: Mapping[str, str]) -> list[dict]:
     """The documents whose text an earlier one already has, in corpus order, each with the first
     one's id: found through one 64-bit hash per text (the texts read TEXT_ROW_GROUP at a time), then
     only the texts whose hash repeats compared, in a second pass. Memory: the hashes and those texts."""
-    values = iter(corpus.values())
-    parts = [pd.util.hash_array(np.array(chunk, dtype=object))
-             for chunk in iter(lambda: list(itertools.islice(values, TEXT_ROW_GROUP)), [])]
+    parts = [pd.util.hash_array(np.array(chunk, dtype=object)) for chunk in batches(corpus.values(), TEXT_ROW_GROUP)]
     hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-    order = np.argsort(hashes, kind="stable")
-    repeats = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
     candidate = np.zeros(len(hashes), dtype=bool)
-    candidate[order[repeats]] = candidate[order[repeats + 1]] = True
+    candidate[rows_sharing_a_hash(hashes)] = True
     first_with: dict[str, str] = {}
     offenders = []
     for doc_id, text, maybe in zip(corpus, corpus.values(), candidate):
@@ -293,14 +290,12 @@ def run(params: Params) -> dict:
 def text_chunks(texts, column: str):
     """`texts` as frames of CHUNK_ROWS rows (at least one, perhaps empty) of one column, indexed by
     row number."""
-    texts, start = iter(texts), 0
-    while True:
-        chunk = list(itertools.islice(texts, CHUNK_ROWS))
-        if chunk or not start:
-            yield pd.DataFrame({column: chunk}, index=range(start, start + len(chunk)))
-        if len(chunk) < CHUNK_ROWS:
-            return
+    start = 0
+    for chunk in batches(texts, CHUNK_ROWS):
+        yield pd.DataFrame({column: chunk}, index=range(start, start + len(chunk)))
         start += len(chunk)
+    if not start:
+        yield pd.DataFrame({column: []})
 
 
 def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
