@@ -30,6 +30,9 @@ PARAMS_FILE = Path("params.yaml")
 INPUTS_DIR = Path("inputs")  # links to the local files and folders params name (pipeline.stages.inputs)
 SNAPSHOT_DIR = Path("data/snapshot")
 SNAPSHOT_TRAIN = SNAPSHOT_DIR / "train.parquet"
+# id-based training rows: the texts they name, each once (Arrow files, memory-mapped when read)
+SNAPSHOT_TRAIN_QUERIES = SNAPSHOT_DIR / "train_queries.arrow"
+SNAPSHOT_TRAIN_CORPUS = SNAPSHOT_DIR / "train_corpus.arrow"
 SNAPSHOT_EVAL = SNAPSHOT_DIR / "eval"  # one folder of Parquet files per evaluation set
 SNAPSHOT_LEXICON = SNAPSHOT_DIR / "lexicon.json"  # the synthetic world's synonyms (quickstart teacher)
 SNAPSHOT_MANIFEST = SNAPSHOT_DIR / "manifest.json"
@@ -273,6 +276,9 @@ class TrainConfig(Section):
     query_learning_rate: PositiveFloat = 1e-3
     max_seq_length: PositiveInt = 32
     epochs: PositiveFloat = 8
+    # stop after this many steps, whatever epochs says (a run over part of a set of tens of millions
+    # of rows); null: the epochs' steps
+    max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 32
     # encode the batch in pieces of this many rows (GradCache: sentence-transformers' CachedSpladeLoss),
     # so a large contrastive batch trains in the memory of a small one, with the same gradients;

@@ -6,7 +6,13 @@ import pandas as pd
 import pytest
 
 from pipeline.config import SNAPSHOT_TRAIN, EvalDataConfig, Params, TrainDataConfig
-from pipeline.data.snapshots import frame_digest, read_eval_snapshot
+from pipeline.data.snapshots import (
+    TrainingSnapshot,
+    TrainingTexts,
+    frame_digest,
+    read_eval_snapshot,
+    write_id_training,
+)
 from pipeline.data.sources import (
     SourceError,
     load_training,
@@ -91,25 +97,47 @@ def test_local_nanobeir_folder_as_eval_and_as_training(workdir, tiny_params, sha
     assert manifest["train"]["rows"] == sum(len(d) for d in beir.qrels.values())
 
 
-def test_id_based_scored_rows_join_corpus_and_queries(workdir, shared):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_id_based_scored_rows_stay_ids_and_the_snapshot_joins_them_to_their_texts(workdir, shared, suffix):
     collection = shared / "data/msmarco-toy-triplets/collection.tsv"
     queries = workdir / "queries.tsv"
-    queries.write_text("q1\twhat is the manhattan project\nq2\twho built the bomb\n")
-    rows = workdir / "margins.jsonl"
-    rows.write_text(json.dumps({"query_id": "q1", "positive_id": "0", "negative_id": "5", "score": 3.5}) + "\n"
-                    + json.dumps({"query_id": "q2", "positive_id": "1", "negative_id": "2", "score": -1.0}) + "\n")
-    frame = load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
-                                          queries=str(queries)))
-    passages = dict(line.split("\t", 1) for line in collection.read_text().splitlines())
-    assert frame.loc[0, "query"] == "what is the manhattan project"
-    assert frame.loc[0, "positive"] == passages["0"] and frame.loc[1, "negative"] == passages["2"]
-    assert frame["score"].tolist() == [3.5, -1.0]
+    queries.write_text("q1\twhat is the manhattan project\nq2\twho built the bomb\nq3\tunused\n")
+    rows = workdir / f"margins{suffix}"
 
-    rows.write_text(json.dumps({"query_id": "q1", "positive_id": "0", "negative_id": "nope", "score": 1}) + "\n")
+    def write(frame: pd.DataFrame) -> None:
+        if suffix == ".parquet":
+            frame.to_parquet(rows, index=False)
+        else:
+            rows.write_text("".join(json.dumps(row) + "\n" for row in frame.to_dict(orient="records")))
+
+    def load():
+        return load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
+                                             queries=str(queries)))
+
+    # MS MARCO's sets give passage ids as numbers, and the score as a number or numeric text
+    write(pd.DataFrame({"query_id": ["q1", "q2"], "positive_id": [0, 1], "negative_id": [5, 2],
+                        "score": [3.5, -1.0]}))
+    loaded = load()
+    assert loaded.table.column("positive_id").to_pylist() == ["0", "1"] and len(loaded) == 2
+    assert loaded.text_rows["negative_id"].tolist() == [5, 2]  # rows of collection.tsv
+    write_id_training(loaded, workdir)
+    kept = TrainingSnapshot(workdir)
+    passages = dict(line.split("\t", 1) for line in collection.read_text().splitlines())
+    joined = kept.rows()
+    assert joined.columns.tolist() == ["query", "positive", "negative", "score"]
+    assert joined.loc[0, "query"] == "what is the manhattan project"
+    assert joined.loc[0, "positive"] == passages["0"] and joined.loc[1, "negative"] == passages["2"]
+    assert joined["score"].tolist() == [3.5, -1.0]
+    assert kept.query_texts() == {"what is the manhattan project", "who built the bomb"}  # q3 is unused
+    assert TrainingTexts(workdir).tables["corpus"].num_rows == 4  # the passages the rows name, each once
+
+    write(pd.DataFrame({"query_id": ["q1"], "positive_id": ["0"], "negative_id": ["nope"], "score": [1.0]}))
     with pytest.raises(SourceError, match=r"ids_resolve failed: 1 negative_id value\(s\) not found") as err:
-        load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
-                                      queries=str(queries)))
+        load()
     assert '"negative_id": "nope"' in str(err.value)
+    write(pd.DataFrame({"query_id": ["q1"], "positive_id": ["0"], "score": [1.0]}))
+    with pytest.raises(SourceError, match=r"missing column\(s\) \['negative_id'\] for kind 'scored'"):
+        load()
 
 
 def test_hugging_face_path_loads_a_local_dataset_and_refuses_unpinned_hub_ids(tmp_path):

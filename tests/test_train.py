@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -18,6 +19,8 @@ from pipeline.config import (
     CHECKPOINTS_DIR,
     RECORDS_DIR,
     STUDENT_DIR,
+    TEACHER_SCORED,
+    VALIDATION_REPORT,
     Params,
     StudentConfig,
 )
@@ -335,3 +338,50 @@ def test_cached_loss_gives_the_uncached_loss_and_gradients(tmp_path, fused):
     for name, gradient in whole_gradients.items():
         torch.testing.assert_close(cached_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
     assert max(float(g.abs().max()) for g in whole_gradients.values()) > 1e-3  # gradients that can differ
+
+
+def test_id_based_rows_train_exactly_as_the_same_rows_given_as_texts(workdir, tiny_params, monkeypatch):
+    """MS MARCO's distillation sets name their texts by id: kept as ids through snapshot, validate
+    and teacher, joined per batch, they train the same student as the same rows given as texts."""
+    for stage in (snapshot, validate, teacher):  # the quickstart's triplets and its teacher's margins
+        stage.run(tiny_params)
+    scored = pd.read_parquet(TEACHER_SCORED)[["query", "positive", "negative", "label"]].rename(columns={"label": "score"})
+    queries = {text: f"q{i}" for i, text in enumerate(scored["query"].unique())}
+    documents = {text: f"d{i}" for i, text in enumerate(pd.concat([scored["positive"], scored["negative"]]).unique())}
+    sources = workdir / "sources"
+    sources.mkdir()
+    scored.to_parquet(sources / "texts.parquet", index=False)
+    pd.DataFrame({"query_id": scored["query"].map(queries), "positive_id": scored["positive"].map(documents),
+                  "negative_id": scored["negative"].map(documents), "score": scored["score"]}).to_parquet(
+        sources / "ids.parquet", index=False)
+    for name, texts in (("queries", queries), ("corpus", documents)):  # BEIR files, in another order than the rows
+        (sources / f"{name}.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n"
+                                                       for t, i in reversed(texts.items())))
+    data = tiny_params.model_dump(by_alias=True)
+    data["snapshot"]["train"].update(kind="scored", corpus=str(sources / "corpus.jsonl"),
+                                     queries=str(sources / "queries.jsonl"))
+    results = {}
+    for rows in ("texts", "ids"):
+        data["snapshot"]["train"]["source"] = str(sources / f"{rows}.parquet")
+        params = Params.model_validate(data)
+        (workdir / rows).mkdir()
+        monkeypatch.chdir(workdir / rows)
+        for stage in (snapshot, validate, teacher):
+            stage.run(params)
+        report = json.loads(VALIDATION_REPORT.read_text())
+        labels = pd.read_parquet(TEACHER_SCORED)["label"].tolist()
+        results[rows] = (train.run(params), weights(STUDENT_DIR), report, labels)
+    assert (workdir / "ids/data/snapshot/train_corpus.arrow").exists()
+    assert pq.read_schema(workdir / "ids" / TEACHER_SCORED).names == ["query_id", "positive_id", "negative_id",
+                                                                       "score", "label"]
+    (text_metrics, text_weights, text_report, text_labels), (id_metrics, id_weights, id_report, id_labels) = \
+        results["texts"], results["ids"]
+    assert id_labels == text_labels == scored["score"].tolist()
+    for report in (text_report, id_report):
+        for finding in report["findings"]:
+            finding.pop("file")
+    assert id_report == text_report | {"snapshot_sha256": id_report["snapshot_sha256"]}
+    assert id_metrics["steps"] == text_metrics["steps"] > 0 and id_metrics["final_loss"] == text_metrics["final_loss"]
+    assert text_weights.keys() == id_weights.keys()
+    for name in text_weights:
+        torch.testing.assert_close(id_weights[name], text_weights[name], rtol=0, atol=0)

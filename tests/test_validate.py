@@ -13,6 +13,7 @@ from pipeline.config import (
     TEACHER_DIR,
     VALIDATION_REPORT,
     Params,
+    ValidateConfig,
 )
 from pipeline.stages import snapshot, validate
 from tests.helpers.project import USER_DATA_TEACHER
@@ -313,6 +314,39 @@ def test_standalone_contract_exit_codes(workdir, shared, capsys):
         validate.main([str(bad), "--kind", "triplets"])
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "expect_column_values_to_match_regex" in err and "row 2" in err
+
+
+def test_standalone_check_of_id_based_rows_joins_them_to_their_texts(workdir, capsys):
+    """Id-based rows get the verdicts, counts and example rows their texts get (a query with no
+    text, a positive that is also the negative), from the standalone check as from text rows."""
+    rows = [dict(row) for row in GOOD]
+    rows[2]["query"], rows[5]["negative"] = " ", rows[5]["positive"]
+    texts = {"query": {}, "document": {}}
+    ids = []
+    for row in rows:
+        named = {}
+        for column, text in row.items():
+            lookup = texts["query" if column == "query" else "document"]
+            named[f"{column}_id"] = lookup.setdefault(text, f"{column[0]}{len(lookup)}")
+        ids.append(named)
+    for name, lookup in texts.items():
+        write_jsonl(workdir / f"{name}.jsonl", [{"_id": i, "text": t} for t, i in lookup.items()])
+    write_jsonl(workdir / "ids.jsonl", ids)
+    write_jsonl(workdir / "texts.jsonl", rows)
+    cfg = ValidateConfig(min_rows=1)
+    by_text = validate.validate_source(str(workdir / "texts.jsonl"), "triplets", cfg, "train", None)
+    by_id = validate.validate_source(str(workdir / "ids.jsonl"), "triplets", cfg, "train", None,
+                                     str(workdir / "document.jsonl"), str(workdir / "query.jsonl"))
+    assert {f["check"] for f in by_id["findings"]} == {"not_empty", "positive_is_negative"}
+    for report in (by_text, by_id):
+        for finding in report["findings"]:
+            assert finding.pop("file").endswith(("texts.jsonl", "ids.jsonl"))
+    assert by_id == by_text
+    with pytest.raises(SystemExit) as exit_:  # as the command line runs it
+        validate.main([str(workdir / "ids.jsonl"), "--kind", "triplets", "--corpus", str(workdir / "document.jsonl"),
+                       "--queries", str(workdir / "query.jsonl"), "--params", str(workdir / "none.yaml")])
+    assert exit_.value.code == 1
+    assert "ids.jsonl" in capsys.readouterr().err
 
 
 def test_repeated_texts_are_found_through_hashes_and_confirmed_on_the_texts(monkeypatch, tmp_path):

@@ -11,29 +11,35 @@ and no stage imports another."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import (
+    SNAPSHOT_DIR,
     SNAPSHOT_EVAL,
     SNAPSHOT_MANIFEST,
     SNAPSHOT_TRAIN,
+    SNAPSHOT_TRAIN_CORPUS,
+    SNAPSHOT_TRAIN_QUERIES,
     TrainConfig,
 )
-from pipeline.data.sources import LazyTexts, RetrievalSet, batches
+from pipeline.data.sources import ID_COLUMN, IdRows, LazyTexts, RetrievalSet, batches
 
 # rows per Parquet row group of a snapshot's texts, and per chunk of texts hashed: the unit read at a
 # time (hashing 200,000 texts at once peaked 0.5 GB higher than 20,000)
 TEXT_ROW_GROUP = 10_000
 
 TEXT_COLUMN = re.compile(r"query|positive|negative(_\d+)?")
+# rows per chunk of id-based training rows read at a time (ids only: a few MB)
+ID_ROW_CHUNK = 100_000
 # the teacher's column each loss trains on: margins, score lists, or none (in-batch negatives)
 LABEL_COLUMN = {"margin-mse": "label", "kl-div": "scores", "mnrl": None}
 
@@ -62,17 +68,20 @@ def frame_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def id_text_hashes(texts: Mapping[str, str], chunk_rows: int = TEXT_ROW_GROUP) -> np.ndarray:
-    """One 64-bit hash per (id, text) row of `texts`, in their order, a chunk of rows at a time: a
-    frame of a whole corpus's texts would be a second copy of them."""
+def id_text_hashes(texts: Mapping[str, str] | Iterable[tuple[str, str]], chunk_rows: int = TEXT_ROW_GROUP) -> np.ndarray:
+    """One 64-bit hash per (id, text) row of `texts` (a mapping, or its items), in their order, a
+    chunk of rows at a time: a frame of a whole corpus's texts would be a second copy of them."""
+    items = texts.items() if isinstance(texts, Mapping) else texts
     parts = [row_hashes(pd.DataFrame(chunk, columns=["id", "text"], dtype=str))
-             for chunk in batches(texts.items(), chunk_rows)]
+             for chunk in batches(items, chunk_rows)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
-def id_texts_digest(texts: Mapping[str, str], chunk_rows: int = TEXT_ROW_GROUP, by_id: bool = False) -> str:
-    """frame_digest of the (id, text) frame of `texts`, equal to it without building it: in their
-    order, or with `by_id` sorted by id (as sorting the frame by its columns sorts unique ids)."""
+def id_texts_digest(texts: Mapping[str, str] | Iterable[tuple[str, str]], chunk_rows: int = TEXT_ROW_GROUP,
+                    by_id: bool = False) -> str:
+    """frame_digest of the (id, text) frame of `texts` (a mapping, or its items), equal to it without
+    building it: in their order, or with `by_id` (a mapping's) sorted by id (as sorting the frame by
+    its columns sorts unique ids)."""
     hashes = id_text_hashes(texts, chunk_rows)
     if by_id:
         hashes = hashes[np.argsort(np.array(list(texts), dtype=object), kind="stable")]
@@ -92,10 +101,6 @@ def retrieval_sets_digest(sets: dict[str, RetrievalSet]) -> str:
         digest.update(id_texts_digest(data.queries, by_id=True).encode())
         digest.update(frame_digest(qrels.sort_values(list(qrels.columns), ignore_index=True)).encode())
     return digest.hexdigest()
-
-
-def read_training_snapshot() -> pd.DataFrame:
-    return pd.read_parquet(SNAPSHOT_TRAIN)
 
 
 def read_manifest() -> dict:
@@ -182,7 +187,184 @@ def read_eval_snapshot(folder: Path = SNAPSHOT_EVAL) -> dict[str, RetrievalSet]:
 
 
 def training_rows(cfg: TrainConfig, scored: pd.DataFrame) -> pd.DataFrame:
-    """The columns the trainer sees: the texts, and the loss's teacher column named label."""
+    """The columns the trainer sees: the texts (or their ids), and the loss's teacher column named label."""
+    return scored[trained_columns(cfg, list(scored.columns))].rename(columns={"scores": "label"})
+
+
+def trained_columns(cfg: TrainConfig, names: list[str]) -> list[str]:
+    """Of a scored file's columns, those the trainer reads: the texts (or their ids) and the loss's label."""
     label = LABEL_COLUMN[cfg.loss]
-    columns = text_columns(scored) + ([label] if label and label in scored else [])
-    return scored[columns].rename(columns={"scores": "label"})
+    texts = [n for n in names if TEXT_COLUMN.fullmatch(n) or ID_COLUMN.fullmatch(n)]
+    return texts + ([label] if label and label in names else [])
+
+
+def write_id_training(rows: IdRows, folder: Path) -> str:
+    """Id-based training rows as the snapshot keeps them: train.parquet (the ids and scores) and the
+    texts they name, each once, in train_queries.arrow and train_corpus.arrow (_id, text; Arrow IPC
+    streams, which datasets memory-maps), the texts read from their files in one pass. Returns the
+    rows' content hash: frame_digest of the ids and scores, then of each texts file, hashed as written."""
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256("\x1f".join(rows.table.column_names).encode())
+    for batch in rows.table.to_batches(ID_ROW_CHUNK):
+        digest.update(row_hashes(batch.to_pandas()).tobytes())
+    pq.write_table(rows.table, folder / SNAPSHOT_TRAIN.name, row_group_size=ID_ROW_CHUNK)
+    for texts, path, columns in ((rows.queries, SNAPSHOT_TRAIN_QUERIES, ["query_id"]),
+                                 (rows.corpus, SNAPSHOT_TRAIN_CORPUS, [c for c in rows.text_rows if c != "query_id"])):
+        named = np.zeros(len(texts), dtype=bool)
+        for column in columns:
+            named[rows.text_rows[column]] = True
+        digest.update(id_texts_digest(written_texts(texts, named, folder / path.name)).encode())
+    return digest.hexdigest()
+
+
+def written_texts(texts: Mapping[str, str], keep: np.ndarray, path: Path):
+    """Writes the (id, text) rows of `texts` where `keep` is set to an Arrow IPC stream (_id, text),
+    yielding each as it is written (so that they are hashed without being read back)."""
+    import pyarrow as pa
+
+    schema = pa.schema([("_id", pa.string()), ("text", pa.string())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        start = 0
+        for chunk in batches(texts.items(), TEXT_ROW_GROUP):
+            kept = [row for row, wanted in zip(chunk, keep[start:start + len(chunk)]) if wanted]
+            start += len(chunk)
+            if kept:
+                ids, values = zip(*kept)
+                writer.write_table(pa.table([pa.array(ids, pa.string()), pa.array(values, pa.string())], schema=schema))
+                yield from kept
+
+
+class TrainingSnapshot:
+    """The snapshot's training rows: text columns, or id columns naming the texts in
+    train_queries.arrow and train_corpus.arrow (memory-mapped), joined a range of rows at a time."""
+
+    def __init__(self, folder: Path = SNAPSHOT_DIR):
+        import pyarrow.parquet as pq
+
+        self.table = pq.read_table(folder / SNAPSHOT_TRAIN.name)  # ids, scores (or texts): Arrow, no Python objects
+        self.id_based = (folder / SNAPSHOT_TRAIN_CORPUS.name).exists()
+        self.texts = TrainingTexts(folder) if self.id_based else None
+        self._positions: dict[str, object] | None = None
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Rows start to stop with their texts, indexed by row number."""
+        stop = len(self) if stop is None else stop
+        part = self.table.slice(start, stop - start)
+        if self.id_based:
+            if self._positions is None:  # every row's text positions, found once (4 bytes a row and column)
+                self._positions = self.texts.positions(self.table)
+            frame = self.texts.joined(part, {c: rows.slice(start, stop - start) for c, rows in self._positions.items()})
+        else:
+            frame = part.to_pandas()
+        return frame.set_axis(range(start, start + len(frame)))
+
+    def chunks(self, size: int):
+        """The rows with their texts, `size` at a time (at least one chunk, perhaps empty)."""
+        for start in range(0, max(len(self), 1), size):
+            yield self.rows(start, min(start + size, len(self)))
+
+    def query_texts(self) -> set[str]:
+        """Every training query's text."""
+        column = self.texts.query_texts() if self.id_based else self.table.column("query").to_pylist()
+        return {t for t in column if t is not None}
+
+
+class TrainingTexts:
+    """The texts id-based training rows name (_id, text), memory-mapped, and the join of rows to them:
+    as sentence-transformers' resolve_ids joins the trainer's batches (query_id -> query, ...)."""
+
+    def __init__(self, folder: Path = SNAPSHOT_DIR):
+        self.paths = {"queries": folder / SNAPSHOT_TRAIN_QUERIES.name, "corpus": folder / SNAPSHOT_TRAIN_CORPUS.name}
+
+    @functools.cached_property
+    def tables(self) -> dict:
+        """The texts, memory-mapped when first read (the pages read count in the process's RSS until
+        the object is gone)."""
+        import pyarrow as pa
+
+        return {name: pa.ipc.open_stream(pa.memory_map(str(path))).read_all() for name, path in self.paths.items()}
+
+    @staticmethod
+    def lookup(column: str) -> str:
+        return "queries" if column == "query_id" else "corpus"
+
+    def positions(self, table) -> dict:
+        """For each id column of `table` (Arrow), the row of each id's text."""
+        import pyarrow.compute as pc
+
+        return {c: pc.index_in(table.column(c), value_set=self.tables[self.lookup(c)].column("_id"))
+                for c in table.column_names if ID_COLUMN.fullmatch(c)}
+
+    def joined(self, table, positions: dict | None = None) -> pd.DataFrame:
+        """Id-based rows (an Arrow table) with the texts their ids name in place of the ids (given
+        `positions`, the rows of those texts)."""
+        positions = self.positions(table) if positions is None else positions
+        columns = {}
+        for name in table.column_names:
+            if name in positions:
+                texts = self.tables[self.lookup(name)].column("text")
+                columns[name.removesuffix("_id")] = taken(texts, positions[name].to_numpy(zero_copy_only=False))
+            else:
+                columns[name] = table.column(name).to_pylist()
+        return pd.DataFrame(columns)
+
+    def resolver(self, id_columns: list[str]):
+        """sentence-transformers' resolve_ids transform for the trainer: a batch of id columns ->
+        their texts (query, positive, negative...), the labels kept."""
+        from datasets import Dataset
+        from sentence_transformers.util import resolve_ids
+
+        texts = {name: Dataset.from_file(str(path)) for name, path in self.paths.items()}
+        return resolve_ids({c: (texts[self.lookup(c)], "_id", "text") for c in id_columns if ID_COLUMN.fullmatch(c)},
+                           keep_columns=["score", "scores", "label"])
+
+    def texts(self):
+        """Every text (the queries', then the documents'), read a batch at a time."""
+        yield from self.query_texts()
+        yield from self.corpus_texts()
+
+    def query_texts(self):
+        return self._column("queries")
+
+    def corpus_texts(self):
+        return self._column("corpus")
+
+    def _column(self, name: str):
+        for batch in self.tables[name].column("text").chunks:
+            yield from batch.to_pylist()
+
+
+def taken(column, rows: np.ndarray) -> list:
+    """column[rows] of a chunked Arrow column, taken chunk by chunk (Arrow's take on a chunked
+    column concatenates it first: a whole memory-mapped corpus copied into memory at every call)."""
+    import pyarrow as pa
+
+    starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    which = np.searchsorted(starts, rows, "right") - 1
+    values = np.empty(len(rows), dtype=object)
+    for chunk in np.unique(which):
+        at = np.flatnonzero(which == chunk)
+        values[at] = column.chunks[chunk].take(pa.array(rows[at] - starts[chunk])).to_pylist()
+    return values.tolist()
+
+
+def rows_head(path: Path, limit: int) -> tuple[pd.DataFrame, int]:
+    """The first `limit` rows of a training rows file (the snapshot's or the teacher's) with their
+    texts, and how many rows it has."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    head = pa.Table.from_batches(list(itertools.islice(file.iter_batches(limit), 1)), schema=file.schema_arrow)
+    id_based = any(ID_COLUMN.fullmatch(n) for n in head.column_names)
+    return (TrainingTexts().joined(head) if id_based else head.to_pandas()), file.metadata.num_rows
+
+
+def read_training_snapshot(limit: int | None = None) -> pd.DataFrame:
+    """The snapshot's training rows with their texts (the first `limit` of them): for what reads
+    a few rows, or a small set whole."""
+    return TrainingSnapshot().rows() if limit is None else rows_head(SNAPSHOT_TRAIN, limit)[0]

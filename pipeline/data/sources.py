@@ -12,6 +12,7 @@ because a user with a 10-million-row file cannot guess."""
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -233,17 +234,19 @@ def as_score(value) -> float | list[float] | None:
         return None
 
 
-def checked_fields(frame: pd.DataFrame, path: Path, text_columns: list[str], source: pd.DataFrame) -> pd.DataFrame:
-    """`frame` with every text field text and every score a number (numeric text converted); else
-    a SourceError naming the file, the line or row and the column. `source` is the frame as read
-    (its rows line up with `frame`'s), which knows the lines."""
-    for column in text_columns:
-        kinds = frame[column].map(not_text)
+def checked_fields(frame: pd.DataFrame, path: Path, text_columns: list[str], source: pd.DataFrame,
+                   id_columns: list[str] = ()) -> pd.DataFrame:
+    """`frame` with every text field text, every id an id (text or a whole number) and every score a
+    number (numeric text converted); else a SourceError naming the file, the line or row and the
+    column. `source` is the frame as read (its rows line up with `frame`'s), which knows the lines."""
+    for column, kind_of, wanted in ([(c, not_text, "text") for c in text_columns]
+                                    + [(c, _id_field, "an id") for c in id_columns]):
+        kinds = frame[column].map(kind_of)
         bad = kinds.notna().to_numpy()
         if bad.any():
             row = int(bad.argmax())
             raise SourceError(path, "text_fields", f"{place(source, row)}: {column} is {kinds.iloc[row]}, not "
-                              f"text ({int(bad.sum())} row(s) like it)", frame.iloc[row].to_dict())
+                              f"{wanted} ({int(bad.sum())} row(s) like it)", frame.iloc[row].to_dict())
     if "score" in frame:
         scores = frame["score"].map(as_score)
         given = frame["score"].map(lambda v: not (v is None or (isinstance(v, float) and np.isnan(v))))
@@ -454,30 +457,135 @@ def repeated_ids(ids: list[str]) -> np.ndarray:
 def _read_id_texts(path: Path) -> Mapping[str, str]:
     """id -> text from a jsonl (_id, title, text; read lazily) or a header-less tsv (id, tab, text)."""
     if path.suffix.lower() in {".jsonl", ".json"}:
-        return JsonlTexts(path)
+        stat = path.stat()
+        return _jsonl_texts(path, stat.st_mtime_ns, stat.st_size)
     return id_texts(read_delimited(path, "\t", ["_id", "text"]), path)
 
 
-def join_ids(frame: pd.DataFrame, cfg: TrainDataConfig, path: Path) -> pd.DataFrame:
-    """Replace query_id / positive_id / negative_id... columns by the texts they name."""
+@functools.lru_cache(maxsize=4)
+def _jsonl_texts(path: Path, mtime_ns: int, size: int) -> JsonlTexts:
+    """A jsonl file's texts, read once per process while the file is unchanged: MS MARCO's corpus is
+    both the evaluation corpus and the one the training rows name (2M ids: 20 s, 0.2 GB each time)."""
+    return JsonlTexts(path)
+
+
+ID_COLUMN = re.compile(r"(query|positive|negative(_\d+)?)_id")
+
+
+@dataclass
+class IdRows:
+    """Training rows that name their texts by id, as MS MARCO's distillation sets ship them (query_id,
+    positive_id, negative_id[, negative_N_id][, score]): the rows as Arrow columns (ids as text,
+    scores as numbers), the texts in the corpus and queries files, read lazily, and for each id
+    column the row of its text there. Memory grows with the ids, not the texts."""
+
+    table: "pa.Table"
+    queries: Mapping[str, str]
+    corpus: Mapping[str, str]
+    text_rows: dict[str, np.ndarray]  # id column -> row of each id's text in `queries` or `corpus`
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def head(self, count: int) -> pd.DataFrame:
+        """The first `count` rows with the texts their ids name (query, positive, ...), read from the files."""
+        by_row = {name: texts if isinstance(texts, LazyTexts) else list(texts.values())  # a dict's texts by row
+                  for name, texts in (("queries", self.queries), ("corpus", self.corpus))}
+
+        def text_at(texts, row: int) -> str:
+            return texts.between(row, row + 1)[0] if isinstance(texts, LazyTexts) else texts[row]
+
+        columns = {}
+        for column, values in self.table.slice(0, count).to_pydict().items():
+            if column in self.text_rows:
+                texts = by_row["queries" if column == "query_id" else "corpus"]
+                columns[column.removesuffix("_id")] = [text_at(texts, int(row)) for row in self.text_rows[column][:count]]
+            else:
+                columns[column] = values
+        return pd.DataFrame(columns)
+
+
+def _id_rows_columns(names: list[str], kind: str) -> list[str]:
+    """The id columns (and score) kind `kind` needs, extra negatives in order; [] when `names` hold texts."""
+    if "query" in names or not any(ID_COLUMN.fullmatch(n) for n in names):
+        return []
+    extra = sorted((n for n in names if re.fullmatch(r"negative_\d+_id", n)), key=lambda n: int(n.split("_")[1]))
+    needed = [f"{c}_id" for c in KIND_COLUMNS[kind] if c != "score"] + (extra if kind != "pairs" else [])
+    return needed + (["score"] if kind == "scored" else [])
+
+
+def id_rows(table, cfg: TrainDataConfig, path: Path, source: pd.DataFrame | None = None) -> IdRows:
+    """Id-based rows (an Arrow table, renamed) resolved against snapshot.train.corpus and .queries:
+    every id found, the score a number (or a list of them); else a SourceError naming the file and
+    the row (or line, given the frame as read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def example(row: int) -> dict:
+        return {k: v[0] for k, v in table.slice(row, 1).to_pydict().items()}
+
     if not (cfg.corpus and cfg.queries):
         raise SourceError(path, "id_columns_resolvable", "rows hold ids (query_id, ...) but "
-                          "snapshot.train.corpus and snapshot.train.queries are not set",
-                          frame.iloc[0].to_dict())
-    corpus, queries = (dict(_read_id_texts(Path(p)).items()) for p in (cfg.corpus, cfg.queries))
-    for column in [c for c in frame.columns if c.endswith("_id")]:
-        lookup = queries if column == "query_id" else corpus
-        ids = frame[column].astype(str)
-        texts = ids.map(lookup)
-        missing = texts.isna()
-        if missing.any():
-            row = int(missing.idxmax())
-            raise SourceError(path, "ids_resolve", f"{int(missing.sum())} {column} value(s) not found in "
+                          "snapshot.train.corpus and snapshot.train.queries are not set", example(0))
+    columns = _id_rows_columns(table.column_names, cfg.kind)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise SourceError(path, "required_columns", f"missing column(s) {missing} for kind {cfg.kind!r} "
+                          f"(id-based rows); found {table.column_names}", example(0))
+    table = table.select(columns)
+    for column in [c for c in columns if c != "score"]:
+        kind = pa.types
+        if not (kind.is_string(table[column].type) or kind.is_large_string(table[column].type)
+                or kind.is_integer(table[column].type)):
+            raise SourceError(path, "text_fields", f"{column} holds {table[column].type}, not ids (text or "
+                              "whole numbers)", example(0))
+        table = table.set_column(table.schema.get_field_index(column), column, pc.cast(table[column], pa.string()))
+    if "score" in columns and not (pa.types.is_floating(table["score"].type) or pa.types.is_integer(table["score"].type)
+                                   or pa.types.is_list(table["score"].type)):
+        frame = pd.DataFrame({"score": table["score"].to_pandas()})  # numeric text: checked as text rows' scores
+        scores = checked_fields(frame, path, [], frame if source is None else source)["score"]
+        table = table.set_column(table.schema.get_field_index("score"), "score",
+                                 pa.array(scores.tolist(), pa.list_(pa.float64()) if isinstance(scores.iloc[0], list)
+                                          else pa.float64()))
+    elif "score" in columns:
+        table = table.set_column(table.schema.get_field_index("score"), "score", pc.cast(
+            table["score"], pa.list_(pa.float64()) if pa.types.is_list(table["score"].type) else pa.float64()))
+    texts = {"query_id": _read_id_texts(Path(cfg.queries))}
+    texts["corpus"] = _read_id_texts(Path(cfg.corpus))
+    text_rows = {}
+    for column in [c for c in columns if c != "score"]:
+        lookup = texts["query_id" if column == "query_id" else "corpus"]
+        ids = lookup.ids if isinstance(lookup, LazyTexts) else list(lookup)
+        rows = pc.index_in(table[column], value_set=pa.array(ids, pa.string()))
+        unresolved = rows.is_null()
+        if pc.any(unresolved).as_py():
+            row = int(np.flatnonzero(unresolved.to_numpy(zero_copy_only=False))[0])
+            raise SourceError(path, "ids_resolve", f"{pc.sum(unresolved).as_py()} {column} value(s) not found in "
                               f"{cfg.queries if column == 'query_id' else cfg.corpus}",
-                              {"row": row, column: ids[row]})
-        frame[column.removesuffix("_id")] = texts
-        frame = frame.drop(columns=column)
-    return frame
+                              {"row": row, column: table[column][row].as_py()})
+        text_rows[column] = rows.to_numpy().astype(np.int64)
+    return IdRows(table, texts["query_id"], texts["corpus"], text_rows)
+
+
+def read_parquet_id_rows(path: Path, cfg: TrainDataConfig) -> IdRows | None:
+    """A parquet file of id-based rows, read as Arrow (no Python object per id: MS MARCO's margin
+    sets have tens of millions of rows); None when the file holds texts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = [cfg.rename.get(n, n) for n in pq.read_schema(path).names]
+        if not _id_rows_columns(names, cfg.kind):
+            return None
+        table = pq.read_table(path)
+        table.validate(full=True)
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged file fails in any of these
+        raise SourceError(path, "valid_parquet", f"not a readable parquet file ({exc})") from None
+    if not table.num_rows:
+        raise SourceError(path, "not_empty", "no rows")
+    if cfg.kind == "scored" and "scores" in names and "score" not in names:
+        names = [("score" if n == "scores" else n) for n in names]
+    return id_rows(table.rename_columns(names), cfg, path)
 
 
 def retrieval_pairs(data: RetrievalSet) -> pd.DataFrame:
@@ -487,10 +595,15 @@ def retrieval_pairs(data: RetrievalSet) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["query", "positive"])
 
 
-def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
-    """Read `cfg.source` and return the columns of `cfg.kind` (plus extra negatives)."""
+def load_training(cfg: TrainDataConfig) -> pd.DataFrame | IdRows:
+    """Read `cfg.source` and return the columns of `cfg.kind` (plus extra negatives): texts, or
+    id-based rows as IdRows."""
+    import pyarrow as pa
+
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     path = Path(cfg.source)
+    if fmt == "parquet" and (ids := read_parquet_id_rows(path, cfg)) is not None:
+        return ids
     if fmt in {"beir", "nanobeir"}:
         frame = retrieval_pairs(read_retrieval_set(path, cfg.split))
     elif fmt == "hf":
@@ -507,10 +620,15 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame:
         raise SourceError(path, "not_empty", "no rows")
     read = frame  # as read: it knows each row's line
     frame = frame.rename(columns=cfg.rename)
-    if any(c.endswith("_id") for c in frame.columns) and "query" not in frame.columns:
-        frame = join_ids(frame, cfg, path)
     if cfg.kind == "scored" and "scores" in frame.columns and "score" not in frame.columns:
         frame = frame.rename(columns={"scores": "score"})
+    if _id_rows_columns(list(frame.columns), cfg.kind):
+        columns = [c for c in _id_rows_columns(list(frame.columns), cfg.kind) if c in frame]
+        ids = [c for c in columns if c != "score"]
+        frame = checked_fields(frame[columns].reset_index(drop=True), path, [], read, ids)
+        for column in ids:
+            frame[column] = frame[column].map(_id_string)
+        return id_rows(pa.Table.from_pandas(frame, preserve_index=False), cfg, path, read)
     required = KIND_COLUMNS[cfg.kind]
     missing = [c for c in required if c not in frame.columns]
     if missing:

@@ -14,6 +14,8 @@ pipeline.modelling.splade_head's fused head, which changes how they compute, not
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from pipeline.config import StudentConfig, TrainConfig
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def wordpiece_vocabulary(texts: list[str], size: int) -> list[str]:
+def wordpiece_vocabulary(texts: Iterable[str], size: int) -> list[str]:
     """A WordPiece vocabulary learnt from `texts`: every character (as a word start and as a ##
     continuation) so that any word can be spelt, then the most frequent whole words.
 
@@ -48,7 +50,7 @@ def wordpiece_vocabulary(texts: list[str], size: int) -> list[str]:
     return vocabulary
 
 
-def build_synthetic_mlm(texts: list[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
+def build_synthetic_mlm(texts: Iterable[str], cfg: StudentConfig, max_seq_length: int, out: Path) -> None:
     """A randomly initialised BertForMaskedLM with a WordPiece vocabulary learnt from `texts`."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
@@ -82,22 +84,23 @@ def splade_encoder(mlm_path: str, max_seq_length: int, revision: str | None = No
     return SparseEncoder(modules=[transformer, SpladePooling("max", embedding_dimension=vocab_size)])
 
 
-def idf_weights(tokenizer, documents: list[str]) -> torch.Tensor:
+def idf_weights(tokenizer, documents: Iterable[str]) -> torch.Tensor:
     """BM25's IDF of every vocabulary token over `documents` (a token no document has gets the
     largest), the weight an inference-free query gives a token before training."""
     import numpy as np
 
     counts = np.zeros(len(tokenizer.get_vocab()), dtype=np.int64)
-    for start in range(0, len(documents), 10_000):
+    documents, n = iter(documents), 0
+    while chunk := list(itertools.islice(documents, 10_000)):
+        n += len(chunk)
         # whole documents (verbose=False: no warning that they exceed the encoder's length)
-        for ids in tokenizer(documents[start:start + 10_000], add_special_tokens=False, verbose=False)["input_ids"]:
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             counts[np.unique(np.asarray(ids, dtype=np.int64))] += 1
-    n = len(documents)
     return torch.from_numpy(np.log1p((n - counts + 0.5) / (counts + 0.5))).float()
 
 
 def inference_free_splade(mlm_path: str, max_seq_length: int, revision: str | None = None,
-                          documents: list[str] | None = None):
+                          documents: Iterable[str] | None = None):
     """Inference-free SPLADE: the document route an MLM with SPLADE max pooling, the query route a
     weight per token of the same vocabulary (1, or the IDF over `documents` when given)."""
     from sentence_transformers import SparseEncoder

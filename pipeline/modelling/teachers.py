@@ -72,6 +72,23 @@ def labelled(frame: pd.DataFrame, doc_scores: np.ndarray) -> pd.DataFrame:
     return out
 
 
+def labelled_ids(table):
+    """Id-based rows carrying their teacher's scores (an Arrow table, as the snapshot keeps them)
+    labelled as `labelled` labels text rows: a single score is the MarginMSE margin (label); a score
+    list becomes `scores` (KL-div) and the margins positive - each negative (label)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    score = table.column("score")
+    if not pa.types.is_list(score.type):
+        return table.append_column("label", score)
+    doc_scores = pc.list_flatten(score).to_numpy().reshape(table.num_rows, -1)
+    margins = doc_scores[:, :1] - doc_scores[:, 1:]
+    label = (pa.array(margins[:, 0]) if margins.shape[1] == 1 else
+             pa.FixedSizeListArray.from_arrays(pa.array(margins.ravel()), margins.shape[1]))
+    return table.drop_columns(["score"]).append_column("scores", score).append_column("label", label)
+
+
 class LexiconBM25:
     """BM25 (bm25s) whose queries are rewritten word by word through a synonym lexicon."""
 

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sentence_transformers import SparseEncoderTrainer
 from sentence_transformers.base.sampler import BatchSamplers, DefaultBatchSampler
@@ -46,13 +45,14 @@ NOT_TRAINING = {"save_steps", "logging_steps", "eval_steps"}
 KEY_FILE = "resume_key.json"
 
 
-def resume_key(cfg: TrainConfig, scored_file: Path, world_size: int) -> dict:
+def resume_key(cfg: TrainConfig, label_files: list[Path], world_size: int) -> dict:
     """Everything the trained weights depend on. train.batch_size is per process, so the world size
     changes the global batch (and the data each process sees)."""
     from importlib import metadata
 
     labels = hashlib.sha256()
-    update_with_file(labels, scored_file)
+    for path in label_files:  # the scored rows, and the texts id-based rows name
+        update_with_file(labels, path)
     return {"train": cfg.model_dump(mode="json", exclude=NOT_TRAINING),
             "labels_sha256": labels.hexdigest(),
             "base_model_weights_sha256": weights_digest(Path(cfg.base_model)) if Path(cfg.base_model).is_dir() else None,
@@ -121,7 +121,7 @@ class GlobalBatchFlopsLoss(FlopsLoss):
         return torch.sum((all_reduce(embeddings.sum(dim=0)) / count) ** 2)
 
 
-def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
+def training_loss(cfg: TrainConfig, model, scored_columns: list[str]):
     """The main loss inside SpladeLoss (with FLOPS regularisation; CachedSpladeLoss with
     train.mini_batch_size) or CSRLoss (with the autoencoder's reconstruction losses)."""
     from sentence_transformers.sparse_encoder.losses import (
@@ -133,7 +133,7 @@ def training_loss(cfg: TrainConfig, model, scored: pd.DataFrame):
     )
 
     label = LABEL_COLUMN[cfg.loss]
-    if label and label not in scored:
+    if label and label not in scored_columns:
         raise StageError(f"train.loss {cfg.loss} needs the teacher's "
                          f"{'margins' if label == 'label' else 'score lists'} ({label!r}), which "
                          f"these rows lack (pairs have no teacher scores; kind scored carries margins "
@@ -251,6 +251,7 @@ def build_trainer(cfg: TrainConfig, model, dataset, loss, output_dir: Path, eval
     args = SparseEncoderTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio in transformers 5

@@ -26,7 +26,7 @@ from pipeline.config import (
     TEACHER_SCORED,
     Params,
 )
-from pipeline.data.snapshots import training_rows
+from pipeline.data.snapshots import rows_head, training_rows
 from pipeline.data.sources import detect_format
 from pipeline.evaluation import plots, stats
 from pipeline.evaluation.measures import HEADLINE
@@ -142,7 +142,8 @@ def card_facts(params: Params) -> dict:
     synthetic = params.snapshot.train.source == "synthetic"
     teacher_cfg = params.teacher
     eval_sets = manifest["eval"]["sets"]
-    trained_rows = training_rows(train_cfg, pd.read_parquet(TEACHER_SCORED))
+    scored_head, scored_rows = rows_head(TEACHER_SCORED, 1000)  # what the card shows of them
+    trained_rows = training_rows(train_cfg, scored_head)
     # model-index entries: the main result first (the push gate reads it), which is the mean over
     # the sets when there are several (as NanoBEIR cards list it), then each set, then each top-k size
     eval_name = main_result_name(manifest)
@@ -182,7 +183,7 @@ def card_facts(params: Params) -> dict:
             "BM25 with the synthetic lexicon (knows the synonyms)" if teacher_cfg.kind == "lexicon-bm25"
             else f"{teacher_cfg.kind} `{teacher_cfg.model}`" + (f" at revision `{teacher_cfg.revision}`"
                                                                  if teacher_cfg.revision else "")),
-        "train_rows": len(trained_rows),
+        "train_rows": scored_rows,
         "dataset_columns": dataset_table(trained_rows, model.tokenizer),
         "samples": sample_rows(trained_rows),
         "sample": manifest["train"]["samples"][0],

@@ -120,7 +120,7 @@ def run(params: Params) -> dict:
                 for folder, onnx in scored}
     with stage_record("evaluate", params) as record:
         sets = read_eval_snapshot()
-        train = read_training_snapshot().head(cfg.max_train_triplets)
+        train = read_training_snapshot(cfg.max_train_triplets)
         student, base = (evaluate_model(folder, sets, train, cfg.batch_size, cfg.max_active_dims,
                                         precision=cfg.precision, index=cfg.index, sharding=sharding)
                          for folder in (STUDENT_DIR, BASE_MODEL_DIR))

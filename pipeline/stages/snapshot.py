@@ -1,6 +1,8 @@
 """Stage 1: freeze the training and evaluation data as files with a manifest.
 
-Training rows become data/snapshot/train.parquet (columns of the data's kind); each evaluation set
+Training rows become data/snapshot/train.parquet (columns of the data's kind); id-based rows stay
+ids there, the texts they name written once each to train_queries.arrow and train_corpus.arrow
+(pipeline.data.snapshots.write_id_training); each evaluation set
 is written as Parquet files (its texts a row group at a time: pipeline.data.snapshots) under
 data/snapshot/eval/<set name>/. The manifest records source, revision, content
 hash, row counts, schema, length statistics and sample rows, and the evaluation sets' content hash
@@ -22,8 +24,15 @@ from pipeline.config import (
     Params,
 )
 from pipeline.data import synthetic
-from pipeline.data.snapshots import frame_digest, retrieval_sets_digest, text_columns, write_eval_set
+from pipeline.data.snapshots import (
+    frame_digest,
+    retrieval_sets_digest,
+    text_columns,
+    write_eval_set,
+    write_id_training,
+)
 from pipeline.data.sources import (
+    IdRows,
     RetrievalSet,
     load_training,
     read_eval_sets,
@@ -60,13 +69,11 @@ def run(params: Params) -> dict:
         else:
             evaluation = read_eval_sets(cfg.eval)
 
+        id_based = isinstance(train, IdRows)  # kept as ids, their texts written once each
         manifest = {
             "train": {"source": cfg.train.source, "format": cfg.train.format, "kind": cfg.train.kind,
-                      "split": cfg.train.split, "revision": cfg.train.revision,
-                      "rows": len(train), "sha256": frame_digest(train),
-                      "schema": {c: str(t) for c, t in train.dtypes.items()},
-                      "lengths": length_stats(train),
-                      "samples": train.head(3).to_dict(orient="records")},
+                      "split": cfg.train.split, "revision": cfg.train.revision, "rows": len(train),
+                      "id_based": id_based},
             "eval": {"source": cfg.eval.source, "split": cfg.eval.split, "revision": cfg.eval.revision,
                      "sha256": retrieval_sets_digest(evaluation),
                      "sets": {name: {"docs": len(data.corpus), "queries": len(data.queries),
@@ -75,11 +82,23 @@ def run(params: Params) -> dict:
                               for name, data in evaluation.items()}},
         }
 
+        def describe_training(rows: pd.DataFrame, sha256: str, schema: dict) -> None:
+            manifest["train"].update(sha256=sha256, schema=schema, lengths=length_stats(rows),
+                                     samples=rows.head(3).to_dict(orient="records"))
+
+        if not id_based:
+            describe_training(train, frame_digest(train), {c: str(t) for c, t in train.dtypes.items()})
+
         def write(folder):  # into a new folder, swapped in whole: a crash never leaves half a snapshot
             def inside(path):
                 return folder / path.relative_to(SNAPSHOT_DIR)
 
-            train.to_parquet(inside(SNAPSHOT_TRAIN), index=False)
+            if id_based:
+                sha256 = write_id_training(train, folder)
+                describe_training(train.head(1000), sha256,
+                                  {c: str(t) for c, t in zip(train.table.column_names, train.table.schema.types)})
+            else:
+                train.to_parquet(inside(SNAPSHOT_TRAIN), index=False)
             for name, data in evaluation.items():
                 write_eval_set(data, inside(SNAPSHOT_EVAL / name))
             if cfg.train.source == "synthetic":

@@ -6,7 +6,8 @@ plus one `<column>_score` per document column, `scores` ([positive, negatives...
 `label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
 A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
 negatives to score (it trains contrastively) unless teacher.hard_negatives mines some: the stage
-passes either through unchanged.
+passes either through unchanged (id-based rows stay ids: memory grows with the rows, not
+the texts). Rows a teacher scores are joined to their texts first, all of them in memory.
 
 Teachers:
 - cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
@@ -35,6 +36,8 @@ import os
 import time
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.cli import StageError, stage_main
 from pipeline.config import (
@@ -46,6 +49,8 @@ from pipeline.config import (
 )
 from pipeline.data.shards import remove_stale, wait_for_shards
 from pipeline.data.snapshots import (
+    ID_ROW_CHUNK,
+    TrainingSnapshot,
     read_eval_snapshot,
     read_manifest,
     read_training_snapshot,
@@ -56,6 +61,7 @@ from pipeline.modelling.teachers import (
     LexiconBM25,
     ShardPlan,
     labelled,
+    labelled_ids,
     mine_negatives,
     score_shards,
     score_shards_on_ray,
@@ -109,13 +115,18 @@ def run(params: Params) -> dict:
 
     with stage_record("teacher", params) as record:
         check_validated()
-        train = read_training_snapshot()
+        snapshot = TrainingSnapshot()
         mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
+        passed_through = params.snapshot.train.kind == "scored" or (params.snapshot.train.kind == "pairs" and not mining)
+        # rows passed through stay as they are (id-based ones as ids); a teacher scores texts
+        train = snapshot.table if passed_through and snapshot.id_based else snapshot.rows()
         if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled
             record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
         elif params.snapshot.train.kind == "scored":
-            if isinstance(train["score"].iloc[0], (list, np.ndarray)):  # score lists: KL-div and margins
+            if snapshot.id_based:
+                train = labelled_ids(train)
+            elif isinstance(train["score"].iloc[0], (list, np.ndarray)):  # score lists: KL-div and margins
                 train = labelled(train.drop(columns="score"), np.stack(train["score"].to_numpy()).astype(np.float64))
             else:  # margins, MarginMSE's labels
                 train["label"] = train["score"]
@@ -156,7 +167,10 @@ def run(params: Params) -> dict:
                                      pair_occurrences=pair_index.size,
                                      margin_mean=float(margins.mean()),
                                      margin_positive_fraction=float((margins > 0).mean()))
-        write_atomically(TEACHER_SCORED, lambda tmp: train.to_parquet(tmp, index=False))
+        if isinstance(train, pd.DataFrame):
+            write_atomically(TEACHER_SCORED, lambda tmp: train.to_parquet(tmp, index=False))
+        else:
+            write_atomically(TEACHER_SCORED, lambda tmp: pq.write_table(train, tmp, row_group_size=ID_ROW_CHUNK))
     return record["metrics"]
 
 

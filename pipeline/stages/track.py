@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import warnings
 
+import pandas as pd
+
 from pipeline.cli import stage_main
 from pipeline.config import (
     EVAL_METRICS,
@@ -27,9 +29,9 @@ from pipeline.config import (
     Params,
 )
 from pipeline.data.snapshots import (
+    TrainingSnapshot,
     read_eval_snapshot,
     read_manifest,
-    read_training_snapshot,
 )
 from pipeline.evaluation import report, stats
 from pipeline.evaluation.gate import (
@@ -66,7 +68,9 @@ def training_dataset(manifest: dict):
     with warnings.catch_warnings():  # "synthetic" or a Hub id reads as several source types
         warnings.simplefilter("ignore", UserWarning)
         # MLflow keeps at most 36 characters of a digest
-        return mlflow.data.from_pandas(read_training_snapshot(), source=source, name=f"train ({train['kind']})",
+        # Arrow-backed columns: no Python object per row (MS MARCO's sets have tens of millions)
+        rows = TrainingSnapshot().table.to_pandas(types_mapper=pd.ArrowDtype)
+        return mlflow.data.from_pandas(rows, source=source, name=f"train ({train['kind']})",
                                        digest=train["sha256"][:36])
 
 

@@ -26,14 +26,19 @@ import csv
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.cli import StageError, stage_main
 from pipeline.config import (
     BASE_MODEL_DIR,
     CHECKPOINTS_DIR,
+    SNAPSHOT_TRAIN_CORPUS,
+    SNAPSHOT_TRAIN_QUERIES,
     STUDENT_DIR,
     TEACHER_SCORED,
     TRAIN_LOSS,
@@ -42,8 +47,11 @@ from pipeline.config import (
     unpinned_hub_id,
 )
 from pipeline.data.snapshots import (
+    ID_COLUMN,
+    TrainingTexts,
     read_eval_snapshot,
     text_columns,
+    trained_columns,
     training_rows,
 )
 from pipeline.modelling.encoders import (
@@ -82,7 +90,51 @@ def unique_texts(train: pd.DataFrame, columns: list[str]) -> list[str]:
     return list(dict.fromkeys(v for c in columns for v in train[c].tolist()))
 
 
-def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
+@dataclass
+class TrainingData:
+    """What the trainer reads: the dataset (text rows, or id rows joined to their texts per batch),
+    the scored file's columns, the texts (each once) and the documents' texts, as the initial model
+    needs them, and the files the labels come from."""
+
+    dataset: object
+    columns: list[str]
+    texts: Callable[[], Iterable[str]]
+    documents: Callable[[], Iterable[str]]
+    label_files: list[Path]
+
+
+def training_data(cfg: TrainConfig) -> TrainingData:
+    """The teacher's scored rows as a datasets.Dataset: text rows in memory; id-based rows as Arrow
+    ids with sentence-transformers' resolve_ids as its transform, so each batch is joined to its texts
+    when the trainer reads it from the snapshot's memory-mapped text files."""
+    from datasets import Dataset
+
+    names = pq.read_schema(TEACHER_SCORED).names
+    if not any(ID_COLUMN.fullmatch(n) for n in names):
+        scored = pd.read_parquet(TEACHER_SCORED)
+        return TrainingData(Dataset.from_pandas(training_rows(cfg, scored), preserve_index=False), names,
+                            lambda: unique_texts(scored, text_columns(scored)),
+                            lambda: unique_texts(scored, [c for c in text_columns(scored) if c != "query"]),
+                            [TEACHER_SCORED])
+    if cfg.batch_sampler == "length-grouped":
+        raise StageError("train.batch_sampler length-grouped needs every row's text lengths, and these rows are "
+                         "id-based (their texts are read per batch): use random or no-duplicates")
+    from datasets.table import InMemoryTable
+
+    columns = trained_columns(cfg, names)
+    table = pq.read_table(TEACHER_SCORED, columns=columns).rename_columns(
+        ["label" if c == "scores" else c for c in columns])
+    # a fingerprint of our own: datasets would hash the whole table for one (10M rows: 1.3 GB at once)
+    stat = TEACHER_SCORED.stat()
+    dataset = Dataset(InMemoryTable(table), fingerprint=f"scored-{stat.st_size}-{stat.st_mtime_ns}")
+    dataset.set_transform(TrainingTexts().resolver(table.column_names))
+    # texts read once for the initial model, through mappings of their own that go with the generator
+    # (the pages it read would otherwise stay in the stage's RSS beside the trainer's)
+    return TrainingData(dataset, names, lambda: TrainingTexts().texts(), lambda: TrainingTexts().corpus_texts(),
+                        [TEACHER_SCORED, SNAPSHOT_TRAIN_QUERIES, SNAPSHOT_TRAIN_CORPUS])
+
+
+def initial_model(cfg: TrainConfig, data: TrainingData, scratch: Path):
     unpinned = unpinned_hub_id("train.base_model", cfg.base_model, cfg.revision)
     if unpinned:
         raise StageError(unpinned)
@@ -90,12 +142,11 @@ def initial_model(cfg: TrainConfig, train: pd.DataFrame, scratch: Path):
         return csr_encoder(cfg.base_model, cfg)
     mlm, revision = cfg.base_model, cfg.revision
     if mlm == "synthetic":
-        build_synthetic_mlm(unique_texts(train, text_columns(train)), cfg.student, cfg.max_seq_length, scratch)
+        build_synthetic_mlm(data.texts(), cfg.student, cfg.max_seq_length, scratch)
         mlm, revision = str(scratch), None
     if cfg.architecture == "splade":
         return splade_encoder(mlm, cfg.max_seq_length, revision)
-    documents = (unique_texts(train, [c for c in text_columns(train) if c != "query"])
-                 if cfg.query_weights == "idf" else None)
+    documents = data.documents() if cfg.query_weights == "idf" else None
     return inference_free_splade(mlm, cfg.max_seq_length, revision, documents)
 
 
@@ -157,21 +208,19 @@ def held_out_evaluator(params: Params):
 
 
 def run(params: Params) -> dict:
-    from datasets import Dataset
-
     cfg = params.train
     with stage_record("train", params) as record, tempfile.TemporaryDirectory() as scratch:
-        scored = pd.read_parquet(TEACHER_SCORED)
-        model = initial_model(cfg, scored, Path(scratch) / "mlm")
+        data = training_data(cfg)
+        model = initial_model(cfg, data, Path(scratch) / "mlm")
         model.max_active_dims = cfg.max_active_dims
         main_process = is_main_process()
         if main_process:
             shutil.rmtree(STUDENT_DIR, ignore_errors=True)
             replace_folder(BASE_MODEL_DIR, lambda folder: model.save_pretrained(str(folder)))
 
-        loss = training_loss(cfg, model, scored)
-        dataset = Dataset.from_pandas(training_rows(cfg, scored), preserve_index=False)
-        key = resume_key(cfg, TEACHER_SCORED, process_rank()[1])
+        loss = training_loss(cfg, model, data.columns)
+        dataset = data.dataset
+        key = resume_key(cfg, data.label_files, process_rank()[1])
         checkpoints = checkpoint_folder(key)
         if main_process:
             CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,13 +34,15 @@ from pipeline.config import (
 )
 from pipeline.data.snapshots import (
     TEXT_ROW_GROUP,
+    TrainingSnapshot,
     read_eval_snapshot,
+    write_id_training,
     read_manifest,
-    read_training_snapshot,
     row_hashes,
     text_columns,
 )
 from pipeline.data.sources import (
+    IdRows,
     RetrievalSet,
     SourceError,
     batches,
@@ -51,7 +54,7 @@ from pipeline.tracking.records import stage_record, write_json
 
 log = logging.getLogger(__name__)
 EXAMPLES = 5
-CHUNK_ROWS = 200_000
+CHUNK_ROWS = 50_000  # rows great-expectations checks at once: 200,000 MS MARCO triplets held 1 GB
 # UTF-8 text decoded as Latin-1/cp1252 once too often: "donât", "Ã©", "Â£"
 MOJIBAKE = r"[ÃÂâ][\x80-\xbf]|â€|Ã[©¨ª«¢£¤¥§±³¶¼½¾]"
 
@@ -113,6 +116,11 @@ def check_rows(frame: pd.DataFrame, source: str, cfg: ValidateConfig) -> list[di
     return check_row_chunks(chunks, source, cfg, lambda row: frame.loc[row].to_dict())
 
 
+def check_training(train: TrainingSnapshot, source: str, cfg: ValidateConfig) -> list[dict]:
+    """check_row_chunks over a snapshot's training rows, with their texts."""
+    return check_row_chunks(train.chunks(CHUNK_ROWS), source, cfg, lambda row: train.rows(row, row + 1).loc[row].to_dict())
+
+
 def check_row_chunks(chunks, source: str, cfg: ValidateConfig, example_row=None) -> list[dict]:
     """Run the great-expectations suites over rows that come in chunks (frames indexed by their row
     numbers, the first one's columns in every chunk); one finding per failed expectation.
@@ -159,9 +167,9 @@ def check_row_chunks(chunks, source: str, cfg: ValidateConfig, example_row=None)
             definition = suite_of("rows", per_row) if per_row else False
         if definition:
             collect(derived, definition, lambda row: chunk.loc[row].to_dict())
-        hashes.append(derived["check_row_hash"])
-    if whole_table:
-        collect(pd.concat(hashes).to_frame(), suite_of("table", whole_table),
+        hashes.append(derived["check_row_hash"].to_numpy())
+    if whole_table:  # the chunks are consecutive rows: the hashes' positions are the row numbers
+        collect(pd.DataFrame({"check_row_hash": np.concatenate(hashes)}), suite_of("table", whole_table),
                 example_row or (lambda row: None))
     return [finding(e["check"], cfg, source, e["expectation"], e["kwargs"], e["count"], e["observed"],
                     {row: example for row, example in e["examples"].items() if example is not None})
@@ -271,18 +279,19 @@ def check_loss_has_its_labels(frame: pd.DataFrame, params: Params) -> None:
 def run(params: Params) -> dict:
     cfg = params.validate_
     with stage_record("validate", params) as record:
-        frame = read_training_snapshot()
-        check_loss_has_its_labels(frame, params)
+        train = TrainingSnapshot()  # id-based rows are joined to their texts a chunk at a time
+        check_loss_has_its_labels(train.rows(0, min(len(train), 1)), params)
         evaluation = read_eval_snapshot()
         # name the user's files in the findings, not the snapshot's copies
-        findings = check_rows(frame, params.snapshot.train.source, cfg)
+        findings = check_training(train, params.snapshot.train.source, cfg)
         source = params.snapshot.eval.source
+        train_queries = train.query_texts()
         for name, data in evaluation.items():
             findings += check_eval_set(data, source if len(evaluation) == 1 else f"{source} [{name}]", cfg,
-                                       set(frame["query"].dropna()))
-        result = report(findings, len(frame), read_manifest()["train"]["sha256"])
+                                       train_queries)
+        result = report(findings, len(train), read_manifest()["train"]["sha256"])
         write_json(VALIDATION_REPORT, result)
-        record["metrics"] = {"rows_checked": len(frame), "warnings": result["warnings"], **failing_rows(findings)}
+        record["metrics"] = {"rows_checked": len(train), "warnings": result["warnings"], **failing_rows(findings)}
         raise_on_errors(result, VALIDATION_REPORT)
     return result
 
@@ -298,8 +307,8 @@ def text_chunks(texts, column: str):
         yield pd.DataFrame({column: []})
 
 
-def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
-                    columns: list[str] | None) -> dict:
+def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str, columns: list[str] | None,
+                    corpus: str | None = None, queries: str | None = None) -> dict:
     """Check a file or folder as it is, without snapshotting it (the standalone contract)."""
     if kind == "beir":
         data = read_retrieval_set(Path(source), split)
@@ -307,8 +316,13 @@ def validate_source(source: str, kind: str, cfg: ValidateConfig, split: str,
         rows_cfg = cfg.model_copy(update={"min_rows": 1, "severity": {**cfg.severity, "duplicates": "off"}})
         findings = check_row_chunks(text_chunks(data.corpus.values(), "positive"), f"{source}/corpus", rows_cfg)
         return report(findings + check_eval_set(data, source, cfg, set()), len(data.corpus))
-    frame = load_training(TrainDataConfig(source=source, kind=kind, columns=columns, split=split))
-    return report(check_rows(frame, source, cfg), len(frame))
+    rows = load_training(TrainDataConfig(source=source, kind=kind, columns=columns, split=split,
+                                         corpus=corpus, queries=queries))
+    if isinstance(rows, IdRows):  # checked with their texts, as the snapshot will keep them
+        with tempfile.TemporaryDirectory() as folder:
+            write_id_training(rows, Path(folder))
+            return report(check_training(TrainingSnapshot(Path(folder)), source, cfg), len(rows))
+    return report(check_rows(rows, source, cfg), len(rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=["pairs", "triplets", "scored", "beir"], default="triplets")
     parser.add_argument("--split", help="qrels split (default: test for beir, train otherwise)")
     parser.add_argument("--columns", nargs="+", help="column names of a header-less tsv/csv")
+    parser.add_argument("--corpus", help="id-based rows: the corpus file their document ids name")
+    parser.add_argument("--queries", help="id-based rows: the queries file their query ids name")
     parser.add_argument("--params", default=str(PARAMS_FILE),
                         help="params file: its validate section sets severities and bounds")
     args = parser.parse_args(argv)
@@ -327,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_params(args.params).validate_ if Path(args.params).exists() else ValidateConfig()
     split = args.split or ("test" if args.kind == "beir" else "train")
     try:
-        result = validate_source(args.source, args.kind, cfg, split, args.columns)
+        result = validate_source(args.source, args.kind, cfg, split, args.columns, args.corpus, args.queries)
     except SourceError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         sys.exit(1)
