@@ -109,14 +109,26 @@ def test_export_bench_onnx_fp32_is_torch_and_int8_runs(tmp_path, shared):
 
 def test_msmarco_scale_bench_trains_on_an_id_based_margin_set_over_an_ms_marco_shaped_corpus(tmp_path, shared):
     """bench/msmarco_scale.py --smoke: 2,000 id-based margin rows over 3,000 passages through
-    snapshot, validate, teacher and 10 training steps, no check failing (MS MARCO's own mojibake, in
-    the real words the texts are drawn from, is a warning)."""
+    snapshot, validate, teacher, 10 training steps, export and evaluate, no check failing (MS MARCO's
+    own mojibake, in the real words the texts are drawn from, is a warning); the evaluate stage's
+    phases cover its run: each model's corpus, queries and search, BM25, and the outputs."""
     result = smoke("msmarco_scale.py", tmp_path)
     assert result["margin_rows"] == 2_000 and result["validation_success"] is True and result["validation_errors"] == 0
     assert set(result["validation_warnings"]) <= {"mojibake"}
     assert result["steps_trained"] == result["train_steps"] == 10 and np.isfinite(result["final_loss"])
-    for stage in ("snapshot", "validate", "teacher", "train"):
+    for stage in ("snapshot", "validate", "teacher", "train", "export", "evaluate"):
         assert result[f"{stage}_seconds"] > 0 and result[f"{stage}_peak_rss_gb"] > 0
+    phases = [phase["phase"] for phase in result["evaluate_phases"]]
+    for model in ("models/student on", "models/base on", "models/student (ONNX int8) on"):
+        assert sum(phase.startswith(f"scoring {model}") for phase in phases) == 1, phases
+    assert phases.count("searching 300 queries over 3000 documents") == 3 and phases.count("encoding 300 queries") == 3
+    assert any(phase.startswith("BM25") for phase in phases) and "writing run files, metrics and figures" in phases
+    assert sum(phase["seconds"] for phase in result["evaluate_phases"]) == pytest.approx(result["evaluate_seconds"],
+                                                                                          abs=0.1)
+    # sampled every 0.1 s: at most the process's peak (within the rounding), and near it
+    assert 0.8 * result["evaluate_peak_rss_gb"] < max(phase["peak_rss_gb"] for phase in result["evaluate_phases"]) \
+        <= result["evaluate_peak_rss_gb"] + 0.002
+    assert result["evaluated"]["queries"] == 300 and result["evaluated"]["index"]["msmarco-shaped"]["kind"] == "exact"
     assert result["eval_docs"] == 3_000 and result["standalone_beir_peak_rss_gb"] > 0
 
 

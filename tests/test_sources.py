@@ -97,22 +97,27 @@ def test_local_nanobeir_folder_as_eval_and_as_training(workdir, tiny_params, sha
     assert manifest["train"]["rows"] == sum(len(d) for d in beir.qrels.values())
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", "-hf"])
 def test_id_based_scored_rows_stay_ids_and_the_snapshot_joins_them_to_their_texts(workdir, shared, suffix):
+    """Id-based rows in a jsonl or parquet file or a Hugging Face dataset (a local copy) stay ids
+    (Arrow), resolved against MS MARCO's collection.tsv and a queries tsv."""
     collection = shared / "data/msmarco-toy-triplets/collection.tsv"
     queries = workdir / "queries.tsv"
     queries.write_text("q1\twhat is the manhattan project\nq2\twho built the bomb\nq3\tunused\n")
     rows = workdir / f"margins{suffix}"
 
     def write(frame: pd.DataFrame) -> None:
-        if suffix == ".parquet":
+        if suffix == "-hf":  # a dataset folder: its train split
+            rows.mkdir(exist_ok=True)
+            frame.to_parquet(rows / "train.parquet", index=False)
+        elif suffix == ".parquet":
             frame.to_parquet(rows, index=False)
         else:
             rows.write_text("".join(json.dumps(row) + "\n" for row in frame.to_dict(orient="records")))
 
     def load():
         return load_training(TrainDataConfig(source=str(rows), kind="scored", corpus=str(collection),
-                                             queries=str(queries)))
+                                             queries=str(queries), format="hf" if suffix == "-hf" else "auto"))
 
     # MS MARCO's sets give passage ids as numbers, and the score as a number or numeric text
     write(pd.DataFrame({"query_id": ["q1", "q2"], "positive_id": [0, 1], "negative_id": [5, 2],
@@ -169,11 +174,13 @@ def test_scored_rows_with_a_list_of_scores(tmp_path):
 def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_params, cut_beir):
     """A local copy of a Hugging Face dataset in mteb's BEIR layout (as mteb/msmarco: configs corpus,
     queries and default, the qrels split dev): one set, named after the dataset, titles joined to
-    texts, graded qrels kept, frozen by the snapshot as a BEIR folder that reads back the same."""
+    texts, graded qrels kept, a blank text dropped, read a slice at a time, frozen by the snapshot as a
+    BEIR folder that reads back the same."""
     beir = read_retrieval_set(cut_beir("trec-dl19-subset", queries=5, extra_docs=30), "test")
     root = workdir / "hub" / "msmarco"
     (root / "qrels").mkdir(parents=True)
-    rows = {"corpus": [{"_id": d, "title": f"title {d}", "text": t} for d, t in beir.corpus.items()],
+    corpus = [{"_id": d, "title": f"title {d}", "text": t} for d, t in beir.corpus.items()]
+    rows = {"corpus": corpus[:10] + [{"_id": "blank", "title": "", "text": " "}] + corpus[10:],  # dropped
             "queries": [{"_id": q, "text": t} for q, t in beir.queries.items()],
             "qrels/dev": [{"query-id": q, "corpus-id": d, "score": float(s)}
                           for q, docs in beir.qrels.items() for d, s in docs.items()],
@@ -190,6 +197,7 @@ def test_beir_layout_on_the_hub_gives_ms_marco_dev_style_sets(workdir, tiny_para
     assert data.qrels == beir.qrels and max(g for docs in data.qrels.values() for g in docs.values()) > 1
     assert data.queries == beir.queries
     assert data.corpus == {d: f"title {d} {t}" for d, t in beir.corpus.items()}
+    assert data.corpus.between(9, 11) == [f"title {d} {beir.corpus[d]}" for d in list(beir.corpus)[9:11]]
     params = tiny_params.model_dump(by_alias=True)
     params["snapshot"]["eval"].update(source=str(root), format="hf", split="dev")
     manifest = snapshot.run(Params.model_validate(params))
@@ -304,6 +312,86 @@ JSONL_CORPORA = {
     "not json": ['{"_id": "d1", "text": "a"}', '{"_id": "d2", "text": '],
     "empty": [],
 }
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_id_based_rows_in_a_text_file_are_read_a_chunk_at_a_time_as_the_whole_file_would_be(
+        workdir, shared, fmt, monkeypatch):
+    """An id-based rows file (tsv with a header, or jsonl) read two rows at a time: the ids of every
+    chunk text (numbers or not), the scores numbers, the table the parquet reader gives; a bad
+    score or a missing id in a later chunk named by its line."""
+    from pipeline.data import sources
+
+    monkeypatch.setattr(sources, "SOURCE_CHUNK_ROWS", 2)
+    collection = shared / "data/msmarco-toy-triplets/collection.tsv"
+    queries = workdir / "queries.tsv"
+    queries.write_text("q1\twhat is the manhattan project\n7\twho built the bomb\n")
+    rows = [{"query_id": "q1", "positive_id": "0", "negative_id": "5", "score": "3.5"},
+            {"query_id": "7", "positive_id": "1", "negative_id": "2", "score": "-1"},
+            {"query_id": 7, "positive_id": 3, "negative_id": 4, "score": 0.25},
+            {"query_id": "q1", "positive_id": 2, "negative_id": "0", "score": 2}]
+    path = workdir / f"margins.{fmt}"
+
+    def write(rows: list[dict]) -> None:
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            path.write_text("query_id\tpositive_id\tnegative_id\tscore\n"
+                            + "".join("\t".join(str(v) for v in row.values()) + "\n" for row in rows))
+
+    def load(source):
+        return load_training(TrainDataConfig(source=str(source), kind="scored", corpus=str(collection),
+                                             queries=str(queries)))
+
+    write(rows)
+    expected = workdir / "margins.parquet"
+    pd.DataFrame([{k: str(v) for k, v in row.items()} for row in rows]).astype({"score": float}).to_parquet(expected)
+    assert load(path).table.equals(load(expected).table)
+    assert load(path).table.column("query_id").to_pylist() == ["q1", "7", "7", "q1"]
+    write(rows[:3] + [{**rows[3], "score": "high"}])
+    with pytest.raises(SourceError, match=rf"line {5 if fmt == 'tsv' else 4}: score 'high' is not a number"):
+        load(path)
+    if fmt == "jsonl":
+        write(rows[:3] + [{k: v for k, v in rows[3].items() if k != "negative_id"}])
+        with pytest.raises(SourceError, match=r"line 4: negative_id is missing, not an id"):
+            load(path)
+
+
+TSV_CORPORA = {  # MS MARCO's collection.tsv / queries.tsv layout: id, tab, text, no header, no quoting
+    "valid": b'\xef\xbb\xbf0\tone "quoted" text\n1\tNA\r\n\n2\t  spaced  \n',
+    "repeated ids": b"0\ta\n1\tb\n0\tc\n",
+    "a field short": b"0\ta\n1\n",
+    "a field more": b"0\ta\n1\tb\tc\n",
+    "not utf-8": b"0\ta\n1\tcaf\xe9\n",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("case", list(TSV_CORPORA))
+def test_a_tsv_corpus_read_lazily_gives_the_table_readers_texts_and_errors(case, tmp_path):
+    """MS MARCO's collection.tsv read lazily (its ids held, its lines read again when asked) gives the
+    texts pandas' reader gives, or refuses it naming the file and the same line (the same message,
+    but for a line with a field too many, which pandas words its own way), and an empty file too."""
+    from pipeline.data.sources import TsvTexts, id_texts, read_delimited
+
+    path = tmp_path / "collection.tsv"
+    path.write_bytes(TSV_CORPORA[case])
+    outcomes = []
+    for read in (lambda: id_texts(read_delimited(path, "\t", ["_id", "text"]), path), lambda: TsvTexts(path)):
+        try:
+            outcomes.append(dict(read().items()))
+        except SourceError as exc:
+            outcomes.append(str(exc))
+    if case == "valid":
+        texts = TsvTexts(path)
+        assert outcomes[0] == outcomes[1] == {"0": 'one "quoted" text', "1": "NA", "2": "  spaced  "}
+        assert texts.between(1, 5) == ["NA", "  spaced  "] and texts["2"] == "  spaced  " and "3" not in texts
+    elif case == "a field more":
+        assert all(str(path) in outcome and "line 2" in outcome for outcome in outcomes), outcomes
+    elif case == "empty":  # the table reader read no texts, and said nothing
+        assert outcomes == [{}, f"{path}: not_empty failed: no rows (the file is empty)"]
+    else:
+        assert outcomes[0] == outcomes[1] and str(path) in outcomes[0]
 
 
 @pytest.mark.parametrize("case", list(JSONL_CORPORA))

@@ -160,6 +160,43 @@ def test_stage_scores_many_negatives_once_and_resumes_from_shards(workdir, tiny_
     assert not set(shards) & set(TEACHER_SHARDS_DIR.iterdir())  # the stale plan's shards are gone
 
 
+def test_id_based_triplets_are_scored_as_the_same_rows_given_as_texts(workdir, tiny_params, shared, cross_encoder,
+                                                                     monkeypatch):
+    """Id-based triplets scored by a model teacher: each unique (query id, passage id) pair scored
+    once, its texts joined a shard at a time, the rows kept as ids, with the scores, score lists and
+    margins the same rows given as texts get; a rerun reuses every shard."""
+    toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
+                                        columns=["query", "positive", "negative"]))
+    rows = pd.concat([toy.assign(negative_2=np.roll(toy["negative"], 1)),
+                      toy.assign(negative=np.roll(toy["negative"], 2), negative_2=np.roll(toy["negative"], 3))],
+                     ignore_index=True)
+    queries = {text: f"q{i}" for i, text in enumerate(rows["query"].unique())}
+    documents = {text: str(i) for i, text in
+                 enumerate(pd.concat([rows[c] for c in ("positive", "negative", "negative_2")]).unique())}
+    ids = pd.DataFrame({"query_id": rows["query"].map(queries),
+                        **{f"{c}_id": rows[c].map(documents) for c in ("positive", "negative", "negative_2")}})
+    for name, texts in (("queries", queries), ("corpus", documents)):  # in another order than the rows
+        (workdir / f"{name}.tsv").write_text("".join(f"{i}\t{t}\n" for t, i in reversed(texts.items())))
+    scored = {}
+    for given, frame in (("texts", rows), ("ids", ids)):
+        params = with_changes(stage_params(tiny_params, write_rows(workdir / f"{given}.jsonl", frame), cross_encoder, 64),
+                              snapshot={"train": {"corpus": str(workdir / "corpus.tsv"),
+                                                  "queries": str(workdir / "queries.tsv")}})
+        (workdir / given).mkdir()
+        monkeypatch.chdir(workdir / given)
+        snapshot.run(params)
+        validate.run(params)
+        metrics = teacher.run(params)
+        scored[given] = (pd.read_parquet(TEACHER_SCORED), metrics)
+        assert teacher.run(params)["shards_reused"] == metrics["shards"] > 1
+    (texts, text_metrics), (by_id, id_metrics) = scored["texts"], scored["ids"]
+    assert by_id.columns.tolist() == ["query_id", "positive_id", "negative_id", "negative_2_id", "positive_score",
+                                      "negative_score", "negative_2_score", "scores", "label"]
+    assert id_metrics["unique_pairs"] == text_metrics["unique_pairs"] < 0.8 * 3 * len(rows)
+    for column in ("positive_score", "negative_score", "negative_2_score", "scores", "label"):
+        assert np.array_equal(np.stack(by_id[column].to_numpy()), np.stack(texts[column].to_numpy())), column
+
+
 def test_scored_snapshot_passes_its_labels_through(workdir, tiny_params, shared):
     toy = load_training(TrainDataConfig(source=str(shared / TOY_TRIPLETS),
                                         columns=["query", "positive", "negative"]))

@@ -2,7 +2,9 @@
 
 Training rows: files (jsonl, parquet, tsv, csv), BEIR and NanoBEIR folders (a qrels split becomes
 (query, positive) pairs) and Hugging Face datasets at a pinned revision; id-based rows
-(query_id, positive_id, negative_id...) are joined against a corpus and queries file.
+(query_id, positive_id, negative_id...) are resolved against a corpus and queries file, and stay
+ids (Arrow columns). Corpora and queries are read lazily (their ids held, their texts read again
+when asked), Hub sets memory-mapped from the datasets cache.
 Evaluation sets: BEIR and NanoBEIR folders, and Hugging Face datasets in the NanoBEIR-en layout or
 in the BEIR-on-the-Hub layout (mteb/msmarco: MS MARCO dev).
 
@@ -19,7 +21,7 @@ import logging
 import re
 import tempfile
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,21 +147,26 @@ def read_table(path: Path, sep: str, **options) -> pd.DataFrame:
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
                            quoting=_quoting(sep), **options)
-    except pd.errors.EmptyDataError:
-        raise SourceError(path, "not_empty", "no rows (the file is empty)") from None
-    except pd.errors.ParserError as exc:
-        raise SourceError(path, "delimited_rows", f"{str(exc).removeprefix('Error tokenizing data. C error: ')}"
-                          " (a stray separator, or a quote left open?)") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise unparsed(path, exc) from None
+
+
+def unparsed(path: Path, exc: Exception) -> SourceError:
+    """What pandas could not parse in a delimited file (no columns at all, a row of another width)."""
+    if isinstance(exc, pd.errors.EmptyDataError):
+        return SourceError(path, "not_empty", "no rows (the file is empty)")
+    return SourceError(path, "delimited_rows", f"{str(exc).removeprefix('Error tokenizing data. C error: ')}"
+                       " (a stray separator, or a quote left open?)")
 
 
 def _quoting(sep: str) -> int:
     return csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # MS MARCO's tsv files quote nothing
 
 
-def row_lines(path: Path, sep: str, width: int, header: bool) -> list[int]:
-    """The line each row of a delimited file starts on, checking that every row has `width` fields:
-    pandas pads a short row with empty fields, which would quietly keep a cut or broken line."""
-    lines, start, names = [], 1, None
+def row_lines(path: Path, sep: str, width: int, header: bool) -> array:
+    """The line each row of a delimited file starts on (8 bytes a row), checking that every row has
+    `width` fields: pandas pads a short row with empty fields, which would quietly keep a cut or broken line."""
+    lines, start, names = array("q"), 1, None
     csv.field_size_limit(2**31 - 1)  # a huge field is the length check's to name, not a parse error
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=sep, quoting=_quoting(sep))
@@ -350,6 +357,16 @@ class LazyTexts(Mapping):
     def items(self):
         return zip(self.ids, self.values())
 
+    def refuse_repeated_ids(self, source: Path | str, place: Callable[[int], str],
+                            example: Callable[[int], object]) -> None:
+        """A SourceError when an id is used twice, naming where (`place` of a row) and an example row."""
+        repeated = repeated_ids(self.ids)
+        if len(repeated):
+            row = int(repeated[0])
+            first = self.ids.index(self.ids[row])
+            raise SourceError(source, "unique_ids", f"{place(row)}: id {self.ids[row]!r} is used again (first at "
+                              f"{place(first)}; {len(repeated)} repeated id(s))", example(row))
+
 
 MISSING = object()
 
@@ -403,13 +420,8 @@ class JsonlTexts(LazyTexts):
                 raise SourceError(self.path, "id_text_fields", f"line {lines[row]}: {field} is {kind}"
                                   f"{'' if field == '_id' else ', not text'} ({bad_rows[field]} row(s) like it)",
                                   example(values))
-        repeated = repeated_ids(self.ids)
-        if len(repeated):
-            row = int(repeated[0])
-            first = self.ids.index(self.ids[row])
-            raise SourceError(self.path, "unique_ids", f"line {lines[row]}: id {self.ids[row]!r} is used again (first "
-                              f"at line {lines[first]}; {len(repeated)} repeated id(s))",
-                              example(next(jsonl_rows(self.path, int(self.offsets[row])))[2]))
+        self.refuse_repeated_ids(self.path, lambda row: f"line {lines[row]}",
+                                 lambda row: example(next(jsonl_rows(self.path, int(self.offsets[row])))[2]))
 
     def _text(self, row: dict) -> str:
         def field(name: str) -> str:  # absent, null or NaN: empty, as the frame reader's fillna("")
@@ -426,6 +438,52 @@ class JsonlTexts(LazyTexts):
 
     def values(self):
         return (self._text(row) for _, _, row in jsonl_rows(self.path))
+
+
+def _tsv_fields(line: str) -> list[str]:
+    """A header-less tsv line's fields (MS MARCO's files quote nothing); a blank line has none."""
+    line = line.removesuffix("\n").removesuffix("\r")
+    return line.split("\t") if line else []
+
+
+class TsvTexts(LazyTexts):
+    """id -> text of a header-less tsv (id, tab, text: MS MARCO's collection.tsv and queries.tsv),
+    checked as the table readers and id_texts check it, without holding the texts: a first pass
+    checks every line's fields and keeps the ids and where each line starts. Memory: the ids, and
+    8 bytes a row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.ids, offsets, lines = [], array("q"), array("q")
+        for line_no, offset, line in _utf8_offset_lines(self.path):
+            fields = _tsv_fields(line)
+            if not fields:  # skipped, as pandas skips blank lines
+                continue
+            if len(fields) != 2:
+                raise SourceError(self.path, "delimited_rows", f"line {line_no} has {len(fields)} fields, not 2 "
+                                  "(a line cut short, or a separator lost or added?)", fields)
+            self.ids.append(fields[0])
+            offsets.append(offset)
+            lines.append(line_no)
+        if not self.ids:
+            raise SourceError(self.path, "not_empty", "no rows (the file is empty)")
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.refuse_repeated_ids(self.path, lambda row: f"line {lines[row]}",
+                                 lambda row: dict(zip(["_id", "text"], self.between(row, row + 1, with_ids=True)[0])))
+
+    def _lines(self, start: int = 0):
+        for _, _, line in _utf8_offset_lines(self.path, int(self.offsets[start]) if start else 0):
+            if fields := _tsv_fields(line):
+                yield fields
+
+    def between(self, start: int, stop: int, with_ids: bool = False) -> list:
+        if start >= min(stop, len(self.ids)):
+            return []
+        rows = itertools.islice(self._lines(start), min(stop, len(self.ids)) - start)
+        return [fields if with_ids else fields[1] for fields in rows]
+
+    def values(self):
+        return (fields[1] for fields in self._lines())
 
 
 def batches(items, size: int):
@@ -454,19 +512,17 @@ def repeated_ids(ids: list[str]) -> np.ndarray:
     return np.array(repeated, dtype=np.int64)
 
 
-def _read_id_texts(path: Path) -> Mapping[str, str]:
-    """id -> text from a jsonl (_id, title, text; read lazily) or a header-less tsv (id, tab, text)."""
-    if path.suffix.lower() in {".jsonl", ".json"}:
-        stat = path.stat()
-        return _jsonl_texts(path, stat.st_mtime_ns, stat.st_size)
-    return id_texts(read_delimited(path, "\t", ["_id", "text"]), path)
+def _read_id_texts(path: Path) -> LazyTexts:
+    """id -> text from a jsonl (_id, title, text) or a header-less tsv (id, tab, text), read lazily."""
+    stat = path.stat()
+    return _lazy_texts(path, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=4)
-def _jsonl_texts(path: Path, mtime_ns: int, size: int) -> JsonlTexts:
-    """A jsonl file's texts, read once per process while the file is unchanged: MS MARCO's corpus is
+def _lazy_texts(path: Path, mtime_ns: int, size: int) -> LazyTexts:
+    """A file's texts, read once per process while the file is unchanged: MS MARCO's corpus is
     both the evaluation corpus and the one the training rows name (2M ids: 20 s, 0.2 GB each time)."""
-    return JsonlTexts(path)
+    return JsonlTexts(path) if path.suffix.lower() in {".jsonl", ".json"} else TsvTexts(path)
 
 
 ID_COLUMN = re.compile(r"(query|positive|negative(_\d+)?)_id")
@@ -514,10 +570,10 @@ def _id_rows_columns(names: list[str], kind: str) -> list[str]:
     return needed + (["score"] if kind == "scored" else [])
 
 
-def id_rows(table, cfg: TrainDataConfig, path: Path, source: pd.DataFrame | None = None) -> IdRows:
+def id_rows(table, cfg: TrainDataConfig, path: Path) -> IdRows:
     """Id-based rows (an Arrow table, renamed) resolved against snapshot.train.corpus and .queries:
     every id found, the score a number (or a list of them); else a SourceError naming the file and
-    the row (or line, given the frame as read)."""
+    the row."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -543,7 +599,7 @@ def id_rows(table, cfg: TrainDataConfig, path: Path, source: pd.DataFrame | None
     if "score" in columns and not (pa.types.is_floating(table["score"].type) or pa.types.is_integer(table["score"].type)
                                    or pa.types.is_list(table["score"].type)):
         frame = pd.DataFrame({"score": table["score"].to_pandas()})  # numeric text: checked as text rows' scores
-        scores = checked_fields(frame, path, [], frame if source is None else source)["score"]
+        scores = checked_fields(frame, path, [], frame)["score"]
         table = table.set_column(table.schema.get_field_index("score"), "score",
                                  pa.array(scores.tolist(), pa.list_(pa.float64()) if isinstance(scores.iloc[0], list)
                                           else pa.float64()))
@@ -574,18 +630,113 @@ def read_parquet_id_rows(path: Path, cfg: TrainDataConfig) -> IdRows | None:
     import pyarrow.parquet as pq
 
     try:
-        names = [cfg.rename.get(n, n) for n in pq.read_schema(path).names]
-        if not _id_rows_columns(names, cfg.kind):
+        if not _id_rows_columns(pipeline_names(pq.read_schema(path).names, cfg), cfg.kind):
             return None
         table = pq.read_table(path)
         table.validate(full=True)
     except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged file fails in any of these
         raise SourceError(path, "valid_parquet", f"not a readable parquet file ({exc})") from None
-    if not table.num_rows:
-        raise SourceError(path, "not_empty", "no rows")
+    return arrow_id_rows(table, cfg, path)
+
+
+def pipeline_names(names: list[str], cfg: TrainDataConfig) -> list[str]:
+    """A rows file's column names as the pipeline's (snapshot.train.rename; a scored file's scores: score)."""
+    names = [cfg.rename.get(n, n) for n in names]
     if cfg.kind == "scored" and "scores" in names and "score" not in names:
         names = [("score" if n == "scores" else n) for n in names]
+    return names
+
+
+def arrow_id_rows(table, cfg: TrainDataConfig, path: Path | str) -> IdRows | None:
+    """Rows read as an Arrow table (parquet, a Hugging Face dataset) as IdRows; None when they hold texts."""
+    names = pipeline_names(table.column_names, cfg)
+    if not _id_rows_columns(names, cfg.kind):
+        return None
+    if not table.num_rows:
+        raise SourceError(path, "not_empty", "no rows")
     return id_rows(table.rename_columns(names), cfg, path)
+
+
+SOURCE_CHUNK_ROWS = 100_000  # rows of an id-based jsonl / tsv / csv file checked and made Arrow at once
+
+
+def first_names(path: Path, fmt: str, cfg: TrainDataConfig) -> list[str]:
+    """The column names a jsonl, tsv or csv file starts with: its first row's keys, its header row's
+    fields, or snapshot.train.columns."""
+    if fmt == "jsonl":
+        return list(next((row for *_, row in jsonl_rows(path)), {}))
+    if cfg.columns:
+        return cfg.columns
+    first, sep = next((line for _, line in _utf8_lines(path)), ""), "\t" if fmt == "tsv" else ","
+    try:
+        return next(csv.reader([first], delimiter=sep, quoting=_quoting(sep)), [])
+    except csv.Error:  # not a header: the whole-file reader names what is wrong
+        return []
+
+
+def source_chunks(path: Path, fmt: str, cfg: TrainDataConfig, size: int):
+    """A jsonl, tsv or csv file's rows `size` at a time, as frames read as load_training reads the
+    whole file (every field of a delimited file as text), each knowing its rows' lines."""
+    if fmt == "jsonl":
+        for chunk in batches(jsonl_rows(path), size):
+            frame = pd.DataFrame([row for *_, row in chunk])
+            frame.attrs["lines"] = [line for line, *_ in chunk]
+            yield frame
+        return
+    sep = "\t" if fmt == "tsv" else ","
+    for _ in _utf8_lines(path):  # a clear error naming the line beats pandas' codec message
+        pass
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            names = cfg.columns or next(csv.reader(handle, delimiter=sep, quoting=_quoting(sep)), [])
+        lines = row_lines(path, sep, len(names), header=not cfg.columns)
+    except csv.Error as exc:  # what pandas, which reads the whole file first, names its own way
+        raise SourceError(path, "delimited_rows", f"not {'tab' if sep == chr(9) else 'comma'}-separated rows "
+                          f"({exc})") from None
+    start = 0
+    try:
+        for frame in pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                                 quoting=_quoting(sep), chunksize=size,
+                                 **({"header": None, "names": cfg.columns} if cfg.columns else {})):
+            frame.attrs["lines"] = lines[start:start + len(frame)]
+            start += len(frame)
+            yield frame
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise unparsed(path, exc) from None
+
+
+def id_table(frame: pd.DataFrame, columns: list[str], path: Path, read: pd.DataFrame) -> "pa.Table":
+    """The id columns (and score) of a renamed rows frame, checked (ids text or whole numbers, made
+    text; a score a number or a list of them), as Arrow; `read` is the frame as read (its lines)."""
+    import pyarrow as pa
+
+    ids = [c for c in columns if c != "score"]
+    frame = checked_fields(frame.reindex(columns=columns).reset_index(drop=True), path, [], read, ids)
+    for column in ids:
+        frame[column] = frame[column].map(_id_string)
+    frame.attrs = {}  # the lines are for messages: Arrow would keep them in the table's metadata
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def read_text_id_rows(path: Path, fmt: str, cfg: TrainDataConfig) -> IdRows | None:
+    """A jsonl, tsv or csv file of id-based rows, checked and made Arrow a chunk at a time (no Python
+    object per row: MS MARCO's margin sets have tens of millions); None when the file holds texts."""
+    import pyarrow as pa
+
+    if not _id_rows_columns(pipeline_names(first_names(path, fmt, cfg), cfg), cfg.kind):
+        return None
+    tables, columns = [], None
+    for frame in source_chunks(path, fmt, cfg, SOURCE_CHUNK_ROWS):
+        names = frame.set_axis(pipeline_names(list(frame.columns), cfg), axis=1)
+        columns = columns or [c for c in _id_rows_columns(list(names.columns), cfg.kind) if c in names]
+        tables.append(id_table(names, columns, path, frame))
+    if not tables:
+        raise SourceError(path, "not_empty", "no rows")
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        raise SourceError(path, "score_fields", "the file mixes single scores (margins) and score lists") from None
+    return id_rows(table, cfg, path)
 
 
 def retrieval_pairs(data: RetrievalSet) -> pd.DataFrame:
@@ -598,16 +749,19 @@ def retrieval_pairs(data: RetrievalSet) -> pd.DataFrame:
 def load_training(cfg: TrainDataConfig) -> pd.DataFrame | IdRows:
     """Read `cfg.source` and return the columns of `cfg.kind` (plus extra negatives): texts, or
     id-based rows as IdRows."""
-    import pyarrow as pa
-
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     path = Path(cfg.source)
     if fmt == "parquet" and (ids := read_parquet_id_rows(path, cfg)) is not None:
         return ids
+    if fmt in {"jsonl", "tsv", "csv"} and (ids := read_text_id_rows(path, fmt, cfg)) is not None:
+        return ids
     if fmt in {"beir", "nanobeir"}:
         frame = retrieval_pairs(read_retrieval_set(path, cfg.split))
     elif fmt == "hf":
-        frame = read_hf(cfg)
+        dataset = read_hf(cfg)
+        if (ids := arrow_id_rows(dataset.data.table, cfg, cfg.source)) is not None:
+            return ids
+        frame = dataset.to_pandas()
     elif fmt == "jsonl":
         frame = read_jsonl(path)
     elif fmt == "parquet":
@@ -619,16 +773,7 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame | IdRows:
     if frame.empty:
         raise SourceError(path, "not_empty", "no rows")
     read = frame  # as read: it knows each row's line
-    frame = frame.rename(columns=cfg.rename)
-    if cfg.kind == "scored" and "scores" in frame.columns and "score" not in frame.columns:
-        frame = frame.rename(columns={"scores": "score"})
-    if _id_rows_columns(list(frame.columns), cfg.kind):
-        columns = [c for c in _id_rows_columns(list(frame.columns), cfg.kind) if c in frame]
-        ids = [c for c in columns if c != "score"]
-        frame = checked_fields(frame[columns].reset_index(drop=True), path, [], read, ids)
-        for column in ids:
-            frame[column] = frame[column].map(_id_string)
-        return id_rows(pa.Table.from_pandas(frame, preserve_index=False), cfg, path, read)
+    frame = frame.set_axis(pipeline_names(list(frame.columns), cfg), axis=1)
     required = KIND_COLUMNS[cfg.kind]
     missing = [c for c in required if c not in frame.columns]
     if missing:
@@ -638,7 +783,9 @@ def load_training(cfg: TrainDataConfig) -> pd.DataFrame | IdRows:
     extra_negatives = sorted((c for c in frame.columns if re.fullmatch(r"negative_\d+", c)),
                              key=lambda c: int(c.split("_")[1])) if cfg.kind != "pairs" else []
     rows = frame[required + extra_negatives].reset_index(drop=True)
-    return checked_fields(rows, path, [c for c in rows.columns if c != "score"], read)
+    rows = checked_fields(rows, path, [c for c in rows.columns if c != "score"], read)
+    rows.attrs = {}  # the lines are for messages: pandas would write them into a parquet file's metadata
+    return rows
 
 
 def is_column_name(name: str, cfg: TrainDataConfig) -> bool:
@@ -665,23 +812,75 @@ def without_header_if_none(frame: pd.DataFrame, path: Path, sep: str, cfg: Train
     return read_delimited(path, sep, columns)
 
 
-def hf_split(source: str, config: str | None, split: str, revision: str | None) -> pd.DataFrame:
-    """One split of a Hugging Face dataset. A local folder is read through a cache of its own: the
-    shared cache can hand back another local folder's data of the same layout (seen in the tests)."""
+def hf_dataset(source: str, config: str | None, split: str, revision: str | None):
+    """One split of a Hugging Face dataset (memory-mapped from the datasets cache). A local folder's
+    is read into memory through a cache of its own: the shared cache can hand back another local
+    folder's data of the same layout (seen in the tests)."""
     from datasets import load_dataset
 
     if Path(source).exists():
         with tempfile.TemporaryDirectory() as cache:
-            return load_dataset(source, config, split=split, cache_dir=cache, keep_in_memory=True).to_pandas()
-    return load_dataset(source, config, split=split, revision=revision).to_pandas()
+            return load_dataset(source, config, split=split, cache_dir=cache, keep_in_memory=True)
+    return load_dataset(source, config, split=split, revision=revision)
 
 
-def read_hf(cfg: TrainDataConfig) -> pd.DataFrame:
+def hf_split(source: str, config: str | None, split: str, revision: str | None) -> pd.DataFrame:
+    return hf_dataset(source, config, split, revision).to_pandas()
+
+
+TEXT_BATCH = 100_000  # rows of a Hub split read at once
+
+
+class HubTexts(LazyTexts):
+    """id -> text of a Hugging Face dataset's corpus or queries split (_id, text[, title]), memory-mapped
+    from the datasets cache (a local folder's from a cache of its own, removed with this object):
+    the ids of the rows with text held, the texts read a slice of rows at a time, title and text
+    joined as sentence-transformers joins them. Empty texts are dropped, as sentence-transformers'
+    NanoBEIREvaluator drops them; a repeated id is refused. Memory: the ids, and 8 bytes a row."""
+
+    def __init__(self, source: str, config: str, split: str, revision: str | None):
+        from datasets import load_dataset
+
+        self.name = f"{source} {config}/{split}"
+        self._cache = tempfile.TemporaryDirectory(prefix="hf-local-") if Path(source).exists() else None
+        self.dataset = load_dataset(source, config, split=split, revision=None if self._cache else revision,
+                                    cache_dir=self._cache.name if self._cache else None)
+        if "_id" not in self.dataset.column_names or "text" not in self.dataset.column_names:
+            raise SourceError(self.name, "required_columns", "expected '_id' and 'text' fields",
+                              self.dataset[0] if len(self.dataset) else None)
+        self.ids, rows = [], []
+        for start in range(0, len(self.dataset), TEXT_BATCH):
+            texts = self._texts(start, start + TEXT_BATCH)
+            kept = np.flatnonzero(texts.str.len().to_numpy() > 0)
+            self.ids += texts.index[kept].tolist()
+            rows.append(kept + start)
+        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.refuse_repeated_ids(self.name, lambda row: f"row {int(self.rows[row]) + 1}",
+                                 lambda row: self.dataset[int(self.rows[row])])
+
+    def _texts(self, start: int, stop: int) -> pd.Series:
+        """The joined texts of the dataset's rows start to stop, by id."""
+        frame = pd.DataFrame(self.dataset[start:stop])
+        return pd.Series(joined_text(frame).to_numpy(), index=frame["_id"].astype(str))
+
+    def between(self, start: int, stop: int) -> list[str]:
+        wanted = self.rows[start:stop]
+        if not len(wanted):
+            return []
+        first = int(wanted[0])
+        return self._texts(first, int(wanted[-1]) + 1).iloc[wanted - first].tolist()
+
+    def values(self):
+        for start in range(0, len(self.ids), TEXT_BATCH):
+            yield from self.between(start, start + TEXT_BATCH)
+
+
+def read_hf(cfg: TrainDataConfig):
     """A Hugging Face dataset split; a Hub id must be pinned to a revision (a local folder need not)."""
     if cfg.revision is None and not Path(cfg.source).exists():
         raise SourceError(cfg.source, "pinned_revision", "set snapshot.train.revision to a commit "
                           "or tag: an unpinned Hub dataset can change under the same name")
-    return hf_split(cfg.source, cfg.config, cfg.split, cfg.revision)
+    return hf_dataset(cfg.source, cfg.config, cfg.split, cfg.revision)
 
 
 def _read_beir(folder: Path, split: str) -> tuple[dict, dict, pd.DataFrame, Path]:
@@ -798,9 +997,8 @@ def read_hub_retrieval_sets(source: str, revision: str | None, names: list[str],
         raise SourceError(source, "pinned_revision", "set snapshot.eval.revision to a commit or tag: "
                           "an unpinned Hub dataset can change under the same name")
 
-    def texts(part: str, part_split: str) -> dict[str, str]:
-        frame = hf_split(source, part, part_split, revision)
-        return {doc_id: t for doc_id, t in zip(frame["_id"].astype(str), joined_text(frame)) if t}
+    def texts(part: str, part_split: str) -> HubTexts:
+        return HubTexts(source, part, part_split, revision)
 
     available = get_dataset_split_names(source, "corpus", revision=revision)
     if available == ["corpus"]:

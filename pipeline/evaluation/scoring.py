@@ -141,6 +141,7 @@ def encode(model, identity: str, data: RetrievalSet, batch_size: int, sharding: 
         workers.map(shards.missing(), lambda index: (texts(index), batch_size, bf16), encode_documents,
                     shards.write, lambda index: len(shards.rows(index)), "doc")
     query_ids = [q for q in data.qrels if q in data.queries]
+    log.info("encoding %d queries", len(query_ids))
     queries = to_csr(splade_head.encode(model, [data.queries[q] for q in query_ids], "query", batch_size, bf16))
     return Encoded(query_ids, queries, list(data.corpus), shards)
 
@@ -195,6 +196,8 @@ def retrieval_scores(vectors: Encoded, data: RetrievalSet, k: int | None = None,
     queries = keep_top(vectors.queries, k) if k else vectors.queries
     corpus = CappedShards(vectors.corpus, k) if k else vectors.corpus
     width = queries.shape[1]
+    log.info("searching %d queries over %d documents%s", queries.shape[0], corpus.docs,
+             f" (each vector's top {k} dimensions)" if k else "")
     found, facts = search(corpus, queries, index, DEPTH)
     ranking = {q: {vectors.doc_ids[j]: float(v) for j, v in zip(indices, values)}
                for q, (indices, values) in zip(vectors.query_ids, found)}
@@ -301,7 +304,7 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
         # on Ray, the precision the workers encode in (their device's) is the queries' too
         bf16 = workers.agreed(runs_bf16, precision) if workers else use_bf16(precision, model.device.type)
         for name, data in sets.items():
-            log.info("scoring %s on %s", model_dir, name)
+            log.info("scoring %s%s on %s", model_dir, f" (ONNX {onnx})" if onnx else "", name)
             vectors = encode(model, identity, data, batch_size, sharding, bf16, workers)
             digests.add(vectors.corpus.digest)
             per_set[name] = retrieval_scores(vectors, data, index=index)
@@ -311,6 +314,7 @@ def evaluate_model(model_dir: Path, sets: dict[str, RetrievalSet], train: pd.Dat
                            for k in max_active_dims})
     metrics = pooled_metrics(list(per_set.values()))
     if "negative" in train:  # pairs: no triplets to check
+        log.info("checking %d training triplets", len(train))
         triplets = SparseTripletEvaluator(
             train["query"].tolist(), train["positive"].tolist(), train["negative"].tolist(),
             similarity_fn_names=["dot"], batch_size=batch_size, write_csv=False)
@@ -342,8 +346,10 @@ def bm25_model(sets: dict[str, RetrievalSet], depth: int = DEPTH, index: IndexCo
         doc_ids = list(data.corpus)
         query_ids = judged_queries(data)
         with tempfile.TemporaryDirectory(prefix="bm25-") as shards_folder:
+            log.info("BM25 on %s: weighting %d documents", name, len(doc_ids))
             shards, vocabulary = bm25_shards(partial(texts_between, data.corpus), len(doc_ids), Path(shards_folder),
                                              shard_docs, {"corpus": name})
+            log.info("BM25 on %s: searching %d queries", name, len(query_ids))
             found, _ = search(shards, query_vectors([data.queries[q] for q in query_ids], vocabulary), index, depth)
         ranking = {q: {doc_ids[j]: float(s) for j, s in zip(rows, values) if s > 0}  # no query term: not retrieved
                    for q, (rows, values) in zip(query_ids, found)}

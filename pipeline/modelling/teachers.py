@@ -5,6 +5,7 @@ the quickstart's lexicon-aware BM25; and the resumable, rank-split scoring of th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,10 +22,15 @@ from pipeline.config import (
 )
 from pipeline.data.shards import ShardFiles
 from pipeline.data.snapshots import (
+    ID_COLUMN,
+    TrainingSnapshot,
+    TrainingTexts,
     frame_digest,
+    taken,
     text_columns,
 )
 from pipeline.runtime import (
+    folder_digest,
     import_bm25s,
     native_bf16,
     use_bf16,
@@ -41,6 +47,7 @@ CPU_BATCH_SIZE = 16
 
 
 GPU_MAX_BATCH_SIZE = 1024
+AUTO_BATCH_SAMPLE = 100_000  # pairs whose longest the automatic batch size is found on
 
 
 def document_columns(frame: pd.DataFrame) -> list[str]:
@@ -60,33 +67,92 @@ def unique_pairs(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return pairs, pair_codes.reshape(len(columns), len(frame)).T
 
 
+class IdPairs:
+    """The unique (query, document) pairs of id-based rows, held as rows of the snapshot's query and
+    document texts (train_queries.arrow, train_corpus.arrow): the texts of a slice of pairs joined
+    when it is scored. Memory: 16 bytes a pair."""
+
+    def __init__(self, queries: np.ndarray, documents: np.ndarray, texts: TrainingTexts):
+        self.queries, self.documents, self.texts = queries, documents, texts
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def frame(self, start: int, stop: int) -> pd.DataFrame:
+        """Pairs start to stop as a pairs frame (query, document texts)."""
+        tables = self.texts.tables
+        return pd.DataFrame({"query": taken(tables["queries"].column("text"), self.queries[start:stop]),
+                             "document": taken(tables["corpus"].column("text"), self.documents[start:stop])})
+
+    @cached_property
+    def digest(self) -> str:
+        """What the pairs' texts are: the pairs as rows of the texts files, and those files."""
+        texts = folder_digest(self.texts.paths["corpus"].parent, lambda path: path in self.texts.paths.values())
+        return hashlib.sha256(self.queries.tobytes() + self.documents.tobytes() + texts.encode()).hexdigest()
+
+
+def unique_id_pairs(table, texts: TrainingTexts) -> tuple[IdPairs, np.ndarray]:
+    """unique_pairs of id-based rows (an Arrow table), without their texts: pairs of the same ids are
+    one pair, in order of first appearance."""
+    positions = {column: rows.to_numpy().astype(np.int64) for column, rows in texts.positions(table).items()}
+    columns = [c for c in table.column_names if ID_COLUMN.fullmatch(c) and c != "query_id"]
+    documents = texts.tables["corpus"].num_rows
+    keys = np.tile(positions["query_id"], len(columns)) * documents + np.concatenate([positions[c] for c in columns])
+    pair_codes, unique_keys = pd.factorize(keys)
+    return (IdPairs(unique_keys // documents, unique_keys % documents, texts),
+            pair_codes.reshape(len(columns), table.num_rows).T)
+
+
+def training_pairs(snapshot: TrainingSnapshot) -> tuple[pd.DataFrame | IdPairs, np.ndarray]:
+    """unique_pairs of the snapshot's training rows: id-based ones without their texts."""
+    return unique_id_pairs(snapshot.table, snapshot.texts) if snapshot.id_based else unique_pairs(snapshot.rows())
+
+
+def pairs_frame(pairs: pd.DataFrame | IdPairs, start: int, stop: int) -> pd.DataFrame:
+    """Pairs start to stop, with their texts."""
+    return pairs.iloc[start:stop] if isinstance(pairs, pd.DataFrame) else pairs.frame(start, stop)
+
+
+def margins(doc_scores: np.ndarray) -> np.ndarray:
+    """MarginMSE's labels: positive - each negative (one column per negative)."""
+    return doc_scores[:, :1] - doc_scores[:, 1:]
+
+
 def labelled(frame: pd.DataFrame, doc_scores: np.ndarray) -> pd.DataFrame:
     """The rows with each document's score, the score list (KL-div) and the margins (MarginMSE);
     doc_scores is (rows, document columns), positive first."""
     out = frame.copy()
     for j, column in enumerate(document_columns(frame)):
         out[f"{column}_score"] = doc_scores[:, j]
-    margins = doc_scores[:, :1] - doc_scores[:, 1:]
+    label = margins(doc_scores)
     out["scores"] = list(doc_scores)
-    out["label"] = margins[:, 0] if margins.shape[1] == 1 else list(margins)
+    out["label"] = label[:, 0] if label.shape[1] == 1 else list(label)
     return out
 
 
-def labelled_ids(table):
-    """Id-based rows carrying their teacher's scores (an Arrow table, as the snapshot keeps them)
-    labelled as `labelled` labels text rows: a single score is the MarginMSE margin (label); a score
-    list becomes `scores` (KL-div) and the margins positive - each negative (label)."""
+def labelled_ids(table, doc_scores: np.ndarray | None = None):
+    """Id-based rows (an Arrow table, as the snapshot keeps them) labelled as `labelled` labels text
+    rows, from a teacher's doc_scores, or from the scores they carry: a single score is the
+    MarginMSE margin (label); a score list becomes `scores` (KL-div) and the margins (label)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    score = table.column("score")
-    if not pa.types.is_list(score.type):
-        return table.append_column("label", score)
-    doc_scores = pc.list_flatten(score).to_numpy().reshape(table.num_rows, -1)
-    margins = doc_scores[:, :1] - doc_scores[:, 1:]
-    label = (pa.array(margins[:, 0]) if margins.shape[1] == 1 else
-             pa.FixedSizeListArray.from_arrays(pa.array(margins.ravel()), margins.shape[1]))
-    return table.drop_columns(["score"]).append_column("scores", score).append_column("label", label)
+    def lists(values: np.ndarray):
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+
+    if doc_scores is None:
+        scores = table.column("score")
+        if not pa.types.is_list(scores.type):
+            return table.append_column("label", scores)
+        table = table.drop_columns(["score"])
+        doc_scores = pc.list_flatten(scores).to_numpy().reshape(table.num_rows, -1)
+    else:
+        for j, column in enumerate(c for c in table.column_names if ID_COLUMN.fullmatch(c) and c != "query_id"):
+            table = table.append_column(f"{column.removesuffix('_id')}_score", pa.array(doc_scores[:, j]))
+        scores = lists(doc_scores)
+    label = margins(doc_scores)
+    return table.append_column("scores", scores).append_column(
+        "label", pa.array(label[:, 0]) if label.shape[1] == 1 else lists(label))
 
 
 class LexiconBM25:
@@ -190,7 +256,7 @@ class CrossEncoderTeacher:
 
         if self.model.device.type != "cuda":
             return CPU_BATCH_SIZE
-        sample = pairs.head(100_000)
+        sample = pairs.head(AUTO_BATCH_SAMPLE)
         longest = sample.iloc[np.argsort(-self.token_lengths(sample))[:GPU_MAX_BATCH_SIZE]]
         batch = list(zip(longest["query"], longest["document"]))
         size = 8
@@ -279,15 +345,16 @@ def mine_negatives(train: pd.DataFrame, teacher: BiEncoderTeacher, count: int) -
 class ShardPlan(ShardFiles):
     """Unique pairs cut into fixed shards of scores (parquet)."""
 
-    def __init__(self, folder: Path, pairs: pd.DataFrame, teacher: "Teacher"):
+    def __init__(self, folder: Path, pairs: pd.DataFrame | IdPairs, teacher: "Teacher"):
         self.pairs, self.shard_size = pairs, teacher.cfg.shard_size
-        key = {"pairs": frame_digest(pairs), "teacher": teacher.identity,
+        key = {"pairs": frame_digest(pairs) if isinstance(pairs, pd.DataFrame) else pairs.digest,
+               "teacher": teacher.identity,
                "bf16": teacher.bf16, "batch_size": teacher.cfg.batch_size,
                "shard_size": self.shard_size, "max_length": teacher.max_length}
         super().__init__(folder, key, max(1, -(-len(pairs) // self.shard_size)), ".parquet")
 
     def rows(self, index: int) -> pd.DataFrame:
-        return self.pairs.iloc[index * self.shard_size:(index + 1) * self.shard_size]
+        return pairs_frame(self.pairs, index * self.shard_size, (index + 1) * self.shard_size)
 
     def batch_size(self, teacher: "Teacher", rank: int) -> int:
         """The configured size, or the automatic one that rank 0 finds once and keeps with the plan
@@ -296,7 +363,8 @@ class ShardPlan(ShardFiles):
             return teacher.cfg.batch_size
         plan_file = self.folder / f"{self.digest}-plan.json"
         if rank == 0 and not plan_file.exists():
-            write_json(plan_file, {**self.key, "batch_size": teacher.auto_batch_size(self.pairs)})
+            write_json(plan_file, {**self.key, "batch_size": teacher.auto_batch_size(
+                pairs_frame(self.pairs, 0, AUTO_BATCH_SAMPLE))})
         deadline = time.monotonic() + teacher.cfg.wait_seconds
         while not plan_file.exists():
             if time.monotonic() > deadline:
@@ -345,7 +413,7 @@ class RayTeacher:
         self.identity, self.bf16, self.max_length = workers.agreed(shard_facts)
 
     def auto_batch_size(self, pairs: pd.DataFrame) -> int:
-        return self.workers.first(auto_batch_size, pairs.head(100_000))
+        return self.workers.first(auto_batch_size, pairs.head(AUTO_BATCH_SAMPLE))
 
 
 def shard_facts(teacher: "Teacher") -> tuple[dict, bool, int]:

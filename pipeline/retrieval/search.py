@@ -312,6 +312,7 @@ def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, d
         raise refuse(too_big)
     if kind == "exact":
         return exact_search(corpus, queries, depth, cfg.threads), {"kind": "exact", "rank_safe": True, **facts}
+    log.info("building the %s index over %d documents", kind, corpus.docs)
     started = time.perf_counter()
     query_cut = cfg.query_cut or ALL_TERMS
     if kind == "seismic":
@@ -326,4 +327,5 @@ def search(corpus, queries, cfg: IndexConfig, depth: int = 100) -> tuple[list, d
         facts.update(block_size=cfg.block_size, index_gb=index.nbytes / 2 ** 30)
     if cfg.recall_target is not None:
         facts.update(sweep(index, corpus, queries, cfg.recall_target, cfg.sweep_queries, depth, threads=cfg.threads))
+    log.info("searching the %s index", kind)
     return rescore(corpus, queries, index.search(queries, depth)), facts

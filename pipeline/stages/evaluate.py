@@ -139,6 +139,7 @@ def run(params: Params) -> dict:
             result["onnx_int8_ndcg_drop"] = student["metrics"]["dot_ndcg@10"] - quantized["metrics"]["dot_ndcg@10"]
             digests |= quantized["shard_digests"]
             scored["student_onnx_int8"] = quantized
+        log.info("writing run files, metrics and figures")
         table = per_query_table({model: s["per_query"] for model, s in scored.items()})
         result["intervals"], result["differences"] = intervals(table, cfg.intervals)
         result["queries"] = sum(len(judged_queries(data)) for data in sets.values())

@@ -6,8 +6,10 @@ plus one `<column>_score` per document column, `scores` ([positive, negatives...
 `label`, the MarginMSE margin positive - negative (a list, one per negative, with several negatives).
 A snapshot of kind `scored` already carries its teacher's margins, and one of kind `pairs` has no
 negatives to score (it trains contrastively) unless teacher.hard_negatives mines some: the stage
-passes either through unchanged (id-based rows stay ids: memory grows with the rows, not
-the texts). Rows a teacher scores are joined to their texts first, all of them in memory.
+passes either through unchanged. Id-based rows stay ids (memory grows with the rows, not the
+texts) when passed through or scored by a model teacher, which scores the unique (query id,
+passage id) pairs, their texts joined a shard at a time; mining and the lexicon teacher join every
+row to its texts first.
 
 Teachers:
 - cross-encoder: any CrossEncoder (local folder or Hub id at a pinned revision), raw logits.
@@ -53,7 +55,6 @@ from pipeline.data.snapshots import (
     TrainingSnapshot,
     read_eval_snapshot,
     read_manifest,
-    read_training_snapshot,
 )
 from pipeline.evaluation.measures import mean_metrics, ranking_metrics
 from pipeline.modelling.teachers import (
@@ -62,9 +63,11 @@ from pipeline.modelling.teachers import (
     ShardPlan,
     labelled,
     labelled_ids,
+    margins,
     mine_negatives,
     score_shards,
     score_shards_on_ray,
+    training_pairs,
     unique_pairs,
 )
 from pipeline.runtime import process_rank
@@ -109,7 +112,7 @@ def run(params: Params) -> dict:
         if cfg.kind not in MODEL_TEACHERS or params.snapshot.train.kind != "triplets":
             return {}  # nothing worth sharing out (rank 0 mines and scores mined pairs alone)
         check_validated()
-        pairs, _ = unique_pairs(read_training_snapshot())
+        pairs, _ = training_pairs(TrainingSnapshot())
         teacher = MODEL_TEACHERS[cfg.kind](cfg, device)
         return score_shards(teacher, ShardPlan(TEACHER_SHARDS_DIR, pairs, teacher), rank, world_size)
 
@@ -118,8 +121,10 @@ def run(params: Params) -> dict:
         snapshot = TrainingSnapshot()
         mining = params.snapshot.train.kind == "pairs" and cfg.hard_negatives > 0
         passed_through = params.snapshot.train.kind == "scored" or (params.snapshot.train.kind == "pairs" and not mining)
-        # rows passed through stay as they are (id-based ones as ids); a teacher scores texts
-        train = snapshot.table if passed_through and snapshot.id_based else snapshot.rows()
+        # id-based rows stay ids when passed through or scored by a model (their pairs' texts joined
+        # a shard at a time); mining and the lexicon teacher read them as texts
+        model_scored = cfg.kind in MODEL_TEACHERS and not (passed_through or mining)
+        train = snapshot.table if snapshot.id_based and (passed_through or model_scored) else snapshot.rows()
         if params.snapshot.train.kind == "pairs" and not mining:  # mnrl trains on pairs, unlabelled
             record["facts"]["teacher"] = {"skipped": "pairs have no negatives to score"}
             record["metrics"] = {"rows": len(train), "pairs_scored": 0}
@@ -139,7 +144,8 @@ def run(params: Params) -> dict:
             if mining:
                 train = mine_negatives(train, teacher, cfg.hard_negatives)
                 record["facts"]["mined_negatives"] = cfg.hard_negatives
-            pairs, pair_index = unique_pairs(train)
+            pairs, pair_index = (training_pairs(snapshot) if model_scored and snapshot.id_based
+                                 else unique_pairs(train))
             if cfg.kind not in MODEL_TEACHERS:
                 lexicon = read_lexicon()
                 started = time.perf_counter()
@@ -161,12 +167,12 @@ def run(params: Params) -> dict:
                 record["facts"]["teacher"] = {**teacher.identity, "bf16": teacher.bf16,
                                               "shard_digest": plan.digest}
             doc_scores = scores.astype(np.float64)[pair_index] * cfg.score_scale
-            train = labelled(train, doc_scores)
-            margins = doc_scores[:, :1] - doc_scores[:, 1:]
+            train = labelled(train, doc_scores) if isinstance(train, pd.DataFrame) else labelled_ids(train, doc_scores)
+            label = margins(doc_scores)
             record["metrics"].update(rows=len(train), unique_pairs=len(pairs),
                                      pair_occurrences=pair_index.size,
-                                     margin_mean=float(margins.mean()),
-                                     margin_positive_fraction=float((margins > 0).mean()))
+                                     margin_mean=float(label.mean()),
+                                     margin_positive_fraction=float((label > 0).mean()))
         if isinstance(train, pd.DataFrame):
             write_atomically(TEACHER_SCORED, lambda tmp: train.to_parquet(tmp, index=False))
         else:
