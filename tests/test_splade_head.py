@@ -172,6 +172,22 @@ def test_an_inference_free_models_documents_encode_through_the_head_as_stock(sha
     assert (ours.to_dense() > 0).sum(1).max() <= 64 and "forward" not in model[0].sub_modules["document"][1].__dict__
 
 
+def test_rows_gathered_batch_by_batch_are_the_whole_tensor_in_the_texts_order():
+    from pipeline.modelling.splade_head import GrowingCoo
+
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.rand(300, 500, generator=generator) * (torch.rand(300, 500, generator=generator) < 0.5)
+    order = torch.randperm(300, generator=generator).tolist()  # row i of the batches is text order[i]
+    rows = GrowingCoo()
+    for start in range(0, 300, 70):  # 75,000 entries: past the first buffer, so it grows once
+        batch = dense[start:start + 70]
+        rows.append(start, batch.to_sparse() if start % 140 else batch)
+    expected = torch.empty_like(dense)
+    expected[torch.tensor(order)] = dense
+    gathered = rows.tensor(order)
+    assert gathered.is_coalesced() and torch.equal(gathered.to_dense(), expected)
+
+
 def test_encoding_with_max_active_dims_and_saving_inside_the_head_stay_stock(tmp_path, shared):
     model = splade_encoder(str(shared / "models/splade-tiny"), 256).eval()
     texts = scifact_rows(shared, 6)["positive"].tolist()

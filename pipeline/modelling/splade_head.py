@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from types import MethodType
 
+import numpy as np
 import torch
 
 
@@ -238,16 +239,24 @@ def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = Fal
         documents = SparseEncoder(modules=splade_route(model), device=str(model.device))
         documents.max_active_dims = model.max_active_dims
         return encode(documents, texts, side, batch_size, bf16, show_progress_bar)
+    vectors = GrowingCoo()
     if projection(model) is None or routed(model):  # sentence-transformers' own encoding (and routing)
+        # a call a batch: its encode keeps every vector apart until the call ends (the fragmentation
+        # GrowingCoo avoids); the batches are its own (its order), so that what depends on a
+        # batch's other texts (int8 ONNX quantizes each batch's activations with a scale of their
+        # own) is as it would be
+        order = np.argsort([-len(text) for text in texts]).tolist()
         stock = model.encode_query if side == "query" else model.encode_document
         with torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            return stock(texts, batch_size=batch_size, convert_to_tensor=True,
-                         show_progress_bar=show_progress_bar).float().cpu().coalesce()
-    prompt = model.prompts.get(side)
+            for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {side}s",
+                              disable=not show_progress_bar):
+                vectors.append(start, stock([texts[i] for i in order[start:start + batch_size]],
+                                            batch_size=batch_size, convert_to_tensor=True).float().cpu())
+        return vectors.tensor(order)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    prompt = model.prompts.get(side)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and model.device.type == "cuda" else nullcontext()
     model.eval()
-    rows = []
     with torch.inference_mode(), autocast, fused_head(model, torch.bfloat16 if bf16 else torch.float32):
         for start in tqdm(range(0, len(texts), batch_size), desc=f"encoding {side}s",
                           disable=not show_progress_bar):
@@ -256,8 +265,40 @@ def encode(model, texts: list[str], side: str, batch_size: int, bf16: bool = Fal
             pooled = model(features)["sentence_embedding"]
             if model.max_active_dims:  # a model saved with a top-k cap, as encode applies it
                 pooled = select_max_active_dims(pooled, model.max_active_dims)
-            rows.append(pooled.cpu().to_sparse())
-    vectors = torch.cat(rows)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return vectors.index_select(0, inverse).coalesce()
+            vectors.append(start, pooled.cpu())
+    return vectors.tensor(order)
+
+
+class GrowingCoo:
+    """Sparse rows appended a batch at a time into buffers that double. Each batch's few kept
+    entries in allocations of their own would land in the holes its freed temporaries left, and
+    glibc, then unable to fit the next batch's temporaries there, grows the heap by about one
+    batch's temporaries per batch: +1.7 GB over a 100,000-passage shard (measured), where these
+    buffers hold 20 bytes an entry."""
+
+    def __init__(self):
+        self.indices = torch.empty(2, 0, dtype=torch.long)
+        self.values = torch.empty(0)
+        self.size, self.width = 0, 0
+
+    def append(self, first_row: int, batch: torch.Tensor) -> None:
+        """`batch` (dense or sparse) holds rows first_row, first_row + 1, ..."""
+        batch = batch.coalesce() if batch.is_sparse else batch.to_sparse()
+        count = batch._nnz()
+        if self.size + count > self.values.numel():
+            capacity = max(2 * self.values.numel(), self.size + count, 1 << 16)
+            indices, values = torch.empty(2, capacity, dtype=torch.long), torch.empty(capacity)
+            indices[:, :self.size], values[:self.size] = self.indices[:, :self.size], self.values[:self.size]
+            self.indices, self.values = indices, values
+        self.indices[:, self.size:self.size + count] = batch.indices()
+        self.indices[0, self.size:self.size + count] += first_row
+        self.values[self.size:self.size + count] = batch.values()
+        self.size += count
+        self.width = batch.shape[1]
+
+    def tensor(self, order: list[int]) -> torch.Tensor:
+        """The rows as one coalesced COO tensor, row i moved to order[i]."""
+        indices = self.indices[:, :self.size].clone()
+        indices[0] = torch.tensor(order, dtype=torch.long)[indices[0]]
+        return torch.sparse_coo_tensor(indices, self.values[:self.size], (len(order), self.width),
+                                       check_invariants=False).coalesce()
